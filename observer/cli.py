@@ -1,0 +1,153 @@
+"""The ``observer`` command line: simulate, watch, reprocess, demo.
+
+Exit codes (DESIGN.md): 0 success, 2 bad usage or bad configuration (the message
+names the key), 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from observer.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("observer")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _version() -> str:
+    try:
+        return version("observer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", type=Path,
+                        help="YAML file of settings merged over the defaults (see config.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="observer",
+        description="Telescope-side observing and reduction: watch the camera folder, reduce and stack "
+                    "each frame, measure the stars and draw the colour-magnitude diagram as the night goes on.")
+    parser.add_argument("--version", action="version", version=f"observer {_version()}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    sim = verbs.add_parser("simulate", help="write a realistic simulated night of camera files",
+                           description="Write a simulated night for one cluster, as a camera would: science "
+                                       "frames per filter, one offset (blank sky) frame per filter, optionally "
+                                       "calibration frames; the truth catalogue goes outside the folder.")
+    sim.add_argument("outdir", type=Path, help="camera folder to write into (created)")
+    sim.add_argument("--target", default="M35")
+    sim.add_argument("--filters", default="blue,green", help="comma-separated filter names")
+    sim.add_argument("--frames", type=int, default=10, help="science frames per filter")
+    sim.add_argument("--size", type=int, default=2048, help="frame side in pixels")
+    sim.add_argument("--cadence", type=float, default=0.0, help="seconds between files (0: at once)")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--truth", type=Path, default=None,
+                     help="truth catalogue path (default OUTDIR/../truth.ecsv)")
+    sim.add_argument("--age-myr", type=float, default=150.0, help="cluster age in Myr")
+    sim.add_argument("--calibration", action="store_true", help="also write bias, dark and flat frames")
+    _add_config(sim)
+
+    watch = verbs.add_parser("watch", help="the service: watch a camera folder and reduce as frames land",
+                             description="Watch CAMDIR (and subfolders) and reduce every FITS file exactly "
+                                         "once as it lands; products are kept current under OUTDIR. Ctrl-C "
+                                         "stops cleanly; starting again resumes.")
+    watch.add_argument("camdir", type=Path)
+    watch.add_argument("--out", type=Path, required=True, help="output folder (not inside CAMDIR)")
+    watch.add_argument("--headless", action="store_true", help="log lines instead of the dashboard")
+    _add_config(watch)
+
+    rep = verbs.add_parser("reprocess", help="run the same pipeline over a saved night and exit",
+                           description="Tag and reduce every frame of NIGHTDIR in DATE-OBS order through the "
+                                       "same per-frame path as watch, and write all products.")
+    rep.add_argument("nightdir", type=Path)
+    rep.add_argument("--out", type=Path, required=True)
+    _add_config(rep)
+
+    demo = verbs.add_parser("demo", help="simulate a night live and watch it with the dashboard",
+                            description="Simulate a night into a temporary camera folder at a live cadence "
+                                        "and run the service with the dashboard on it. q quits and cleans up.")
+    demo.add_argument("--size", type=int, default=1024)
+    demo.add_argument("--cadence", type=float, default=3.0)
+    demo.add_argument("--frames", type=int, default=10)
+    demo.add_argument("--headless", action="store_true")
+    _add_config(demo)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _run_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from observer.simulator import SimSettings, simulate_night
+
+    filters = tuple(f.strip() for f in args.filters.split(",") if f.strip())
+    if not filters:
+        raise ConfigError("option '--filters': expected a comma-separated list of filter names")
+    if args.frames < 1 or args.size < 64 or args.cadence < 0:
+        raise ConfigError("options: expected --frames >= 1, --size >= 64 and --cadence >= 0")
+    sim = SimSettings(target=args.target, filters=filters, frames=args.frames, size=args.size,
+                      cadence=args.cadence, seed=args.seed, age_myr=args.age_myr,
+                      calibration=args.calibration,
+                      zeropoints={f: settings.filters.zeropoint(settings.filters.normalise(f) or f)
+                                  for f in filters})
+    truth = args.truth or args.outdir.resolve().parent / "truth.ecsv"
+    simulate_night(args.outdir, sim, truth_path=truth, progress=True)
+    return EXIT_OK
+
+
+def _run_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from observer.service import run_watch
+
+    return run_watch(args.camdir, args.out, settings, headless=args.headless)
+
+
+def _run_reprocess(args: argparse.Namespace, settings: Settings) -> int:
+    from observer.reprocess import reprocess
+
+    reprocess(args.nightdir, args.out, settings, progress=True)
+    return EXIT_OK
+
+
+def _run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from observer.demo import run_demo
+
+    return run_demo(settings, size=args.size, cadence=args.cadence, frames=args.frames,
+                    headless=args.headless)
+
+
+RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        settings = load_settings(args.config)
+        return RUNNERS[args.verb](args, settings)
+    except ConfigError as exc:
+        print(f"observer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except (OSError, RuntimeError) as exc:
+        log.debug("failure", exc_info=True)
+        print(f"observer {args.verb}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""What the service publishes: per-frame records and the state snapshot the dashboard reads.
+
+The dashboard (``tui/``) and the headless log only ever see these immutable
+objects, never the service's live structures, so the UI cannot race the worker
+and runs the same whether the service is live or replaying a night.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Statuses a file can end in (frames.ecsv ``status``).
+STATUSES = ("stacked", "rejected", "offset", "calibration", "quarantined", "ignored")
+
+#: Columns of frames.ecsv, in order (DESIGN.md), then our extra quality columns.
+FRAME_COLUMNS = ("path", "kind", "target", "filter", "date_obs", "exptime", "status", "reason",
+                 "fwhm", "elongation", "sky", "nstars", "dx", "dy",
+                 "rotation", "transparency", "reg_rms", "fwhm_arcsec", "sha256")
+
+
+@dataclass
+class FrameRecord:
+    """One file seen by observer and what became of it (a row of frames.ecsv and of the frame log)."""
+
+    path: str
+    sha256: str = ""
+    kind: str = ""
+    target: str = ""
+    filter: str = ""
+    date_obs: str = ""
+    exptime: float = float("nan")
+    status: str = ""
+    reason: str = ""
+    fwhm: float = float("nan")          # px
+    elongation: float = float("nan")
+    sky: float = float("nan")           # ADU
+    nstars: int = 0
+    dx: float = float("nan")            # shift onto the reference grid at the frame centre, px
+    dy: float = float("nan")
+    rotation: float = float("nan")      # degrees
+    transparency: float = float("nan")  # relative to the best frame of its (target, filter)
+    reg_rms: float = float("nan")       # registration residual, px
+    fwhm_arcsec: float = float("nan")
+    seen_at: float = 0.0                # unix time the service finished the frame
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        """The frames.ecsv row."""
+        return {name: getattr(self, name) for name in FRAME_COLUMNS}
+
+
+@dataclass(frozen=True)
+class CmdData:
+    """A colour-magnitude diagram as plain arrays (for the dashboard and the figure)."""
+
+    color: np.ndarray
+    mag: np.ndarray
+    color_err: np.ndarray
+    mag_err: np.ndarray
+    saturated: np.ndarray          # bool per star
+    color_label: str               # e.g. "blue - green"
+    mag_label: str                 # e.g. "green"
+
+    @property
+    def n(self) -> int:
+        return int(len(self.mag))
+
+
+@dataclass(frozen=True)
+class AgeEstimate:
+    """The isochrone fit as the dashboard shows it (age.json holds the full record)."""
+
+    log_age: float
+    log_age_low: float
+    log_age_high: float
+    age_myr: float
+    distance_modulus: float
+    ebv: float
+    n_stars: int
+    isochrone_color: np.ndarray    # the best isochrone, shifted onto the CMD axes
+    isochrone_mag: np.ndarray
+    turnoff: tuple[float, float]   # (colour, magnitude)
+
+
+@dataclass(frozen=True)
+class FilterStatus:
+    """Depth and progress of one filter's stack."""
+
+    filter: str
+    n_stacked: int
+    n_rejected: int
+    total_exptime: float
+    has_offset: bool
+    limiting_mag: float                    # 5-sigma point-source limit of the stack (nan until measured)
+    limiting_mag_history: tuple[float, ...]
+    snr_at_mag: float                      # SNR of the stack at the completion magnitude
+    stack_preview: np.ndarray | None       # downsampled stack (float32), for the dashboard
+    raw_preview: np.ndarray | None         # downsampled last raw frame
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """Everything the dashboard shows about one target."""
+
+    name: str
+    filters: dict[str, FilterStatus]
+    cmd: CmdData | None
+    age: AgeEstimate | None
+    done: bool
+    verdict: str                   # "keep going: about N more frames per filter ..." / "done: move to the next target"
+    frames_needed: int | None
+    warnings: tuple[str, ...]
+    completion_mag: float          # the magnitude at which SNR is judged
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The whole published state at one instant; ``version`` increases with every change."""
+
+    version: int
+    frames: tuple[FrameRecord, ...]        # oldest first
+    targets: dict[str, TargetState]
+    outdir: str
+    busy: bool = False                      # frames waiting in the queue
+    queue_length: int = 0
+    messages: tuple[str, ...] = ()          # service-level warnings (disk space low, ...)

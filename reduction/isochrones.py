@@ -1,0 +1,118 @@
+"""PARSEC v1.2S isochrones (Johnson UBVRIJHK), read offline from ``uwastro465isos``.
+
+The package's own ``Isochrone`` class relies on a pandas option that pandas 3
+removed, so we read its data file directly. Parsing the 36 MB text table takes
+a few seconds; the parsed columns are cached as a compressed ``.npz`` next to
+the user's cache directory so that every later start (simulator, age fit) costs
+well under a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Columns kept from the PARSEC table (the rest are not needed for photometry).
+COLUMNS = ("MH", "logAge", "Mini", "int_IMF", "Mass", "logL", "logTe", "label",
+           "Umag", "Bmag", "Vmag", "Rmag", "Imag", "Jmag", "Hmag", "Kmag")
+
+#: Extinction per unit E(B-V) for R_V = 3.1 (Cardelli, Clayton & Mathis 1989, Johnson bands).
+A_OVER_EBV = {"U": 4.86, "B": 4.10, "V": 3.10, "R": 2.32, "I": 1.50, "J": 0.87, "H": 0.55, "K": 0.35}
+
+#: PARSEC evolutionary stage labels: 0 pre-MS, 1 MS, 2 SGB, 3 RGB, 4-6 He burning, 7-8 AGB, 9 post-AGB.
+LABEL_MAIN_SEQUENCE = 1
+
+
+@dataclass(frozen=True)
+class Isochrone:
+    """One isochrone: a single (log age, [M/H]) track, ordered by initial mass."""
+
+    log_age: float
+    mh: float
+    mini: np.ndarray
+    int_imf: np.ndarray
+    label: np.ndarray
+    mags: dict[str, np.ndarray]
+
+    def mag(self, band: str) -> np.ndarray:
+        """Absolute magnitude in a Johnson band ("B", "V", ...)."""
+        return self.mags[band]
+
+
+def _data_path() -> Path:
+    from uwastro465isos.data import get_data_path
+
+    return Path(get_data_path("isochrones_ubvrijhk.dat"))
+
+
+def _cache_path(source: Path) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "observer"
+    return base / f"parsec_ubvrijhk_{source.stat().st_size}.npz"
+
+
+def _parse(source: Path) -> dict[str, np.ndarray]:
+    import pandas as pd
+
+    header: list[str] | None = None
+    with source.open() as fh:
+        for line in fh:
+            if line.startswith("#"):
+                continue
+            header = line.split()
+            break
+    if header is None:
+        raise RuntimeError(f"{source}: no column header found")
+    table = pd.read_csv(source, sep=r"\s+", comment="#", names=header, skiprows=1,
+                        usecols=list(COLUMNS), engine="c", dtype=str)
+    # The file repeats its column header between blocks: those rows are not numbers.
+    numeric = table.apply(pd.to_numeric, errors="coerce").dropna()
+    return {name: numeric[name].to_numpy(dtype=np.float64) for name in COLUMNS}
+
+
+@functools.lru_cache(maxsize=1)
+def load_table() -> dict[str, np.ndarray]:
+    """All isochrones as flat columns (see ``COLUMNS``), parsed once per process and cached on disk."""
+    source = _data_path()
+    cache = _cache_path(source)
+    if cache.exists():
+        try:
+            with np.load(cache) as npz:
+                return {name: npz[name] for name in COLUMNS}
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("isochrone cache %s unreadable (%s); re-parsing", cache, exc)
+    log.info("parsing PARSEC isochrones from %s (once)", source)
+    columns = _parse(source)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, **columns)
+        os.replace(tmp, cache)
+    except OSError as exc:
+        log.warning("could not write isochrone cache %s: %s", cache, exc)
+    return columns
+
+
+def grid() -> tuple[np.ndarray, np.ndarray]:
+    """The (log age, [M/H]) values present in the table, each sorted and unique."""
+    table = load_table()
+    return np.unique(np.round(table["logAge"], 3)), np.unique(np.round(table["MH"], 3))
+
+
+def get_isochrone(log_age: float, mh: float = 0.0) -> Isochrone:
+    """The isochrone nearest to (log_age, mh) on the table's grid (0.05 dex in age)."""
+    table = load_table()
+    ages, mhs = grid()
+    age = ages[np.argmin(np.abs(ages - log_age))]
+    met = mhs[np.argmin(np.abs(mhs - mh))]
+    sel = (np.abs(table["logAge"] - age) < 1e-3) & (np.abs(table["MH"] - met) < 1e-3)
+    order = np.argsort(table["Mini"][sel], kind="stable")
+    mags = {band: table[f"{band}mag"][sel][order] for band in A_OVER_EBV}
+    return Isochrone(log_age=float(age), mh=float(met), mini=table["Mini"][sel][order],
+                     int_imf=table["int_IMF"][sel][order], label=table["label"][sel][order], mags=mags)

@@ -1,0 +1,113 @@
+"""Atomic writers for every product observer publishes.
+
+The dashboard, an observer's image viewer or a script may read a product at any
+instant, including while the service is rewriting it after a frame. Writing in
+place would let them see a half-written file (a truncated FITS, an ECSV with
+half its rows). So every product is written to a temporary file in the *same*
+folder (``os.replace`` is only atomic within one file system), flushed and
+fsynced, then renamed over the old one: a reader sees the old version or the new
+one, never a mixture, and a crash (even ``kill -9``) leaves at worst a stray
+temporary file, never a damaged product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+#: Prefix of temporary files, so that a stray one left by a crash is recognisable (and ignorable).
+TEMP_PREFIX = ".observer-tmp-"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file that replaces ``path`` atomically when the block ends without error.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates the file 0600; products are meant to be read by others too.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_open(path) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def _atomic_write_with(path: str | Path, writer: Callable[[io.BytesIO], None]) -> Path:
+    """Serialise with ``writer`` into memory, then write the bytes atomically.
+
+    Serialising into memory first keeps the temporary file's life short and lets
+    a writer that needs a seekable stream (astropy's FITS writer) have one.
+    """
+    buffer = io.BytesIO()
+    writer(buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_fits(path: str | Path, hdulist: Any) -> Path:
+    """Write an ``astropy.io.fits.HDUList`` (or a single HDU) atomically."""
+    return _atomic_write_with(path, lambda buf: hdulist.writeto(buf, output_verify="fix"))
+
+
+def atomic_write_table(path: str | Path, table: Any, format: str = "ascii.ecsv") -> Path:
+    """Write an ``astropy.table.Table`` atomically (ECSV by default)."""
+    def write(buf: io.BytesIO) -> None:
+        text = io.StringIO()
+        table.write(text, format=format)
+        buf.write(text.getvalue().encode("utf-8"))
+
+    return _atomic_write_with(path, write)
+
+
+def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    """Save a matplotlib figure atomically; the format follows the file's suffix unless given."""
+    fmt = kwargs.pop("format", None) or (Path(path).suffix.lstrip(".") or "png")
+    return _atomic_write_with(path, lambda buf: fig.savefig(buf, format=fmt, **kwargs))
+
+
+def atomic_write_json(path: str | Path, obj: Any, **kwargs: Any) -> Path:
+    """Write ``obj`` as JSON atomically (indented, keys sorted, so diffs between versions read well)."""
+    kwargs.setdefault("indent", 2)
+    kwargs.setdefault("sort_keys", True)
+    return atomic_write_bytes(path, (json.dumps(obj, **kwargs) + "\n").encode("utf-8"))

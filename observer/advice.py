@@ -1,0 +1,136 @@
+"""Target status and advice for the observer, and the published snapshot.
+
+The verdict follows the completion criteria of the config: enough frames per
+filter, an offset frame per filter, and the wanted signal-to-noise at the
+completion magnitude (or the wanted depth). Signal-to-noise of a background-
+limited stack grows as sqrt(N), which gives the estimate of how many more
+frames are needed.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from observer.state import FilterStatus, Snapshot, TargetState
+
+if TYPE_CHECKING:
+    from observer.night import Night
+    from observer.session import FilterSession, TargetSession
+
+#: Free space below which the observer is warned (bytes).
+LOW_DISK_BYTES = 2 * 1024 ** 3
+#: Without a configured magnitude or a turn-off, SNR is judged this far above the 5-sigma limit.
+MAG_ABOVE_LIMIT = 2.0
+#: Side of the downsampled previews the dashboard draws.
+PREVIEW_SIDE = 192
+
+
+def preview_of(image: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """Block-averaged small copy of an image for the dashboard (NaN-safe, float32)."""
+    factor = max(1, int(np.ceil(max(image.shape) / side)))
+    ny, nx = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    blocks = image[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor)
+    return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
+
+
+def completion_mag(night: "Night", tname: str) -> float:
+    """The magnitude at which the stack's SNR is judged: config, else the fitted turn-off, else limit - 2."""
+    completion = night.settings.completion
+    if completion.snr_at_mag is not None:
+        return completion.snr_at_mag
+    age = night.age_cache.get(tname)
+    if age is not None:
+        return float(age.turnoff[1])
+    limits = [s.limiting_mag_history[-1] for s in night.targets[tname].filters.values()
+              if s.limiting_mag_history and math.isfinite(s.limiting_mag_history[-1])]
+    return min(limits) - MAG_ABOVE_LIMIT if limits else float("nan")
+
+
+def frames_still_needed(session: "FilterSession", settings) -> int:
+    """More frames this filter needs to meet the completion criteria (0 when it meets them)."""
+    completion = settings.completion
+    n = session.n_stacked
+    needed = max(0, completion.min_frames - n)
+    if n > 0 and math.isfinite(session.snr_at_mag) and session.snr_at_mag > 0:
+        wanted = n * (completion.target_snr / session.snr_at_mag) ** 2
+        needed = max(needed, math.ceil(wanted - n - 1e-9))
+    if completion.limiting_mag is not None and n > 0 and session.limiting_mag_history:
+        deficit = completion.limiting_mag - session.limiting_mag_history[-1]
+        if deficit > 0:
+            needed = max(needed, math.ceil(n * (10 ** (0.8 * deficit) - 1)))
+    return needed
+
+
+def _warnings(night: "Night", target: "TargetSession") -> list[str]:
+    settings = night.settings
+    notes = []
+    colour = settings.cmd.color_filters
+    for fname in dict.fromkeys([*colour, *target.filters]):
+        session = target.filters.get(fname)
+        if session is None:
+            notes.append(f"no {fname} frames yet")
+            continue
+        if session.offset_shape is None:
+            notes.append(f"no offset frame for {fname} yet")
+        history = session.fwhm_history
+        if len(history) >= 4 and np.mean(history[-2:]) > 1.25 * np.median(history[:-2]):
+            notes.append(f"seeing degrading in {fname}: FWHM {history[-1]:.1f} px vs {np.median(history):.1f}")
+    recent = [r for r in night.records if r.target == target.name and r.kind == "science"][-3:]
+    if recent and all(math.isfinite(r.transparency) and r.transparency < 0.85 for r in recent):
+        notes.append("transparency dropping: the last frames are dimmer (cloud?)")
+    shifts = [math.hypot(r.dx, r.dy) for r in recent if math.isfinite(r.dx)]
+    if shifts and max(shifts) > 0.05 * max(target.shape):
+        notes.append(f"drift growing: {max(shifts):.0f} px from the reference pointing")
+    if shutil.disk_usage(night.outdir).free < LOW_DISK_BYTES:
+        notes.append("disk space low in the output folder")
+    return notes
+
+
+def target_state(night: "Night", target: "TargetSession") -> TargetState:
+    settings = night.settings
+    mag = completion_mag(night, target.name)
+    statuses = {}
+    needed = 0
+    for fname, session in target.filters.items():
+        statuses[fname] = FilterStatus(
+            filter=fname, n_stacked=session.n_stacked, n_rejected=session.n_rejected,
+            total_exptime=session.total_exptime, has_offset=session.offset_shape is not None,
+            limiting_mag=session.limiting_mag_history[-1] if session.limiting_mag_history else float("nan"),
+            limiting_mag_history=tuple(session.limiting_mag_history), snr_at_mag=session.snr_at_mag,
+            stack_preview=session.stack_preview, raw_preview=session.last_raw_preview)
+        needed = max(needed, frames_still_needed(session, settings))
+    missing = [f for f in settings.cmd.color_filters if f not in target.filters]
+    no_offset = [f for f, s in target.filters.items() if s.offset_shape is None] \
+        if settings.completion.require_offset else []
+    if missing:
+        needed = max(needed, settings.completion.min_frames)
+    done = not missing and not no_offset and needed == 0
+    if done:
+        verdict = "done: move to the next target"
+    else:
+        parts = []
+        if needed:
+            parts.append(f"about {needed} more frame{'s' if needed != 1 else ''} per filter")
+        if missing:
+            parts.append(f"no {', '.join(missing)} frames yet")
+        if no_offset:
+            parts.append(f"take an offset frame in {', '.join(no_offset)}")
+        verdict = "keep going: " + "; ".join(parts) + " to reach the goal"
+    return TargetState(name=target.name, filters=statuses, cmd=night.cmd_cache.get(target.name),
+                       age=night.age_cache.get(target.name), done=done, verdict=verdict,
+                       frames_needed=None if done else needed, warnings=tuple(_warnings(night, target)),
+                       completion_mag=mag)
+
+
+def build_snapshot(night: "Night", queue_length: int = 0) -> Snapshot:
+    """The immutable state the dashboard and the headless log read."""
+    targets = {name: target_state(night, t) for name, t in night.targets.items()}
+    messages = ("disk space low in the output folder",) \
+        if shutil.disk_usage(night.outdir).free < LOW_DISK_BYTES else ()
+    return Snapshot(version=night.version, frames=tuple(night.records), targets=targets,
+                    outdir=str(night.outdir), busy=queue_length > 0, queue_length=queue_length,
+                    messages=messages)

@@ -1,0 +1,200 @@
+"""Save and restore a Night atomically, so that ``kill -9`` at any instant loses nothing.
+
+Layout under ``OUTDIR/.state/``: one folder per generation (``gen-000042/``)
+holding ``night.json`` (records and scalar state) and one ``.npz`` per array
+group (stack accumulators, reference stars, offset sky shapes, hot-pixel maps),
+and a file ``current`` naming the complete generation. A new generation is
+written beside the old one (files that did not change are hard-linked, so a
+checkpoint costs only what changed), fsynced, and then ``current`` is replaced
+with ``os.replace``: a reader or a restart sees either the old generation or
+the new one, never a mixture. Older generations are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from observer.session import FilterSession, TargetSession
+from observer.state import FrameRecord
+from reduction.hotpixels import HotPixelMap
+from reduction.stacking import StackAccumulator
+
+if TYPE_CHECKING:
+    from observer.night import Night
+
+log = logging.getLogger(__name__)
+
+_FILTER_SCALARS = ("exptime", "gain", "read_noise", "sky_level", "best_throughput", "fwhm_history",
+                   "n_rejected", "total_exptime", "limiting_mag_history", "snr_at_mag", "inputs")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9+.=-]", "_", name)
+
+
+def mark_changed(night: "Night", record: FrameRecord) -> None:
+    """Note which state files a processed frame changed, so the next checkpoint rewrites only those."""
+    if not record.target:
+        return
+    key = f"{_safe(record.target)}__{_safe(record.filter)}"
+    night.dirty_state.update({f"target__{_safe(record.target)}.npz", f"filter__{key}.npz",
+                              f"pending__{key}.npz"})
+    if record.status == "stacked":
+        night.dirty_state.add(f"acc__{key}.npz")
+
+
+def state_dir(outdir: Path) -> Path:
+    return Path(outdir) / ".state"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save(night: "Night") -> None:
+    """Write a new generation and make it current (see the module docstring)."""
+    root = state_dir(night.outdir)
+    root.mkdir(parents=True, exist_ok=True)
+    current = _current(root)
+    generation = (int(current.name.split("-")[1]) + 1) if current else 1
+    new = root / f"gen-{generation:06d}"
+    if new.exists():
+        shutil.rmtree(new)
+    new.mkdir()
+    dirty = night.dirty_state
+    meta: dict = {"version": night.version, "records": [_record_dict(r) for r in night.records],
+                  "calibration_files": night.calibration_files, "targets": {},
+                  "pending_offsets": [list(k) for k in night.pending_offsets], "hot_maps": []}
+
+    def put(name: str, arrays_fn) -> None:
+        """Write ``name`` if it changed since the last generation, else hard-link the old file."""
+        old = current / name if current else None
+        if name not in dirty and old is not None and old.exists():
+            os.link(old, new / name)
+        else:
+            _write_npz(new / name, arrays_fn())
+
+    for tname, target in night.targets.items():
+        tmeta = {"shape": list(target.shape), "pointing": target.pointing, "reference_file": target.reference_file,
+                 "wcs_header": target.wcs_header, "plate_scale_arcsec": target.plate_scale_arcsec, "filters": {}}
+        put(f"target__{_safe(tname)}.npz", lambda t=target: {"ref_xy": t.ref_xy, "ref_flux": t.ref_flux})
+        for fname, session in target.filters.items():
+            key = f"{_safe(tname)}__{_safe(fname)}"
+            fmeta = {k: getattr(session, k) for k in _FILTER_SCALARS}
+            fmeta["has_offset"] = session.offset_shape is not None
+            tmeta["filters"][fname] = fmeta
+            acc_name = f"acc__{key}.npz"
+            if acc_name in dirty or current is None or not (current / acc_name).exists():
+                session.accumulator.save(new / acc_name)
+            else:
+                os.link(current / acc_name, new / acc_name)
+            put(f"filter__{key}.npz", lambda s=session: {
+                k: v for k, v in (("ref_xy", s.ref_xy), ("ref_flux", s.ref_flux), ("offset_shape", s.offset_shape),
+                                  ("last_raw_preview", s.last_raw_preview),
+                                  ("stack_preview", s.stack_preview)) if v is not None})
+        meta["targets"][tname] = tmeta
+    for i, ((tname, fname), shape) in enumerate(night.pending_offsets.items()):
+        put(f"pending__{_safe(tname)}__{_safe(fname)}.npz", lambda s=shape: {"shape": s})
+    for shape, hot in night.hot_maps.items():
+        name = f"hot__{shape[0]}x{shape[1]}.npz"
+        meta["hot_maps"].append(list(shape))
+        _write_npz(new / name, hot.state())
+    with open(new / "night.json", "w") as fh:
+        json.dump(meta, fh, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(new)
+    tmp = root / "current.tmp"
+    tmp.write_text(new.name)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / "current")
+    _fsync_dir(root)
+    night.dirty_state.clear()
+    for old in root.glob("gen-*"):
+        if old != new:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _current(root: Path) -> Path | None:
+    pointer = root / "current"
+    if not pointer.exists():
+        return None
+    folder = root / pointer.read_text().strip()
+    return folder if (folder / "night.json").exists() else None
+
+
+def load(night: "Night") -> bool:
+    """Fill a fresh ``night`` from the current generation; False when there is none."""
+    root = state_dir(night.outdir)
+    current = _current(root)
+    if current is None:
+        return False
+    meta = json.loads((current / "night.json").read_text())
+    night.version = meta["version"]
+    night.records = [FrameRecord(**r) for r in meta["records"]]
+    night.calibration_files = meta["calibration_files"]
+    if any(night.calibration_files.values()):
+        night._rebuild_masters()
+    for tname, tmeta in meta["targets"].items():
+        with np.load(current / f"target__{_safe(tname)}.npz") as npz:
+            ref_xy, ref_flux = npz["ref_xy"], npz["ref_flux"]
+        target = TargetSession(name=tname, shape=tuple(tmeta["shape"]), ref_xy=ref_xy, ref_flux=ref_flux,
+                               pointing=tuple(tmeta["pointing"]) if tmeta["pointing"] else None,
+                               reference_file=tmeta["reference_file"], wcs_header=tmeta["wcs_header"],
+                               plate_scale_arcsec=tmeta["plate_scale_arcsec"])
+        for fname, fmeta in tmeta["filters"].items():
+            key = f"{_safe(tname)}__{_safe(fname)}"
+            acc = StackAccumulator.load(current / f"acc__{key}.npz")
+            session = FilterSession(name=fname, accumulator=acc,
+                                    **{k: fmeta[k] for k in _FILTER_SCALARS})
+            with np.load(current / f"filter__{key}.npz") as npz:
+                for k in ("ref_xy", "ref_flux", "offset_shape", "last_raw_preview", "stack_preview"):
+                    setattr(session, k, npz[k] if k in npz else None)
+            target.filters[fname] = session
+        night.targets[tname] = target
+    for tname, fname in meta["pending_offsets"]:
+        with np.load(current / f"pending__{_safe(tname)}__{_safe(fname)}.npz") as npz:
+            night.pending_offsets[(tname, fname)] = npz["shape"]
+    for shape in meta["hot_maps"]:
+        with np.load(current / f"hot__{shape[0]}x{shape[1]}.npz") as npz:
+            night.hot_maps[tuple(shape)] = HotPixelMap.from_state(dict(npz))
+    night.stacks_dirty.update((t, f) for t, target in night.targets.items() for f in target.filters)
+    night.mark_catalog_dirty()
+    log.info("resumed from %s: %d files already taken", current, len(night.records))
+    return True
+
+
+def _record_dict(record: FrameRecord) -> dict:
+    from dataclasses import asdict
+
+    return asdict(record)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,62 @@
+"""Per-target and per-filter state of a night: the reference grid, the stacks and their bookkeeping.
+
+Plain containers with no I/O: ``night.py`` drives them frame by frame and
+``checkpoint.py`` saves and restores them, so the same state serves the live
+service and ``observer reprocess``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from reduction.stacking import StackAccumulator
+
+
+@dataclass
+class FilterSession:
+    """One filter of one target: its stack accumulator and what is needed to normalise new frames."""
+
+    name: str
+    accumulator: StackAccumulator
+    exptime: float = float("nan")            # EXPTIME of the stack's unit frame (the filter's first stacked frame)
+    gain: float = 1.0
+    read_noise: float = 0.0
+    sky_level: float = 0.0                   # median sky of stacked frames (ADU per unit frame), for errors
+    ref_xy: np.ndarray | None = None         # the filter's flux reference stars on the reference grid
+    ref_flux: np.ndarray | None = None       # their fluxes in ADU per second
+    best_throughput: float = 1.0             # best frame's throughput relative to the flux reference
+    offset_shape: np.ndarray | None = None   # sky shape from the offset frame (mean 1), on the frame grid
+    fwhm_history: list[float] = field(default_factory=list)
+    n_rejected: int = 0
+    total_exptime: float = 0.0
+    limiting_mag_history: list[float] = field(default_factory=list)
+    snr_at_mag: float = float("nan")
+    last_raw_preview: np.ndarray | None = None
+    stack_preview: np.ndarray | None = None
+    inputs: list[str] = field(default_factory=list)   # file names stacked, in order
+
+    @property
+    def n_stacked(self) -> int:
+        return self.accumulator.n_frames
+
+    def baseline_fwhm(self) -> float | None:
+        """Running median FWHM of the frames stacked so far (the relative seeing baseline)."""
+        return float(np.median(self.fwhm_history)) if self.fwhm_history else None
+
+
+@dataclass
+class TargetSession:
+    """One target: the reference grid (its first science frame) and a session per filter."""
+
+    name: str
+    shape: tuple[int, int]
+    ref_xy: np.ndarray                      # stars of the reference frame (x, y), brightest first
+    ref_flux: np.ndarray
+    pointing: tuple[float, float] | None    # (ra, dec) deg of the science frames
+    reference_file: str
+    wcs_header: dict | None = None          # celestial WCS cards of the reference frame, when it has one
+    plate_scale_arcsec: float | None = None
+    filters: dict[str, FilterSession] = field(default_factory=dict)
+    catalog_rows: int = 0

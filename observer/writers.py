@@ -1,0 +1,183 @@
+"""Write a Night's products (DESIGN.md "Products"), each atomically.
+
+- ``<target>/<filter>/stack.fits``: the stack (float32, ADU per frame of EXPTIME) and ``NFRAMES``;
+- ``<target>/catalog.ecsv``, ``<target>/cmd.png`` and ``<target>/age.json``;
+- ``frames.ecsv``: one row per file seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from observer.advice import completion_mag
+from observer.config import settings_to_dict
+from observer.products import atomic_write_fits, atomic_write_json, atomic_write_table
+from observer.state import FRAME_COLUMNS, AgeEstimate
+from reduction.catalog import build_catalog
+from reduction.cmd import cmd_data, plot_cmd
+from reduction.photometry import StackProduct, limiting_magnitude, snr_at
+
+if TYPE_CHECKING:
+    from observer.night import Night
+    from observer.session import FilterSession, TargetSession
+
+log = logging.getLogger(__name__)
+
+#: Below this many stars with both filters the isochrone fit is not attempted.
+MIN_STARS_FOR_AGE = 30
+
+
+def write_frames_table(night: "Night") -> list[Path]:
+    """frames.ecsv: every file seen, in the order taken (DESIGN.md columns first)."""
+    rows = [r.row() for r in night.records]
+    table = Table(rows=rows, names=FRAME_COLUMNS) if rows else Table(names=FRAME_COLUMNS, dtype=[
+        str, str, str, str, str, float, str, str, float, float, float, int, float, float, float, float, float,
+        float, str])
+    table.meta["description"] = "observer: one row per file seen; status and reason say what became of it"
+    path = night.outdir / "frames.ecsv"
+    atomic_write_table(path, table)
+    return [path]
+
+
+def stack_image(session: "FilterSession") -> tuple[np.ndarray, np.ndarray]:
+    """The stack in ADU per frame of the best transparency, and its per-pixel variance.
+
+    The accumulator holds frames normalised to the filter's first frame; the
+    best frame seen may be more transparent than that one (a thin cloud over
+    the first frame), so the products are scaled to the best frame.
+    """
+    factor = session.best_throughput
+    return (session.accumulator.image() * factor).astype(np.float32), \
+        (session.accumulator.variance() * factor ** 2).astype(np.float32)
+
+
+def _wcs(target: "TargetSession") -> WCS | None:
+    if not target.wcs_header:
+        return None
+    return WCS(fits.Header(target.wcs_header))
+
+
+def write_stacks(night: "Night") -> list[Path]:
+    """The stacks that changed since the last call."""
+    written = []
+    for tname, fname in sorted(night.stacks_dirty):
+        target = night.targets[tname]
+        session = target.filters[fname]
+        image, _ = stack_image(session)
+        header = fits.Header()
+        if target.wcs_header:
+            header.update(fits.Header(target.wcs_header))
+        header["OBJECT"] = (tname, "target")
+        header["FILTER"] = (fname, "canonical filter name")
+        header["EXPTIME"] = (session.exptime, "[s] exposure of one frame (the stack's unit)")
+        header["NCOMBINE"] = (session.n_stacked, "frames stacked")
+        header["BUNIT"] = ("adu", "ADU per frame of EXPTIME, background subtracted")
+        header["GAIN"] = (session.gain, "[e-/ADU] of the camera")
+        header["RDNOISE"] = (session.read_noise, "[e-] per frame")
+        header["SKYLEVEL"] = (session.sky_level, "[ADU] sky removed, per frame")
+        header["REFFRAME"] = (Path(target.reference_file).name[:60], "file defining the reference grid")
+        header["CREATOR"] = "observer"
+        red = settings_to_dict(night.settings)["reduction"]
+        for key, value in red.items():
+            header[f"HIERARCH OBS {key.upper()}"] = value
+        for name in session.inputs:
+            header.add_history(f"input {name}")
+        nframes = fits.ImageHDU(session.accumulator.nframes().astype(np.int16), name="NFRAMES")
+        nframes.header["BUNIT"] = "frames"
+        path = night.outdir / tname / fname / "stack.fits"
+        atomic_write_fits(path, fits.HDUList([fits.PrimaryHDU(image, header=header), nframes]))
+        written.append(path)
+    night.stacks_dirty.clear()
+    return written
+
+
+def stack_product(night: "Night", target: "TargetSession", session: "FilterSession") -> StackProduct:
+    """What the photometry needs of one filter's stack (units: ADU per frame of ``exptime``)."""
+    image, variance = stack_image(session)
+    return StackProduct(filter=session.name, image=image, nframes=session.accumulator.nframes(),
+                        variance=variance, saturated=session.accumulator.saturated(), exptime=session.exptime,
+                        gain=session.gain, read_noise=session.read_noise, n_combine=session.n_stacked,
+                        fwhm_px=session.baseline_fwhm() or night.settings.reduction.fwhm_guess_px,
+                        zeropoint=night.settings.filters.zeropoint(session.name), sky_level=session.sky_level,
+                        wcs=_wcs(target))
+
+
+def write_catalogs(night: "Night", fit_age: bool) -> list[Path]:
+    """Catalogue, CMD (and, when asked, the age fit) of every target that has the colour's filters."""
+    written: list[Path] = []
+    settings = night.settings
+    color = settings.cmd.color_filters
+    for tname, target in night.targets.items():
+        stacks = {f: stack_product(night, target, s) for f, s in target.filters.items() if s.n_stacked > 0}
+        for fname, product in stacks.items():
+            session = target.filters[fname]
+            limit = limiting_magnitude(product)
+            if not session.limiting_mag_history or session.limiting_mag_history[-1] != limit:
+                session.limiting_mag_history.append(float(limit))
+        if not all(f in stacks for f in color):
+            continue
+        phot = settings.photometry
+        catalog = build_catalog(stacks, color=color, detect_sigma=phot.detect_sigma,
+                                aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
+                                min_coverage=phot.min_coverage)
+        target.catalog_rows = len(catalog)
+        path = night.outdir / tname / "catalog.ecsv"
+        atomic_write_table(path, catalog)
+        written.append(path)
+        cmd = cmd_data(catalog, color=color, magnitude=settings.cmd.magnitude)
+        night.cmd_cache[tname] = cmd
+        if fit_age and settings.age.enabled:
+            written += _write_age(night, tname, catalog)
+        age = night.age_cache.get(tname)
+        png = night.outdir / tname / "cmd.png"
+        plot_cmd(cmd, png, isochrone=(age.isochrone_color, age.isochrone_mag) if age else None,
+                 turnoff=age.turnoff if age else None, title=tname,
+                 age_text=f"age {age.age_myr:.0f} Myr (log {age.log_age:.2f} "
+                          f"[{age.log_age_low:.2f}, {age.log_age_high:.2f}])" if age else None)
+        written.append(png)
+        completion = completion_mag(night, tname)
+        for fname, product in stacks.items():
+            target.filters[fname].snr_at_mag = float(snr_at(product, completion)) if np.isfinite(completion) \
+                else float("nan")
+    return written
+
+
+def _write_age(night: "Night", tname: str, catalog: Table) -> list[Path]:
+    """Fit the cluster's age to the catalogue and write age.json (skipped with a log line when too few stars)."""
+    from reduction.age import fit_age
+
+    settings = night.settings
+    first, second = settings.cmd.color_filters
+    mag_filter = settings.cmd.magnitude
+    color = np.asarray(catalog["color"], float)
+    mag = np.asarray(catalog[f"mag_{mag_filter}"], float)
+    color_err = np.hypot(np.asarray(catalog[f"magerr_{first}"], float),
+                         np.asarray(catalog[f"magerr_{second}"], float))
+    mag_err = np.asarray(catalog[f"magerr_{mag_filter}"], float)
+    usable = np.isfinite(color) & np.isfinite(mag) & (np.asarray(catalog["flags"]) & 3 == 0)
+    if usable.sum() < MIN_STARS_FOR_AGE:
+        log.info("%s: %d usable stars, too few for an age fit", tname, int(usable.sum()))
+        return []
+    bands = (settings.filters.bands.get(first, "B"), settings.filters.bands.get(second, "V"))
+    age = settings.age
+    fit = fit_age(color, mag, color_err, mag_err, usable, bands=bands, mh=age.metallicity,
+                  fit_mh=age.fit_metallicity, distance_modulus=age.distance_modulus, ebv=age.ebv,
+                  calibrated=age.calibrated_zeropoints, bootstrap=age.bootstrap,
+                  rng=np.random.default_rng(0))
+    night.age_cache[tname] = AgeEstimate(
+        log_age=fit.log_age, log_age_low=fit.log_age_low, log_age_high=fit.log_age_high, age_myr=fit.age_myr,
+        distance_modulus=fit.distance_modulus, ebv=fit.ebv, n_stars=fit.n_stars,
+        isochrone_color=np.asarray(fit.iso_color), isochrone_mag=np.asarray(fit.iso_mag),
+        turnoff=tuple(fit.turnoff))
+    path = night.outdir / tname / "age.json"
+    atomic_write_json(path, fit.to_json())
+    log.info("%s: age %.0f Myr (log %.2f, %.2f-%.2f) from %d stars", tname, fit.age_myr, fit.log_age,
+             fit.log_age_low, fit.log_age_high, fit.n_stars)
+    return [path]

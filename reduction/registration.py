@@ -109,10 +109,20 @@ class Transform:
                       [b, a, cy - b * cx - a * cy + dy]], dtype=np.float64)
         return cls(matrix=m, center=(cx, cy))
 
+    @classmethod
+    def identity(cls, shape: tuple[int, int] | None = None) -> Transform:
+        """The reference frame's own transform."""
+        return cls(matrix=np.eye(2, 3), center=_center(shape))
+
     def apply(self, xy: np.ndarray) -> np.ndarray:
         """Map reference-grid points (N, 2) to frame points (N, 2)."""
-        xy = np.asarray(xy, dtype=np.float64)
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         return xy @ self.matrix[:, :2].T + self.matrix[:, 2]
+
+    def inverse_apply(self, xy: np.ndarray) -> np.ndarray:
+        """Map frame points (N, 2) back to reference-grid points (N, 2)."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        return np.linalg.solve(self.matrix[:, :2], (xy - self.matrix[:, 2]).T).T
 
     @property
     def dx(self) -> float:

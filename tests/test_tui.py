@@ -1,0 +1,382 @@
+"""The dashboard driven by Textual's pilot.
+
+``SimSource`` publishes real ``observer.state`` snapshots built from a small
+simulated star field and main sequence, frame by frame, so each test can check
+what the widgets show after each step (rows, styles, plot points, verdict, keys).
+pytest-asyncio is not installed: each test runs its scenario with asyncio.run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.text import Text
+from textual.widgets import DataTable, Sparkline, Static
+
+from observer.state import AgeEstimate, CmdData, FilterStatus, FrameRecord, Snapshot, TargetState
+from tui.app import HelpScreen, ObserverApp
+from tui.frame_log import FrameDetailScreen, FrameLog
+from tui.hr_diagram import HRDiagram, age_text
+from tui.render import UPPER_HALF, fit_size, half_block_lines, image_lines, resample, stretch
+from tui.stack_view import StackView
+from tui.target_status import TargetStatus
+
+FILTERS = ("blue", "green")
+MIN_FRAMES = 3
+
+
+def star_field(rng: np.random.Generator, size: int = 96, nstars: int = 40, noise: float = 5.0) -> np.ndarray:
+    """A small sky image: flat sky with noise plus Gaussian stars (what a stack preview looks like)."""
+    yy, xx = np.mgrid[:size, :size]
+    image = rng.normal(100.0, noise, (size, size))
+    for x, y, flux in zip(rng.uniform(5, size - 5, nstars), rng.uniform(5, size - 5, nstars),
+                          rng.uniform(200, 5000, nstars)):
+        image += flux / (2 * np.pi * 1.5 ** 2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5 ** 2))
+    return image.astype(np.float32)
+
+
+def main_sequence(rng: np.random.Generator, n: int) -> CmdData:
+    mag = rng.uniform(12.0, 19.0, n)
+    color = 0.1 * (mag - 12.0) + rng.normal(0, 0.03, n)
+    saturated = mag < 12.3
+    return CmdData(color=color, mag=mag, color_err=np.full(n, 0.02), mag_err=np.full(n, 0.02),
+                   saturated=saturated, color_label="blue - green", mag_label="green")
+
+
+class SimSource:
+    """A stand-in for the service: publishes a snapshot per 'processed' frame, calls subscribers."""
+
+    def __init__(self, outdir: Path, targets: tuple[str, ...] = ("M35", "NGC2682")) -> None:
+        self.outdir = outdir
+        self.targets = targets
+        self.rng = np.random.default_rng(3)
+        self.frames: list[FrameRecord] = []
+        self.version = 0
+        self.lock = threading.Lock()
+        self.callbacks = []
+        self.saved_for: list[str] = []
+        self._snapshot = self._build()
+
+    def subscribe(self, callback) -> None:
+        self.callbacks.append(callback)
+
+    def snapshot(self) -> Snapshot:
+        with self.lock:
+            return self._snapshot
+
+    def save_pngs(self, target: str) -> list[Path]:
+        from tui.app import write_preview_pngs
+
+        self.saved_for.append(target)
+        return write_preview_pngs(self.snapshot().targets[target], self.outdir / "png")
+
+    def add_frame(self, target: str, filt: str, status: str = "stacked", reason: str = "",
+                  fwhm_arcsec: float = float("nan")) -> FrameRecord:
+        n = len(self.frames)
+        rec = FrameRecord(path=f"/cam/{target}_{filt}_{n:03d}.fits", sha256=f"{n:064x}", kind="science",
+                          target=target, filter=filt, date_obs=f"2026-11-26T21:{n:02d}:00.0", exptime=45.0,
+                          status=status, reason=reason, fwhm=3.1 + 0.01 * n, elongation=1.05, sky=812.0,
+                          nstars=150, transparency=0.97, fwhm_arcsec=fwhm_arcsec, seen_at=1.0e9 + n)
+        self.frames.append(rec)
+        self._publish()
+        return rec
+
+    def replace_frame(self, index: int, **changes) -> None:
+        rec = self.frames[index]
+        self.frames[index] = FrameRecord(**{**rec.__dict__, **changes})
+        self._publish()
+
+    def _publish(self) -> None:
+        with self.lock:
+            self.version += 1
+            self._snapshot = self._build()
+        for callback in self.callbacks:
+            callback()
+
+    def _target_state(self, name: str) -> TargetState:
+        filters = {}
+        for filt in FILTERS:
+            mine = [f for f in self.frames if f.target == name and f.filter == filt]
+            stacked = sum(f.status == "stacked" for f in mine)
+            lim = tuple(18.0 + 1.25 * np.log10(k) for k in range(1, stacked + 1))
+            filters[filt] = FilterStatus(
+                filter=filt, n_stacked=stacked, n_rejected=sum(f.status == "rejected" for f in mine),
+                total_exptime=45.0 * stacked, has_offset=filt == "blue",
+                limiting_mag=lim[-1] if lim else float("nan"), limiting_mag_history=lim,
+                snr_at_mag=10.0 * np.sqrt(stacked), stack_preview=star_field(self.rng) if stacked else None,
+                raw_preview=star_field(self.rng, noise=30.0) if mine else None)
+        per_filter = min(s.n_stacked for s in filters.values())
+        done = per_filter >= MIN_FRAMES
+        cmd = main_sequence(self.rng, 40 * per_filter) if per_filter else None
+        age = None
+        if per_filter >= 2:
+            iso_mag = np.linspace(10.0, 20.0, 50)
+            age = AgeEstimate(log_age=8.18, log_age_low=8.08, log_age_high=8.28, age_myr=151.0,
+                              distance_modulus=10.3, ebv=0.2, n_stars=cmd.n,
+                              isochrone_color=0.1 * (iso_mag - 12.0), isochrone_mag=iso_mag,
+                              turnoff=(0.05, 11.5))
+        verdict = ("done: move to the next target" if done
+                   else f"keep going: about {MIN_FRAMES - per_filter} more frames per filter")
+        return TargetState(name=name, filters=filters, cmd=cmd, age=age, done=done, verdict=verdict,
+                           frames_needed=None if done else MIN_FRAMES - per_filter,
+                           warnings=("no offset frame for green yet",), completion_mag=18.5)
+
+    def _build(self) -> Snapshot:
+        names = [t for t in self.targets if any(f.target == t for f in self.frames)]
+        return Snapshot(version=self.version, frames=tuple(self.frames),
+                        targets={t: self._target_state(t) for t in names}, outdir=str(self.outdir),
+                        queue_length=2, busy=True)
+
+
+def cell_text(table: DataTable, row: int, column: str) -> Text:
+    key = table.coordinate_to_cell_key((row, 0)).row_key
+    value = table.get_cell(key, column)
+    return value if isinstance(value, Text) else Text(str(value))
+
+
+# --- rendering helpers ---------------------------------------------------------------------------
+
+def test_stretch_uses_zscale_and_full_range():
+    image = star_field(np.random.default_rng(1))
+    grey = stretch(image)
+    assert grey.dtype == np.uint8 and grey.shape == image.shape
+    # zscale around the sky: the sky sits low but above black, stars saturate white
+    assert 10 < np.median(grey) < 200
+    assert grey.max() == 255 and grey.min() == 0
+    assert stretch(np.full((4, 4), np.nan)).max() == 0
+
+
+def test_fit_size_keeps_aspect_with_square_half_block_pixels():
+    assert fit_size((100, 100), 40, 10) == (20, 20)   # limited by rows: 10 cells = 20 pixel rows
+    assert fit_size((100, 200), 40, 30) == (20, 40)   # limited by columns
+    rows, cols = fit_size((77, 50), 33, 9)
+    assert rows % 2 == 0 and cols <= 33 and rows <= 18
+
+
+def test_resample_block_mean_preserves_flux_and_shape():
+    image = np.arange(64, dtype=np.float32).reshape(8, 8)
+    small = resample(image, 4, 2)
+    assert small.shape == (4, 2)
+    assert small[0, 0] == pytest.approx(image[:2, :4].mean())
+    assert small.mean() == pytest.approx(image.mean())
+    big = resample(image, 16, 16)
+    assert big.shape == (16, 16) and big[1, 1] == image[0, 0]
+
+
+def test_half_block_colours_upper_and_lower_pixel():
+    grey = np.array([[0, 255], [255, 255]], dtype=np.uint8)
+    (line,) = half_block_lines(grey)
+    assert line.plain == UPPER_HALF * 2
+    first = line.spans[0].style
+    assert first.color.triplet == (0, 0, 0) and first.bgcolor.triplet == (255, 255, 255)
+    lines = image_lines(np.zeros((10, 10), np.uint8), cols=20, rows=5)
+    assert len(lines) == 5 and all(len(line.plain) <= 20 for line in lines)
+
+
+def test_age_text_reads_like_the_brief():
+    age = AgeEstimate(8.1761, 8.0792, 8.2788, 150.0, 10.3, 0.2, 100, np.zeros(2), np.zeros(2), (0.0, 0.0))
+    assert age_text(age) == "age 150 Myr (120-190)"
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+def test_rows_appear_newest_on_top_and_rejected_stand_out(tmp_path):
+    source = SimSource(tmp_path)
+
+    async def scenario():
+        app = ObserverApp(source)
+        async with app.run_test(size=(160, 48)) as pilot:
+            table = app.query_one(FrameLog).table
+            assert table.row_count == 0
+            source.add_frame("M35", "blue")
+            source.add_frame("M35", "green", fwhm_arcsec=2.04)
+            await pilot.pause()
+            assert table.row_count == 2
+            assert cell_text(table, 0, "file").plain == "M35_green_001.fits"   # newest on top
+            assert cell_text(table, 0, "fwhm").plain == '2.0"'                 # arcsec when known
+            assert cell_text(table, 1, "fwhm").plain == "3.1px"                # else pixels
+            assert cell_text(table, 0, "time").plain == "21:01:00"
+            source.add_frame("M35", "blue", status="rejected", reason="trailed: elongation 1.9 > 1.35")
+            await pilot.pause()
+            assert table.row_count == 3
+            status = cell_text(table, 0, "status")
+            assert status.plain == "rejected: trailed: elongation 1.9 > 1.35"
+            assert "red" in str(status.style)
+            assert "red" in str(cell_text(table, 0, "file").style)   # the whole row stands out
+            assert "red" not in str(cell_text(table, 1, "file").style)
+            detail = app.query_one("#frame-detail", Static)
+            assert "trailed" in str(detail.render())
+            # a changed record updates its row in place (same row count, same key)
+            source.replace_frame(0, status="quarantined", reason="unreadable header")
+            await pilot.pause()
+            assert table.row_count == 3
+            assert cell_text(table, 2, "status").plain == "quarantined: unreadable header"
+            assert "yellow" in str(cell_text(table, 2, "status").style)
+
+    asyncio.run(scenario())
+
+
+def test_cursor_stays_on_its_frame_when_rows_arrive(tmp_path):
+    source = SimSource(tmp_path)
+    for _ in range(3):
+        source.add_frame("M35", "blue")
+
+    async def scenario():
+        app = ObserverApp(source)
+        async with app.run_test(size=(160, 48)) as pilot:
+            table = app.query_one(FrameLog).table
+            await pilot.press("down")
+            assert cell_text(table, table.cursor_row, "file").plain == "M35_blue_001.fits"
+            source.add_frame("M35", "green")
+            await pilot.pause()
+            assert table.row_count == 4
+            assert cell_text(table, table.cursor_row, "file").plain == "M35_blue_001.fits"
+            await pilot.press("enter")
+            assert isinstance(app.screen, FrameDetailScreen)
+            assert app.screen.record.path.endswith("M35_blue_001.fits")
+            await pilot.press("escape")
+            assert not isinstance(app.screen, FrameDetailScreen)
+
+    asyncio.run(scenario())
+
+
+def test_hr_diagram_grows_and_verdict_turns_done(tmp_path):
+    source = SimSource(tmp_path)
+
+    async def scenario():
+        app = ObserverApp(source)
+        async with app.run_test(size=(160, 48)) as pilot:
+            hr = app.query_one(HRDiagram)
+            status = app.query_one(TargetStatus)
+            verdict = status.query_one("#verdict", Static)
+            counts = []
+            for _ in range(MIN_FRAMES):
+                source.add_frame("M35", "blue")
+                source.add_frame("M35", "green")
+                await pilot.pause()
+                counts.append(hr.n_points)
+                if not app.target.done:
+                    assert "keep going" in str(verdict.render())
+                    assert not verdict.has_class("done")
+            assert counts == [40, 80, 120]
+            assert hr.title_text == "M35: 120 stars, age 151 Myr (120-191)"
+            assert "age 151 Myr" in str(status.query_one("#age", Static).render())
+            assert "done: move to the next target" in str(verdict.render())
+            assert verdict.has_class("done")
+            lines = str(status.query_one("#filters", Static).render())
+            assert "3 stacked" in lines and "135 s" in lines
+            sparks = list(status.query(Sparkline))
+            assert len(sparks) == 2 and len(sparks[0].data) == MIN_FRAMES
+            assert "no offset frame for green" in str(status.query_one("#warnings", Static).render())
+            # the plot itself was built with the data (plotext canvas has the title and labels)
+            canvas = hr.plt.build()
+            assert "120 stars" in canvas and "blue - green" in canvas
+
+    asyncio.run(scenario())
+
+
+def test_keys_cycle_targets_filters_view_and_save(tmp_path):
+    source = SimSource(tmp_path)
+    for target in ("M35", "NGC2682"):
+        for filt in FILTERS:
+            source.add_frame(target, filt)
+
+    async def scenario():
+        app = ObserverApp(source)
+        async with app.run_test(size=(160, 48)) as pilot:
+            stacks = app.query_one(StackView)
+            assert app.target_name == "NGC2682"          # follows the newest frame's target
+            assert stacks.drawn_filters == ["blue", "green"]
+            await pilot.press("t")
+            assert app.target_name == "M35" and stacks.target_state.name == "M35"
+            await pilot.press("t")
+            assert app.target_name == "NGC2682"
+            source.add_frame("M35", "blue")               # pinned: a new M35 frame does not switch
+            await pilot.pause()
+            assert app.target_name == "NGC2682"
+            assert app.filter_name == "blue"
+            await pilot.press("f")
+            assert app.filter_name == "green" and stacks.filter_name == "green"
+            await pilot.press("f")
+            assert app.filter_name == "blue"
+            assert stacks.mode == "stack"
+            await pilot.press("r")
+            assert stacks.mode == "raw" and app.view_mode == "raw"
+            assert "last raw" in str(stacks.render())
+            await pilot.press("r")
+            assert stacks.mode == "stack"
+            await pilot.press("s")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert source.saved_for == ["NGC2682"]
+            assert app.saved_paths and all(p.exists() and p.stat().st_size > 0 for p in app.saved_paths)
+            assert {p.name for p in app.saved_paths} == {"NGC2682_blue_stack.png", "NGC2682_green_stack.png",
+                                                         "NGC2682_cmd.png"}
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            assert "next target" in str(app.screen.query_one("#help-text", Static).render())
+            await pilot.press("escape")
+            assert not isinstance(app.screen, HelpScreen)
+            await pilot.press("q")
+            await pilot.pause()
+            assert not app.is_running
+
+    asyncio.run(scenario())
+
+
+def test_stack_view_draws_half_blocks_and_fits_small_terminals(tmp_path):
+    source = SimSource(tmp_path)
+    for filt in FILTERS:
+        source.add_frame("M35", filt)
+
+    async def scenario(size):
+        app = ObserverApp(source)
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            stacks = app.query_one(StackView)
+            text = stacks.render()
+            assert UPPER_HALF in text.plain
+            assert all(len(line) <= stacks.size.width for line in text.plain.split("\n"))
+            log = app.query_one(FrameLog)
+            hr = app.query_one(HRDiagram)
+            return stacks.size, hr.size, log.table.size, log.compact, stacks.drawn_filters
+
+    stack_size, hr_size, table_size, compact, drawn = asyncio.run(scenario((80, 24)))
+    assert compact and stack_size.height >= 5 and hr_size.height >= 5 and table_size.height >= 3
+    assert drawn == ["blue"]                      # too narrow for both: the selected filter only
+    stack_size, hr_size, table_size, compact, drawn = asyncio.run(scenario((200, 60)))
+    assert not compact and stack_size.width >= 60 and stack_size.height >= 25 and table_size.height >= 15
+    assert drawn == ["blue", "green"]
+
+
+def test_save_without_service_writes_previews_to_save_dir(tmp_path):
+    class PlainSource:
+        def __init__(self, inner: SimSource) -> None:
+            self.inner = inner
+
+        def snapshot(self) -> Snapshot:
+            return self.inner.snapshot()
+
+    inner = SimSource(tmp_path)
+    for filt in FILTERS:
+        inner.add_frame("M35", filt)
+
+    async def scenario():
+        app = ObserverApp(PlainSource(inner), save_dir=tmp_path / "out")
+        async with app.run_test(size=(120, 40)) as pilot:
+            assert app.query_one(FrameLog).table.row_count == 2     # polled, no subscribe
+            inner.add_frame("M35", "blue")
+            await pilot.pause(0.7)                                  # one poll period
+            assert app.query_one(FrameLog).table.row_count == 3
+            await pilot.press("s")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            return app.saved_paths
+
+    paths = asyncio.run(scenario())
+    assert sorted(p.name for p in paths) == ["M35_blue_stack.png", "M35_cmd.png", "M35_green_stack.png"]
+    assert all(p.parent == tmp_path / "out" for p in paths)

@@ -45,11 +45,15 @@ class StackView(Widget):
             self.refresh()
 
     def _grey(self, preview: np.ndarray) -> np.ndarray:
-        """The stretched preview, computed once per published array."""
+        """The stretched preview, computed once per published array, flipped so y grows upwards.
+
+        Row 0 is drawn at the bottom (FITS/DS9 convention, as in the saved PNGs),
+        so the observer sees the field the same way everywhere.
+        """
         key = id(preview)
         cached = self._stretched.get(key)
         if cached is None or cached[0] is not preview:
-            cached = (preview, stretch(preview))
+            cached = (preview, stretch(preview)[::-1])
             self._stretched[key] = cached
         return cached[1]
 

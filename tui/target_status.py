@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Sparkline, Static
 
-from observer.state import FilterStatus, TargetState
+from observer.state import TargetState
 from tui.hr_diagram import age_text
 
 
@@ -22,19 +23,21 @@ def _num(value: float, fmt: str, missing: str = "-") -> str:
     return format(value, fmt) if value is not None and math.isfinite(value) else missing
 
 
-def filter_line(status: FilterStatus, completion_mag: float) -> Text:
-    """One filter's progress in a line: frames, exposure, depth, SNR, offset frame."""
-    line = Text(no_wrap=False)
-    line.append(f"{status.filter:<6}", style="bold")
-    line.append(f" {status.n_stacked} stacked")
-    if status.n_rejected:
-        line.append(f" {status.n_rejected} rej", style="red")
-    line.append(f"  {_num(status.total_exptime, '.0f')} s")
-    line.append(f"  lim {_num(status.limiting_mag, '.2f')}")
-    line.append(f"  SNR@{_num(completion_mag, '.1f')} {_num(status.snr_at_mag, '.0f')}")
-    if not status.has_offset:
-        line.append("  no offset", style="yellow")
-    return line
+def filter_table(target: TargetState) -> Table:
+    """Per-filter progress as a compact table: frames, exposure, 5-sigma depth, SNR, offset frame."""
+    table = Table(box=None, padding=(0, 1, 0, 0), show_edge=False, header_style="bold", expand=False)
+    for name, justify in (("filter", "left"), ("n", "right"), ("rej", "right"), ("exp", "right"),
+                          ("lim", "right"), (f"SNR@{_num(target.completion_mag, '.1f')}", "right"),
+                          ("off", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    for status in target.filters.values():
+        table.add_row(
+            status.filter, str(status.n_stacked),
+            Text(str(status.n_rejected), style="red" if status.n_rejected else ""),
+            f"{_num(status.total_exptime, '.0f')}s", _num(status.limiting_mag, ".2f"),
+            _num(status.snr_at_mag, ".0f"),
+            Text("yes", style="green") if status.has_offset else Text("no", style="yellow"))
+    return table
 
 
 class TargetStatus(VerticalScroll):
@@ -79,8 +82,7 @@ class TargetStatus(VerticalScroll):
         age = self.query_one("#age", Static)
         age.update(age_text(target.age) if target.age else "")
         age.display = target.age is not None
-        self.query_one("#filters", Static).update(
-            Text("\n").join(filter_line(s, target.completion_mag) for s in target.filters.values()))
+        self.query_one("#filters", Static).update(filter_table(target))
         self._show_histories(target)
         warnings = self.query_one("#warnings", Static)
         warnings.update("\n".join(f"! {w}" for w in target.warnings))

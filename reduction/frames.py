@@ -1,0 +1,454 @@
+"""Load camera FITS files into float32 frames and read the header facts the pipeline needs.
+
+Why this module exists: acquisition programs write FITS in many small variations (unsigned 16-bit
+with BZERO=32768, signed or floating data, gzip or tile compression, colour cubes, a dozen spellings
+of the same keyword).  Everything downstream works on one representation -- a 2-D float32 array
+and a :class:`HeaderFacts` record -- so every variation is resolved here, once, and a file that
+cannot be used is refused with a :class:`FrameError` whose message is shown to the observer.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import Angle
+from astropy.io import fits
+from astropy.time import Time
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+log = logging.getLogger(__name__)
+
+#: More than this fraction of non-finite pixels makes a frame useless (the rest is probably garbage too).
+MAX_NONFINITE_FRACTION = 0.5
+#: arcsec per radian / 1000: plate scale ["/px] = pixel size [um] / focal length [mm] * 206.265.
+_ARCSEC_PER_UM_PER_MM = 206.264806
+
+
+class FrameError(Exception):
+    """A file that cannot be used as an image; ``str(exc)`` is the reason shown to the observer."""
+
+
+@dataclass
+class HeaderFacts:
+    """What the pipeline needs from a header, each read with the fallbacks acquisition programs use.
+
+    Values that are missing or unreadable are ``None`` (never a guess); units are in the names.
+    ``filter`` and ``imagetyp`` are raw header strings: normalising them is the tagger's job.
+    """
+
+    exptime: float | None = None
+    filter: str | None = None
+    object: str | None = None
+    imagetyp: str | None = None
+    date_obs: Time | None = None
+    gain: float | None = None  # e-/ADU
+    read_noise: float | None = None  # e-
+    xbin: int = 1
+    ybin: int = 1
+    ra_deg: float | None = None
+    dec_deg: float | None = None
+    plate_scale_arcsec: float | None = None  # arcsec per (binned) pixel
+    saturate: float | None = None  # ADU
+    wcs: WCS | None = None  # celestial part only
+    instrument: str | None = None
+
+
+@dataclass
+class Frame:
+    """One loaded image: float32 2-D data, its header and the facts read from it.
+
+    ``nonfinite`` counts the NaN/inf pixels that were replaced by the frame's median on load.
+    """
+
+    path: str
+    data: np.ndarray
+    header: fits.Header
+    facts: HeaderFacts
+    nonfinite: int = 0
+    hdu_index: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def _first_bytes(path: Path, n: int = 80) -> bytes:
+    """The first bytes of the (decompressed, for gzip) file: enough to see whether it is FITS."""
+    with open(path, "rb") as fh:
+        head = fh.read(n)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as gz:
+                return gz.read(n)
+        except (OSError, EOFError) as exc:
+            raise FrameError(f"corrupt gzip file ({exc})") from exc
+    return head
+
+
+def _image_hdu_index(hdul: fits.HDUList) -> int:
+    """Index of the first image HDU that carries data (primary, image extension or tile-compressed)."""
+    for i, hdu in enumerate(hdul):
+        if not hdu.is_image:
+            continue
+        shape = hdu.shape if isinstance(hdu, fits.CompImageHDU) else tuple(
+            hdu.header.get(f"NAXIS{k}", 0) for k in range(hdu.header.get("NAXIS", 0), 0, -1))
+        if len(shape) > 0 and all(int(s) > 0 for s in shape):
+            return i
+    raise FrameError("no image data (header only)")
+
+
+def _reduce_to_2d(data: np.ndarray) -> np.ndarray:
+    """Apply the 3-D rule (see :func:`load_frame`) and refuse anything else that is not 2-D."""
+    if data.ndim > 3:
+        # Degenerate leading axes (NAXIS4 = 1 etc.) carry no information.
+        while data.ndim > 3 and data.shape[0] == 1:
+            data = data[0]
+        if data.ndim > 3:
+            raise FrameError(f"{data.ndim}-D data of shape {data.shape}; expected a 2-D image")
+    if data.ndim == 3:
+        nplanes = data.shape[0]
+        if nplanes == 1:
+            return data[0]
+        if nplanes == 3:
+            # A colour camera's R, G, B planes: their mean is the closest thing to a mono frame and
+            # keeps the noise statistics simple (no weights the pipeline would have to know about).
+            return data.mean(axis=0, dtype=np.float64)
+        raise FrameError(f"3-D data with {nplanes} planes; expected a 2-D image")
+    if data.ndim != 2:
+        raise FrameError(f"{data.ndim}-D data; expected a 2-D image")
+    return data
+
+
+def _to_float32(data: np.ndarray) -> np.ndarray:
+    """Convert once to a native, contiguous float32 copy; astropy has already applied BZERO/BSCALE.
+
+    Unsigned data (BZERO=32768 uint16) arrives as uint16 and converts exactly; int32 values beyond
+    2**24 lose their last bits in float32, which is far below any noise a camera delivers.
+    """
+    return np.array(data, dtype=np.float32, order="C")
+
+
+def _replace_nonfinite(data: np.ndarray, path: str) -> int:
+    """Replace a few NaN/inf pixels by the median in place; refuse frames that are mostly NaN."""
+    bad = ~np.isfinite(data)
+    nbad = int(np.count_nonzero(bad))
+    if nbad == 0:
+        return 0
+    if nbad == data.size:
+        raise FrameError("all pixels are NaN (no valid data)")
+    frac = nbad / data.size
+    if frac > MAX_NONFINITE_FRACTION:
+        raise FrameError(f"mostly NaN: {frac:.0%} of the pixels are not finite")
+    data[bad] = np.float32(np.median(data[~bad]))
+    log.warning("%s: %d non-finite pixels replaced by the median", path, nbad)
+    return nbad
+
+
+def load_frame(path: str | Path) -> Frame:
+    """Load the first image in a FITS file as a 2-D float32 frame.
+
+    Accepts ``*.fits``/``*.fit``/``*.fts``, gzip (``.gz``) and tile-compressed (``.fz``) files; the
+    image is the first HDU with data (primary, image extension or ``CompImageHDU``).  Integer data
+    are scaled by astropy (BZERO/BSCALE) and converted to float32 exactly once, so nothing wraps.
+
+    3-D rule: a cube with a single plane is squeezed to 2-D; a cube with 3 planes is a colour
+    camera's RGB image and becomes the mean of the planes; any other number of planes is refused
+    (``FrameError("3-D data with N planes; expected a 2-D image")``), because stacking planes of
+    unknown meaning would be a guess.
+
+    A few NaN/inf pixels are replaced by the frame's median and counted in ``Frame.nonfinite``;
+    more than half non-finite raises ``FrameError``.  So do an empty file, a non-FITS file, a file
+    whose data unit is shorter than its header promises (still being written, or cut), a header
+    without image data, and anything astropy cannot read.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise FrameError(f"unreadable: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise FrameError("empty file (0 bytes)")
+    try:
+        head = _first_bytes(p)
+    except OSError as exc:
+        raise FrameError(f"unreadable: {exc.strerror or exc}") from exc
+    if not head.startswith(b"SIMPLE  ="):
+        raise FrameError("not a FITS file (it does not start with a SIMPLE card)")
+
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AstropyWarning)
+            with fits.open(p, memmap=False) as hdul:
+                idx = _image_hdu_index(hdul)
+                hdu = hdul[idx]
+                header = hdu.header.copy()
+                raw = hdu.data
+                if raw is None:
+                    raise FrameError("no image data (header only)")
+                data = _to_float32(_reduce_to_2d(raw))
+    except FrameError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever astropy raises, the frame is refused with a reason
+        raise FrameError(_read_failure_reason(exc, caught)) from exc
+
+    notes = [str(w.message) for w in caught]
+    nonfinite = _replace_nonfinite(data, str(p))
+    return Frame(path=str(p), data=data, header=header, facts=header_facts(header),
+                 nonfinite=nonfinite, hdu_index=idx, notes=notes)
+
+
+def _read_failure_reason(exc: Exception, caught: list[warnings.WarningMessage]) -> str:
+    """Turn an astropy read failure into a reason an observer understands."""
+    msg = str(exc)
+    truncated_warning = any("truncated" in str(w.message).lower() for w in caught)
+    # astropy reports a short data unit as "buffer is too small for requested array" (TypeError)
+    # after warning "File may have been truncated".
+    if "too small" in msg or truncated_warning or isinstance(exc, EOFError) or "end of file" in msg.lower():
+        return "truncated: the data unit is shorter than the header promises (file incomplete?)"
+    if "empty or corrupt" in msg.lower():
+        return "not a FITS file (empty or corrupt header)"
+    return f"unreadable: {type(exc).__name__}: {msg}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Header facts
+# ----------------------------------------------------------------------------------------------
+
+def _first(header: fits.Header, keys: tuple[str, ...], convert: Callable[[Any], Any]) -> Any:
+    """The first of ``keys`` whose value converts; odd values are skipped with a debug log."""
+    for key in keys:
+        if key not in header:
+            continue
+        value = header[key]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        try:
+            out = convert(value)
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            log.debug("header %s=%r skipped: %s", key, value, exc)
+            continue
+        if out is not None:
+            return out
+    return None
+
+
+def _positive_float(value: Any) -> float:
+    """A finite number > 0 (exposure, gain, scale): zero or negative values are header junk."""
+    if isinstance(value, bool):
+        raise TypeError("boolean is not a number")
+    out = float(str(value).strip()) if isinstance(value, str) else float(value)
+    if not math.isfinite(out) or out <= 0:
+        raise ValueError(f"{out} is not a positive number")
+    return out
+
+
+def _nonneg_float(value: Any) -> float:
+    """A finite number >= 0 (a bias frame's exposure is 0 s)."""
+    if isinstance(value, bool):
+        raise TypeError("boolean is not a number")
+    out = float(str(value).strip()) if isinstance(value, str) else float(value)
+    if not math.isfinite(out) or out < 0:
+        raise ValueError(f"{out} is not a number >= 0")
+    return out
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        raise TypeError("boolean is not a name")
+    out = str(value).strip()
+    if not out:
+        raise ValueError("blank")
+    return out
+
+
+#: FRAME is also used (by some writers) for the celestial reference frame; those values are not kinds.
+_COORD_FRAMES = {"FK4", "FK5", "ICRS", "GALACTIC", "ECLIPTIC", "GAPPT", "TOPOCENT"}
+
+
+def _frame_kind(value: Any) -> str:
+    out = _text(value)
+    if out.upper() in _COORD_FRAMES:
+        raise ValueError("a coordinate frame, not an image type")
+    return out
+
+
+def _binning(header: fits.Header) -> tuple[int, int]:
+    """X and Y binning from XBINNING/YBINNING, else BINNING ("2", "2x2") or CCDSUM ("2 2")."""
+    def as_int(v: Any) -> int:
+        out = int(round(_positive_float(v)))
+        if out < 1:
+            raise ValueError("binning < 1")
+        return out
+
+    def pair(v: Any) -> tuple[int, int]:
+        parts = [p for p in re.split(r"[\sx,*]+", str(v).strip().lower()) if p]
+        if len(parts) == 1:
+            return as_int(parts[0]), as_int(parts[0])
+        if len(parts) == 2:
+            return as_int(parts[0]), as_int(parts[1])
+        raise ValueError(f"cannot read binning {v!r}")
+
+    xbin = _first(header, ("XBINNING",), as_int)
+    ybin = _first(header, ("YBINNING",), as_int)
+    both = _first(header, ("BINNING", "CCDSUM"), pair)
+    if both is not None:
+        xbin = xbin if xbin is not None else both[0]
+        ybin = ybin if ybin is not None else both[1]
+    xbin = xbin if xbin is not None else 1
+    return xbin, ybin if ybin is not None else xbin
+
+
+_DMY = re.compile(r"^\s*(\d{1,2})/(\d{1,2})/(\d{2})\s*$")
+_DATE_ONLY = re.compile(r"^\s*\d{4}-\d{2}-\d{2}\s*$")
+
+
+def _parse_date_obs(date: str, time_obs: str | None) -> Time:
+    """DATE-OBS as ISO ('YYYY-MM-DD[THH:MM:SS.sss]') or the old 'dd/mm/yy' form, plus TIME-OBS.
+
+    The old form is read by the FITS standard's rule: 'dd/mm/yy' always means 19yy (it was
+    deprecated in 1997, before any 20yy date could be written that way).
+    """
+    text = date.strip()
+    m = _DMY.match(text)
+    if m:
+        day, month, yy = (int(g) for g in m.groups())
+        text = f"{1900 + yy:04d}-{month:02d}-{day:02d}"
+    if m or _DATE_ONLY.match(text):
+        if time_obs:
+            text = f"{text}T{time_obs.strip()}"
+        return Time(text, format="isot" if "T" in text else "iso", scale="utc")
+    return Time(text.replace(" ", "T", 1) if "T" not in text and " " in text else text,
+                scale="utc")
+
+
+def _date_obs(header: fits.Header) -> Time | None:
+    time_obs = _first(header, ("TIME-OBS", "UT", "UTSTART", "UT-START"), _text)
+
+    def parse(v: Any) -> Time:
+        return _parse_date_obs(_text(v), time_obs)
+
+    out = _first(header, ("DATE-OBS", "DATE_OBS"), parse)
+    if out is None:
+        out = _first(header, ("MJD-OBS", "MJD_OBS"),
+                     lambda v: Time(_positive_float(v), format="mjd", scale="utc"))
+    if out is None:
+        out = _first(header, ("JD", "JD-OBS"), lambda v: Time(_positive_float(v), format="jd", scale="utc"))
+    return out
+
+
+def _angle_deg(value: Any, string_unit: u.Unit) -> float:
+    """Degrees from a number (always degrees) or a string (sexagesimal in ``string_unit``)."""
+    if isinstance(value, bool):
+        raise TypeError("boolean is not an angle")
+    if isinstance(value, (int, float, np.number)):
+        out = float(value)
+    else:
+        text = str(value).strip()
+        if re.fullmatch(r"[+-]?\d+(\.\d*)?", text):
+            out = float(text)  # a plain number in a string is degrees, like a numeric card
+        else:
+            out = float(Angle(text, unit=string_unit).deg)
+    if not math.isfinite(out):
+        raise ValueError("not finite")
+    return out
+
+
+def _celestial_wcs(header: fits.Header) -> WCS | None:
+    """The celestial part of the header's WCS, or None when there is none (most camera files)."""
+    if not any(str(header.get(f"CTYPE{i}", "")).strip() for i in (1, 2)):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            warnings.simplefilter("ignore", AstropyWarning)
+            wcs = WCS(header)
+        if not wcs.has_celestial:
+            return None
+        return wcs.celestial
+    except Exception as exc:  # noqa: BLE001 - a broken WCS is skipped, not fatal
+        log.debug("WCS skipped: %s", exc)
+        return None
+
+
+def _pointing(header: fits.Header, wcs: WCS | None) -> tuple[float | None, float | None]:
+    """RA/DEC (deg numbers or sexagesimal hours/deg strings), else OBJCTRA/OBJCTDEC, else the WCS centre."""
+    for ra_key, dec_key in (("RA", "DEC"), ("OBJCTRA", "OBJCTDEC"), ("RA_OBJ", "DEC_OBJ")):
+        ra = _first(header, (ra_key,), lambda v: _angle_deg(v, u.hourangle))
+        dec = _first(header, (dec_key,), lambda v: _angle_deg(v, u.deg))
+        if ra is not None and dec is not None and -90.0 <= dec <= 90.0:
+            return ra % 360.0, dec
+    if wcs is not None:
+        try:
+            nx = int(header.get("NAXIS1", header.get("ZNAXIS1", 0)) or 0)
+            ny = int(header.get("NAXIS2", header.get("ZNAXIS2", 0)) or 0)
+            if nx > 0 and ny > 0:
+                sky = wcs.pixel_to_world((nx - 1) / 2.0, (ny - 1) / 2.0)
+                return float(sky.spherical.lon.deg) % 360.0, float(sky.spherical.lat.deg)
+            return float(wcs.wcs.crval[0]) % 360.0, float(wcs.wcs.crval[1])
+        except Exception as exc:  # noqa: BLE001
+            log.debug("WCS pointing skipped: %s", exc)
+    return None, None
+
+
+def _plate_scale(header: fits.Header, wcs: WCS | None) -> float | None:
+    """Arcsec per pixel: the WCS, else PIXSCALE/SCALE/SECPIX, else XPIXSZ / FOCALLEN.
+
+    XPIXSZ is read as the *binned* pixel size, as MaxIm DL, N.I.N.A. and the SBIG FITS extension
+    define it ("includes binning"); multiplying it by the binning again would double the scale.
+    """
+    if wcs is not None:
+        try:
+            scales = proj_plane_pixel_scales(wcs) * 3600.0
+            out = float(np.sqrt(scales[0] * scales[1]))
+            if math.isfinite(out) and out > 0:
+                return out
+        except Exception as exc:  # noqa: BLE001
+            log.debug("WCS plate scale skipped: %s", exc)
+    out = _first(header, ("PIXSCALE", "SCALE", "SECPIX", "PIXSCAL1"), _positive_float)
+    if out is not None:
+        return out
+    pix_um = _first(header, ("XPIXSZ", "PIXSIZE1", "PIXSIZE"), _positive_float)
+    focal_mm = _first(header, ("FOCALLEN", "FOCAL"), _positive_float)
+    if pix_um is not None and focal_mm is not None:
+        return pix_um / focal_mm * _ARCSEC_PER_UM_PER_MM
+    return None
+
+
+def header_facts(header: fits.Header) -> HeaderFacts:
+    """Read exposure, filter, kind, time, gain, noise, binning, pointing and scale with fallbacks.
+
+    Never raises on odd values: a keyword whose value cannot be read is skipped (debug log) and the
+    next spelling tried; a fact nobody wrote stays ``None``.
+    """
+    wcs = _celestial_wcs(header)
+    xbin, ybin = _binning(header)
+    ra, dec = _pointing(header, wcs)
+    return HeaderFacts(
+        exptime=_first(header, ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME"), _nonneg_float),
+        filter=_first(header, ("FILTER", "FILTNAME", "FILTER1"), _text),
+        object=_first(header, ("OBJECT", "OBJNAME"), _text),
+        imagetyp=_first(header, ("IMAGETYP", "FRAMETYP", "FRAME", "IMGTYPE", "OBSTYPE"), _frame_kind),
+        date_obs=_date_obs(header),
+        gain=_first(header, ("GAIN", "EGAIN", "CCDGAIN"), _positive_float),
+        read_noise=_first(header, ("RDNOISE", "READNOIS", "RDNOIS", "RON", "READNOISE"), _positive_float),
+        xbin=xbin,
+        ybin=ybin,
+        ra_deg=ra,
+        dec_deg=dec,
+        plate_scale_arcsec=_plate_scale(header, wcs),
+        saturate=_first(header, ("SATURATE", "DATAMAX", "SATLEVEL"), _positive_float),
+        wcs=wcs,
+        instrument=_first(header, ("INSTRUME", "CAMERA"), _text),
+    )

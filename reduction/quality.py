@@ -1,0 +1,293 @@
+"""Per-frame quality: find stars fast, measure their FWHM and elongation, and judge the frame.
+
+Why not DAOStarFinder: it takes ~1.7 s on a 4096 x 4096 frame, most of the per-frame budget.  Here:
+
+1. the background-subtracted frame is smoothed with a small Gaussian (about the expected PSF: the
+   matched filter for faint stars), and pixels above ``sigma`` x the *smoothed* noise are candidates;
+2. candidates that are the maximum of their 5 x 5 neighbourhood are peaks (checked only at the
+   candidates, by indexing, instead of a full-frame maximum filter);
+3. single-pixel spikes (cosmic rays, hot pixels the map does not know yet) are dropped because a
+   star's direct neighbours carry a good fraction of its peak; stars too close to the edge for a
+   full cutout are dropped;
+4. every kept star gets an elliptical Moffat fit on a small cutout, all stars at once (a batched
+   Levenberg-Marquardt in numpy, ~10 ms for 400 stars).  The Moffat profile matches real seeing
+   wings, so the FWHM is the profile's true half-maximum width rather than a Gaussian-moment
+   proxy (which is biased for Moffat stars by 10-20 %), and the fitted ellipse gives the elongation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.table import Table
+from scipy import ndimage
+
+from reduction.background import SkyModel
+
+log = logging.getLogger(__name__)
+
+_PEAK_OFFSETS = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0)]
+#: A star's 4 direct neighbours average at least this fraction of its central pixel (FWHM >= 2 px
+#: gives >= 0.5); a cosmic ray or hot pixel gives ~0.
+_MIN_NEIGHBOUR_FRACTION = 0.25
+_LM_ITERS = 40
+_BETA_RANGE = (1.2, 25.0)
+#: measure_quality uses at most this many of the brightest well-fitted unsaturated stars...
+_QUALITY_STARS = 100
+#: ...with a peak at least this many sky sigmas high (noise biases faint stars' elongation upward),
+#: unless fewer than _MIN_QUALITY_STARS pass, then simply the brightest ones.
+_QUALITY_PEAK_SNR = 20.0
+_MIN_QUALITY_STARS = 5
+
+
+@dataclass
+class FrameQuality:
+    """The figures a frame is judged by: FWHM (px), elongation (major/minor axis), sky level and
+    noise (ADU), number of stars detected."""
+
+    fwhm_px: float
+    elongation: float
+    sky: float
+    sky_rms: float
+    nstars: int
+
+
+def _gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
+    radius = max(1, int(truncate * sigma + 0.5))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _smooth(data: np.ndarray, fwhm: float) -> tuple[np.ndarray, float]:
+    """Separable Gaussian smoothing (sigma = FWHM/2.355); returns the image and its noise factor."""
+    kernel = _gaussian_kernel(max(fwhm / 2.3548, 0.5), truncate=2.5)
+    sm = ndimage.correlate1d(data, kernel.astype(np.float32), axis=0, mode="nearest")
+    ndimage.correlate1d(sm, kernel.astype(np.float32), axis=1, mode="nearest", output=sm)
+    # white noise through the 2-D kernel outer(k, k): rms factor = sum(k^2)
+    return sm, float(np.sum(kernel**2))
+
+
+def _find_peaks(data: np.ndarray, rms: float, fwhm_guess: float, sigma: float, edge: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, columns and smoothed heights of real (not single-pixel) peaks away from the edges."""
+    sm, factor = _smooth(data, fwhm_guess)
+    h, w = data.shape
+    inner = sm[edge:h - edge, edge:w - edge]
+    ys, xs = np.nonzero(inner > sigma * rms * factor)
+    ys += edge
+    xs += edge
+    if ys.size == 0:
+        return ys, xs, np.empty(0, dtype=np.float32)
+    centre = sm[ys, xs]
+    is_peak = np.ones(ys.size, dtype=bool)
+    for i, (dy, dx) in enumerate(_PEAK_OFFSETS):
+        other = sm[ys + dy, xs + dx]
+        # strict on one half of the neighbours, >= on the other: a flat top yields exactly one peak
+        is_peak &= (centre > other) if i < len(_PEAK_OFFSETS) // 2 else (centre >= other)
+    ys, xs, centre = ys[is_peak], xs[is_peak], centre[is_peak]
+    raw = data[ys, xs]
+    n4 = 0.25 * (data[ys - 1, xs] + data[ys + 1, xs] + data[ys, xs - 1] + data[ys, xs + 1])
+    real = n4 >= _MIN_NEIGHBOUR_FRACTION * raw
+    return ys[real], xs[real], centre[real]
+
+
+def _moffat_fit(cut: np.ndarray, weight: np.ndarray, fwhm_guess: float) -> tuple[np.ndarray, np.ndarray]:
+    """Batched Levenberg-Marquardt fit of an elliptical Moffat plus constant to N cutouts.
+
+    Parameters per star: amplitude, x0, y0 (cutout pixels), a, b, c (the ellipse
+    Q = a dx^2 + 2 b dx dy + c dy^2), beta, background.  Returns (params (N, 8), converged (N,)).
+    """
+    n, size, _ = cut.shape
+    half = size // 2
+    yy, xx = np.mgrid[0:size, 0:size]
+    xx = xx.ravel().astype(np.float64)
+    yy = yy.ravel().astype(np.float64)
+    z = cut.reshape(n, -1).astype(np.float64)
+    wgt = weight.reshape(n, -1).astype(np.float64)
+
+    beta0 = 3.0
+    alpha0 = fwhm_guess / (2.0 * math.sqrt(2 ** (1 / beta0) - 1))
+    p = np.zeros((n, 8))
+    p[:, 0] = np.maximum(z[:, half * size + half], 1e-3)
+    p[:, 1] = half
+    p[:, 2] = half
+    p[:, 3] = p[:, 5] = 1.0 / alpha0**2
+    p[:, 6] = beta0
+    lam = np.full(n, 1e-2)
+
+    def model_and_jac(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        amp, x0, y0, a, b, c, beta, bg = (q[:, i:i + 1] for i in range(8))
+        dx = xx[None, :] - x0
+        dy = yy[None, :] - y0
+        # Q >= 0 for a valid ellipse; an invalid trial step is rejected anyway, so just keep u sane.
+        u = np.maximum(1.0 + a * dx * dx + 2.0 * b * dx * dy + c * dy * dy, 1e-3)
+        f = u ** (-beta)
+        dq = -beta * amp * f / u  # d model / d Q
+        jac = np.stack([f, -dq * (2 * a * dx + 2 * b * dy), -dq * (2 * b * dx + 2 * c * dy),
+                        dq * dx * dx, dq * 2 * dx * dy, dq * dy * dy, -amp * f * np.log(u),
+                        np.ones_like(f)], axis=-1)
+        return amp * f + bg, jac
+
+    def valid(q: np.ndarray) -> np.ndarray:
+        return ((q[:, 3] > 0) & (q[:, 5] > 0) & (q[:, 3] * q[:, 5] - q[:, 4] ** 2 > 0)
+                & (q[:, 6] > _BETA_RANGE[0]) & (q[:, 6] < _BETA_RANGE[1]) & (q[:, 0] > 0)
+                & (np.abs(q[:, 1] - half) < half - 1) & (np.abs(q[:, 2] - half) < half - 1))
+
+    model, jac = model_and_jac(p)
+    cost = np.sum(wgt * (z - model) ** 2, axis=1)
+    cost0 = cost.copy()
+    eye = np.eye(8)[None]
+    active = np.ones(n, dtype=bool)
+    for _ in range(_LM_ITERS):
+        jw = jac * wgt[..., None]
+        jtj = np.matmul(jw.transpose(0, 2, 1), jac)
+        jtr = np.matmul(jw.transpose(0, 2, 1), (z - model)[..., None])[..., 0]
+        diag = np.maximum(np.diagonal(jtj, axis1=1, axis2=2), 1e-12)
+        lhs = jtj + (lam[:, None] * diag)[:, :, None] * eye
+        # pinv-free: a singular system (a star on a flat patch) just yields no step
+        singular = np.linalg.cond(lhs) > 1e14
+        lhs[singular] = eye[0]
+        jtr[singular] = 0.0
+        step = np.linalg.solve(lhs, jtr[..., None])[..., 0]
+        trial = p + np.where(active[:, None], step, 0.0)
+        t_model, t_jac = model_and_jac(trial)
+        t_cost = np.sum(wgt * (z - t_model) ** 2, axis=1)
+        better = active & valid(trial) & np.isfinite(t_cost) & (t_cost < cost)
+        done = better & ((cost - t_cost) < 1e-7 * cost)
+        p[better] = trial[better]
+        model[better] = t_model[better]
+        jac[better] = t_jac[better]
+        cost[better] = t_cost[better]
+        lam = np.where(better, lam * 0.3, lam * 10.0)
+        active &= ~done & (lam < 1e8)
+        if not active.any():
+            break
+    ok = valid(p) & (cost < cost0)
+    return p, ok
+
+
+def _ellipse(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Geometric-mean FWHM and elongation (major/minor) of fitted elliptical Moffats."""
+    a, b, c, beta = p[:, 3], p[:, 4], p[:, 5], p[:, 6]
+    tr = a + c
+    disc = np.sqrt(np.maximum((a - c) ** 2 + 4 * b * b, 0.0))
+    lmin = np.maximum(0.5 * (tr - disc), 1e-12)  # smallest eigenvalue = major axis
+    lmax = np.maximum(0.5 * (tr + disc), 1e-12)
+    k = 2.0 * np.sqrt(np.maximum(2.0 ** (1.0 / beta) - 1.0, 1e-12))
+    fwhm = k / (lmin * lmax) ** 0.25
+    return fwhm, np.sqrt(lmax / lmin)
+
+
+def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, sigma: float = 5.0,
+                 max_stars: int = 400, saturation: float | None = None, *,
+                 sky: np.ndarray | float | None = None) -> Table:
+    """Stars in a background-subtracted frame, brightest first, edge stars excluded.
+
+    Columns: ``x, y`` (0-based pixel centres, column/row), ``flux`` (ADU in a circle of radius
+    ~2 FWHM), ``peak`` (highest pixel, ADU above sky), ``fwhm`` (px, Moffat fit), ``elongation``
+    (major/minor axis), ``saturated``.  ``saturation`` is the raw-ADU level at which the camera
+    clips; it is compared with ``peak + sky`` (``sky``: the SkyModel's model array or level; 0 if
+    not given, i.e. ``saturation`` then is in background-subtracted ADU).
+    """
+    if rms is None or not rms > 0:
+        raise ValueError(f"sky rms must be > 0, got {rms}")
+    half = max(3, int(math.ceil(2.0 * fwhm_guess)))
+    edge = half + 1
+    data = np.asarray(data_bgsub, dtype=np.float32)
+    ys, xs, height = _find_peaks(data, rms, fwhm_guess, sigma, edge)
+    order = np.argsort(height)[::-1][:max_stars]
+    ys, xs = ys[order], xs[order]
+    n = ys.size
+    cols = ("x", "y", "flux", "peak", "fwhm", "elongation", "saturated")
+    if n == 0:
+        return Table([np.empty(0)] * 6 + [np.empty(0, dtype=bool)], names=cols)
+
+    size = 2 * half + 1
+    off = np.arange(-half, half + 1)
+    cut = data[(ys[:, None] + off[None, :])[:, :, None], (xs[:, None] + off[None, :])[:, None, :]]
+    rr = np.hypot(*np.meshgrid(off, off, indexing="ij"))
+    window = (rr <= half + 0.5).astype(np.float32)
+    with np.errstate(all="ignore"):
+        params, ok = _moffat_fit(cut, np.broadcast_to(window, cut.shape), fwhm_guess)
+    fwhm, elong = _ellipse(params)
+    x = xs - half + params[:, 1]
+    y = ys - half + params[:, 2]
+    x = np.where(ok, x, xs)
+    y = np.where(ok, y, ys)
+    fwhm = np.where(ok, fwhm, np.nan)
+    elong = np.where(ok, elong, np.nan)
+    flux = np.sum(cut * window, axis=(1, 2))
+    peak = cut.reshape(n, -1).max(axis=1)
+    if saturation is not None:
+        sky_at = sky[ys, xs] if isinstance(sky, np.ndarray) else float(sky or 0.0)
+        saturated = peak + sky_at >= 0.98 * float(saturation)
+    else:
+        saturated = np.zeros(n, dtype=bool)
+    table = Table([x.astype(np.float64), y.astype(np.float64), flux.astype(np.float64),
+                   peak.astype(np.float64), fwhm, elong, saturated], names=cols)
+    table.sort("flux", reverse=True)
+    log.debug("detect_stars: %d stars (%d fitted)", n, int(ok.sum()))
+    return table
+
+
+def measure_quality(data_bgsub: np.ndarray, sky: SkyModel, stars: Table | None = None,
+                    fwhm_guess: float = 3.5) -> FrameQuality:
+    """FWHM and elongation (medians over the brightest well-fitted unsaturated stars), sky, noise, star count.
+
+    ``stars`` from :func:`detect_stars`; when None they are detected here on ``data_bgsub``.
+    """
+    if stars is None:
+        stars = detect_stars(data_bgsub, sky.rms, fwhm_guess=fwhm_guess)
+    good = np.isfinite(np.asarray(stars["fwhm"], dtype=float)) & ~np.asarray(stars["saturated"], dtype=bool)
+    bright = good & (np.asarray(stars["peak"], dtype=float) >= _QUALITY_PEAK_SNR * sky.rms)
+    if np.count_nonzero(bright) >= _MIN_QUALITY_STARS:
+        good = bright
+    use = np.flatnonzero(good)[:_QUALITY_STARS]  # table is brightest first
+    fwhm = float(np.median(stars["fwhm"][use])) if use.size else float("nan")
+    elong = float(np.median(stars["elongation"][use])) if use.size else float("nan")
+    return FrameQuality(fwhm_px=fwhm, elongation=elong, sky=float(sky.level), sky_rms=float(sky.rms),
+                        nstars=len(stars))
+
+
+def relative_transparency(flux: np.ndarray, ref_flux: np.ndarray, exptime: float = 1.0,
+                          ref_exptime: float = 1.0) -> float:
+    """Median flux ratio of matched stars per second (frame / reference): 1 = as clear as the reference.
+
+    ``flux``/``ref_flux``: the same stars (matched by registration) in this frame and the reference.
+    """
+    f = np.asarray(flux, dtype=float) / exptime
+    r = np.asarray(ref_flux, dtype=float) / ref_exptime
+    ok = np.isfinite(f) & np.isfinite(r) & (r > 0) & (f > 0)
+    if not ok.any():
+        return float("nan")
+    return float(np.median(f[ok] / r[ok]))
+
+
+def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, nstars: int,
+                baseline_fwhm: float | None, max_fwhm_ratio: float = 1.5, max_elongation: float = 1.35,
+                min_transparency: float = 0.6, min_stars: int = 10, max_fwhm_arcsec: float | None = None,
+                plate_scale_arcsec: float | None = None) -> str | None:
+    """The reason to reject a frame, or None to stack it.
+
+    Limits are relative to the target's running baseline (``baseline_fwhm``: the night's median
+    FWHM so far; ``transparency`` relative to the best frame) so a soft night or a bright moon does
+    not reject everything; an absolute FWHM cut in arcsec applies only when a plate scale is known.
+    """
+    if nstars < min_stars:
+        return f"only {nstars} stars (< {min_stars})"
+    if not (fwhm_px is not None and np.isfinite(fwhm_px)):
+        return "no measurable stars (FWHM unknown)"
+    if baseline_fwhm and np.isfinite(baseline_fwhm) and fwhm_px > max_fwhm_ratio * baseline_fwhm:
+        return (f"FWHM {fwhm_px:.1f} px is {fwhm_px / baseline_fwhm:.1f}x the night's median "
+                f"{baseline_fwhm:.1f} px")
+    if elongation is not None and np.isfinite(elongation) and elongation > max_elongation:
+        return f"elongation {elongation:.2f} > {max_elongation:.2f} (trailed?)"
+    if transparency is not None and np.isfinite(transparency) and transparency < min_transparency:
+        return f"transparency {transparency:.2f} < {min_transparency:.2f} (cloud?)"
+    if max_fwhm_arcsec is not None and plate_scale_arcsec:
+        fwhm_arcsec = fwhm_px * plate_scale_arcsec
+        if fwhm_arcsec > max_fwhm_arcsec:
+            return f"FWHM {fwhm_arcsec:.1f} arcsec > {max_fwhm_arcsec:.1f} arcsec"
+    return None

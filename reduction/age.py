@@ -1,0 +1,734 @@
+"""A star cluster's age from its colour-magnitude diagram, by isochrone fitting.
+
+Why a likelihood and not a by-eye overlay: the observer's diagram holds field
+stars, unresolved binaries, saturated bright stars and an incomplete faint end,
+and the magnitudes are instrumental (unknown zeropoints) unless the night was
+calibrated.  The age must come from the *shape* of the sequence (turn-off,
+main-sequence curvature, giants), with honest uncertainties.
+
+Model (per PARSEC isochrone of log age ``a`` and metallicity ``[M/H]``):
+
+* The isochrone is resampled densely along its track and weighted by the IMF
+  (differences of ``int_IMF``), so that the sparse turn-off and giant regions are
+  correctly sparse in the model.  Unresolved binaries are a second track: each
+  primary combined with a secondary of mass ``q * m`` (``q`` uniform in 0..1),
+  which spans the binary sequence up to 0.75 mag above the main sequence.
+* Both tracks are rendered into images of the (colour, absolute magnitude)
+  plane and blurred by an intrinsic width plus the photometric errors.  Stars
+  with different errors see differently blurred images (a few error classes).
+* A star's likelihood is a mixture: cluster single star, cluster binary, or
+  field star (a broad density estimate of the diagram itself); the fractions are
+  fitted (EM) for every trial shift.
+* The model is truncated to the observed box (colour range, saturation limit,
+  faint limit) and renormalised there, so saturation and faint incompleteness
+  do not bias the fit: the model only has to explain what could be observed.
+* Shifts: ``mag = M + dmag``, ``colour = colour_0 + dcolor``.  Calibrated data:
+  ``dmag = mu + A_band2 E(B-V)``, ``dcolor = (A_band1 - A_band2) E(B-V)``.
+  Uncalibrated data: both shifts are free and absorb the zeropoints.
+* Per age, a global FFT cross-correlation finds the shifts roughly, Nelder-Mead
+  refines them; the age is the maximum of the profile likelihood, interpolated
+  by a parabola between grid ages.  The interval combines a bootstrap over stars
+  with the profile likelihood (delta lnL = 0.5) and half the grid step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import optimize
+from scipy.ndimage import gaussian_filter
+from scipy.signal import fftconvolve
+
+from reduction.isochrones import A_OVER_EBV, LABEL_MAIN_SEQUENCE, get_isochrone, grid
+
+log = logging.getLogger(__name__)
+
+ISOCHRONE_SET = "PARSEC v1.2S (uwastro465isos)"
+
+#: Intrinsic width of the sequence (mag): differential reddening, model and calibration scatter.
+INTRINSIC_WIDTH = 0.025
+#: Pixel size of the model images (colour, magnitude); well below INTRINSIC_WIDTH.
+PIX_COLOR = 0.01
+PIX_MAG = 0.02
+#: Absolute-plane extent of the model images (colour, magnitude).
+COLOR_RANGE = (-0.8, 3.2)
+MAG_RANGE = (-9.0, 18.0)
+#: Secondary-to-primary mass ratios of the binary track (midpoints of 10 equal bins in 0..1).
+BINARY_Q = (np.arange(10) + 0.5) / 10.0
+#: At most this many error classes (each costs one blurred image per track and age).
+MAX_ERROR_CLASSES = 3
+#: Broad smoothing (colour, mag) of the field-star density estimated from the diagram itself.
+FIELD_SMOOTH = (0.15, 0.6)
+#: Half-width (grid steps) of the age window refitted for each bootstrap resample.
+BOOT_HALF_WINDOW = 4
+
+
+@dataclass
+class AgeFit:
+    """Result of an isochrone fit; ``to_json`` is the content of ``age.json``."""
+
+    log_age: float
+    log_age_low: float
+    log_age_high: float
+    age_myr: float
+    age_myr_low: float
+    age_myr_high: float
+    distance_modulus: float
+    ebv: float
+    mh: float
+    n_stars: int
+    calibrated_zeropoints: bool
+    isochrone_set: str
+    iso_color: np.ndarray
+    iso_mag: np.ndarray
+    turnoff: tuple[float, float]
+    bands: tuple[str, str] = ("B", "V")
+    note: str = ""
+    dmag: float = float("nan")          # fitted magnitude shift (absolute -> observed axis)
+    dcolor: float = float("nan")        # fitted colour shift
+    field_fraction: float = float("nan")
+    binary_fraction: float = float("nan")
+    mag_limit: float = float("nan")     # faint limit of the stars used
+    seconds: float = float("nan")       # wall time of the fit
+    profile_log_age: np.ndarray = field(default_factory=lambda: np.empty(0))
+    profile_lnl: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    def to_json(self) -> dict:
+        """Plain JSON-serialisable record (age.json)."""
+        return {
+            "log_age": round(self.log_age, 4),
+            "log_age_low": round(self.log_age_low, 4),
+            "log_age_high": round(self.log_age_high, 4),
+            "age_myr": round(self.age_myr, 2),
+            "age_myr_low": round(self.age_myr_low, 2),
+            "age_myr_high": round(self.age_myr_high, 2),
+            "distance_modulus": round(self.distance_modulus, 3),
+            "ebv": round(self.ebv, 4),
+            "mh": self.mh,
+            "n_stars": int(self.n_stars),
+            "calibrated_zeropoints": bool(self.calibrated_zeropoints),
+            "isochrone_set": self.isochrone_set,
+            "bands": list(self.bands),
+            "note": self.note,
+            "turnoff": [round(float(self.turnoff[0]), 4), round(float(self.turnoff[1]), 4)],
+            "field_fraction": round(self.field_fraction, 3),
+            "binary_fraction": round(self.binary_fraction, 3),
+            "mag_limit": round(self.mag_limit, 3),
+            "fit_seconds": round(self.seconds, 2),
+        }
+
+
+# --------------------------------------------------------------------------- model tracks
+
+@dataclass(frozen=True)
+class _Track:
+    """An isochrone's points in the (colour, absolute magnitude) plane with IMF weights."""
+
+    color: np.ndarray
+    mag: np.ndarray
+    weight: np.ndarray
+
+
+def _resample(color: np.ndarray, mag: np.ndarray, cum_weight: np.ndarray) -> _Track:
+    """Points every half pixel along a polyline; each segment's IMF weight spread evenly.
+
+    Why: the PARSEC track is sampled in mass, so points crowd on the lower main
+    sequence and jump across the fast phases (subgiant branch, hook); rendering
+    the jumps as dots would leave gaps that a star could fall into.
+    """
+    dw = np.clip(np.diff(cum_weight), 0.0, None)
+    dc, dm = np.diff(color), np.diff(mag)
+    length = np.hypot(dc / PIX_COLOR, dm / PIX_MAG)
+    n = np.clip(np.ceil(length / 0.5).astype(int), 1, 4000)
+    seg = np.repeat(np.arange(len(dw)), n)
+    start = np.cumsum(n) - n
+    frac = (np.arange(seg.size) - start[seg] + 0.5) / n[seg]
+    return _Track(color[seg] + frac * dc[seg], mag[seg] + frac * dm[seg], dw[seg] / n[seg])
+
+
+def _combine(m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """Magnitude of two unresolved stars."""
+    return -2.5 * np.log10(10 ** (-0.4 * m1) + 10 ** (-0.4 * m2))
+
+
+@functools.lru_cache(maxsize=512)
+def _tracks(log_age: float, mh: float, bands: tuple[str, str]) -> tuple[_Track, _Track]:
+    """Single-star and binary tracks for one isochrone (cached: they do not depend on the data)."""
+    iso = get_isochrone(log_age, mh)
+    keep = iso.label < 9                      # post-AGB: negligible IMF weight, wild colours
+    mini, cum = iso.mini[keep], iso.int_imf[keep]
+    b1, b2 = iso.mags[bands[0]][keep], iso.mags[bands[1]][keep]
+    single = _resample(b1 - b2, b2, cum)
+    # Secondary magnitudes by interpolation in initial mass along the same isochrone.
+    inc = np.concatenate([[True], np.diff(mini) > 0])
+    parts = []
+    for q in BINARY_Q:
+        m2 = q * mini
+        faint = m2 < mini[0]                  # below the track's lowest mass: adds no light
+        s1 = np.where(faint, 99.0, np.interp(m2, mini[inc], b1[inc]))
+        s2 = np.where(faint, 99.0, np.interp(m2, mini[inc], b2[inc]))
+        c1, c2 = _combine(b1, s1), _combine(b2, s2)
+        parts.append(_resample(c1 - c2, c2, cum))
+    binary = _Track(np.concatenate([p.color for p in parts]), np.concatenate([p.mag for p in parts]),
+                    np.concatenate([p.weight for p in parts]) / len(BINARY_Q))
+    return single, binary
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """A pixel grid in the (colour, magnitude) plane; (x0, y0) is the first pixel's lower-left corner."""
+
+    x0: float
+    y0: float
+    dx: float
+    dy: float
+    nx: int
+    ny: int
+
+
+def _full_grid(scale: int = 1) -> _Grid:
+    dx, dy = PIX_COLOR * scale, PIX_MAG * scale
+    return _Grid(COLOR_RANGE[0], MAG_RANGE[0], dx, dy, int(round((COLOR_RANGE[1] - COLOR_RANGE[0]) / dx)),
+                 int(round((MAG_RANGE[1] - MAG_RANGE[0]) / dy)))
+
+
+def _window(c_lo: float, c_hi: float, m_lo: float, m_hi: float) -> _Grid:
+    """The part of the fine model grid covering a box (snapped to pixels, clipped to the full grid).
+
+    Why: blurring and integrating only where shifted data can fall makes the
+    model images several times cheaper than the full diagram.
+    """
+    full = _full_grid()
+    i0 = int(np.clip(np.floor((c_lo - full.x0) / full.dx), 0, full.nx - 2))
+    i1 = int(np.clip(np.ceil((c_hi - full.x0) / full.dx), i0 + 2, full.nx))
+    j0 = int(np.clip(np.floor((m_lo - full.y0) / full.dy), 0, full.ny - 2))
+    j1 = int(np.clip(np.ceil((m_hi - full.y0) / full.dy), j0 + 2, full.ny))
+    return _Grid(full.x0 + i0 * full.dx, full.y0 + j0 * full.dy, full.dx, full.dy, i1 - i0, j1 - j0)
+
+
+def _render(track: _Track, g: _Grid) -> np.ndarray:
+    """Track weights summed into the (mag row, colour column) pixels of a grid."""
+    ix = np.floor((track.color - g.x0) / g.dx).astype(int)
+    iy = np.floor((track.mag - g.y0) / g.dy).astype(int)
+    ok = (ix >= 0) & (ix < g.nx) & (iy >= 0) & (iy < g.ny)
+    img = np.bincount(iy[ok] * g.nx + ix[ok], weights=track.weight[ok], minlength=g.nx * g.ny)
+    return img.reshape(g.ny, g.nx)
+
+
+class _ImageStack:
+    """Blurred model images (one per error class) with cumulative integrals for the box normalisation."""
+
+    def __init__(self, counts: np.ndarray, sigmas: list[tuple[float, float]], g: _Grid):
+        # Each class's blur: intrinsic width and that class's typical photometric errors.
+        stack = np.stack([gaussian_filter(counts, (sm / g.dy, sc / g.dx), mode="constant")
+                          for sc, sm in sigmas])
+        self.grid = g
+        self.density = stack / (g.dx * g.dy)
+        self.cum = np.zeros((stack.shape[0], g.ny + 1, g.nx + 1))
+        self.cum[:, 1:, 1:] = stack.cumsum(1).cumsum(2)
+
+    def at(self, klass: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Bilinear interpolation of each star's class image at (x, y); 0 outside the grid."""
+        g = self.grid
+        fx = (x - g.x0) / g.dx - 0.5
+        fy = (y - g.y0) / g.dy - 0.5
+        ix = np.floor(fx).astype(int)
+        iy = np.floor(fy).astype(int)
+        tx, ty = fx - ix, fy - iy
+        ok = (ix >= 0) & (ix < g.nx - 1) & (iy >= 0) & (iy < g.ny - 1)
+        ix, iy = np.where(ok, ix, 0), np.where(ok, iy, 0)
+        d = self.density
+        val = ((1 - ty) * ((1 - tx) * d[klass, iy, ix] + tx * d[klass, iy, ix + 1])
+               + ty * ((1 - tx) * d[klass, iy + 1, ix] + tx * d[klass, iy + 1, ix + 1]))
+        return np.where(ok, val, 0.0)
+
+    def integral(self, x_lo: float, x_hi: float, y_lo: float, y_hi: float) -> np.ndarray:
+        """Integral of every class image over a box (cumulative table interpolated at its corners)."""
+        g = self.grid
+        fx = np.clip((np.array([x_lo, x_hi, x_lo, x_hi]) - g.x0) / g.dx, 0, g.nx)
+        fy = np.clip((np.array([y_lo, y_lo, y_hi, y_hi]) - g.y0) / g.dy, 0, g.ny)
+        ix = np.minimum(fx.astype(int), g.nx - 1)
+        iy = np.minimum(fy.astype(int), g.ny - 1)
+        tx, ty = fx - ix, fy - iy
+        c = self.cum
+        v = ((1 - ty) * ((1 - tx) * c[:, iy, ix] + tx * c[:, iy, ix + 1])
+             + ty * ((1 - tx) * c[:, iy + 1, ix] + tx * c[:, iy + 1, ix + 1]))
+        return v[:, 3] - v[:, 2] - v[:, 1] + v[:, 0]
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class _Data:
+    """The stars used in the fit and the observed box."""
+
+    color: np.ndarray
+    mag: np.ndarray
+    klass: np.ndarray                        # error class per star
+    class_sigma: list[tuple[float, float]]   # total blur (colour, mag) per class
+    field: np.ndarray                        # field-star density at each star (normalised on the box)
+    box: tuple[float, float, float, float]   # colour lo, hi, mag bright, faint
+
+
+def _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit) -> _Data:
+    color, mag = np.asarray(color, float), np.asarray(mag, float)
+    color_err, mag_err = np.asarray(color_err, float), np.asarray(mag_err, float)
+    finite = np.isfinite(color) & np.isfinite(mag)
+    use = finite & np.asarray(usable, bool)
+    use &= np.isfinite(color_err) & np.isfinite(mag_err)
+    if use.sum() < 20:
+        raise ValueError(f"isochrone fit needs at least 20 usable stars, got {int(use.sum())}")
+    if mag_limit is None:
+        # Faint-end incompleteness: keep only where the catalogue is close to complete.
+        mag_limit = float(np.percentile(mag[use], 90))
+    if bright_limit is None:
+        # Excluded (e.g. saturated) stars brighter than most usable ones mean the bright end is
+        # cut by saturation: truncate the model there.  Otherwise the absence of brighter stars
+        # is information (the main sequence ends) and the box extends well above.
+        excluded = finite & ~np.asarray(usable, bool)
+        saturated = excluded & (mag < np.percentile(mag[use], 5))
+        brightest = float(mag[use].min())
+        bright_limit = brightest - 0.05 if saturated.any() else brightest - 3.0
+    use &= (mag <= mag_limit) & (mag >= bright_limit)
+    c, m = color[use], mag[use]
+    ce, me = np.abs(color_err[use]), np.abs(mag_err[use])
+    box = (float(c.min()) - 0.1, float(c.max()) + 0.1, float(bright_limit), float(mag_limit))
+
+    # Error classes by quantiles of the colour error (the dominant blur for faint stars).
+    sig_c = np.hypot(ce, INTRINSIC_WIDTH)
+    n_classes = MAX_ERROR_CLASSES if np.percentile(sig_c, 90) > 1.3 * np.percentile(sig_c, 10) else 1
+    edges = np.percentile(sig_c, np.linspace(0, 100, n_classes + 1)[1:-1])
+    klass = np.searchsorted(edges, sig_c)
+    class_sigma = []
+    for k in range(n_classes):
+        sel = klass == k
+        class_sigma.append((float(np.hypot(np.median(ce[sel]), INTRINSIC_WIDTH)),
+                            float(np.hypot(np.median(me[sel]), INTRINSIC_WIDTH))))
+
+    # Field density: the diagram itself, broadly smoothed, plus a uniform floor.
+    nx = max(int((box[1] - box[0]) / 0.02), 1)
+    ny = max(int((box[3] - box[2]) / 0.05), 1)
+    hist, xe, ye = np.histogram2d(m, c, bins=(ny, nx), range=((box[2], box[3]), (box[0], box[1])))
+    smooth = gaussian_filter(hist, (FIELD_SMOOTH[1] / 0.05, FIELD_SMOOTH[0] / 0.02), mode="nearest")
+    smooth = smooth / smooth.sum() + 0.2 / smooth.size
+    area = (box[1] - box[0]) * (box[3] - box[2])
+    dens = smooth / smooth.sum() * smooth.size / area
+    iy = np.clip(np.searchsorted(ye, m) - 1, 0, ny - 1)
+    ix = np.clip(np.searchsorted(xe, c) - 1, 0, nx - 1)
+    return _Data(c, m, klass, class_sigma, dens[iy, ix], box)
+
+
+# --------------------------------------------------------------------------- likelihood
+
+@dataclass
+class _AgeModel:
+    """Blurred single-star and binary images of one isochrone, for each error class of the data."""
+
+    single: _ImageStack
+    binary: _ImageStack
+
+
+#: Margins (colour, mag) of the model window around the shifted data box: room for the optimiser.
+WINDOW_MARGIN = (0.3, 1.0)
+
+
+def _age_model(log_age: float, mh: float, bands: tuple[str, str], data: _Data,
+               starts: list[tuple[float, float]]) -> _AgeModel:
+    """Model images over the window where the data can fall for shifts near ``starts``."""
+    lo_c, hi_c, lo_m, hi_m = data.box
+    dcs = [s[0] for s in starts]
+    dms = [s[1] for s in starts]
+    g = _window(lo_c - max(dcs) - WINDOW_MARGIN[0], hi_c - min(dcs) + WINDOW_MARGIN[0],
+                lo_m - max(dms) - WINDOW_MARGIN[1], hi_m - min(dms) + WINDOW_MARGIN[1])
+    single_t, binary_t = _tracks(log_age, mh, bands)
+    return _AgeModel(_ImageStack(_render(single_t, g), data.class_sigma, g),
+                     _ImageStack(_render(binary_t, g), data.class_sigma, g))
+
+
+def _component_densities(model: _AgeModel, data: _Data, dcolor: float, dmag: float
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Single and binary densities at each star for the given shifts, normalised on the observed box."""
+    x, y = data.color - dcolor, data.mag - dmag
+    lo_c, hi_c, lo_m, hi_m = data.box
+    out = []
+    for img in (model.single, model.binary):
+        z = img.integral(lo_c - dcolor, hi_c - dcolor, lo_m - dmag, hi_m - dmag)
+        out.append(img.at(data.klass, x, y) / np.maximum(z, 1e-300)[data.klass])
+    return out[0], out[1]
+
+
+def _mixture_lnl(s: np.ndarray, b: np.ndarray, f: np.ndarray, weights: np.ndarray,
+                 iterations: int = 15) -> tuple[float, float, float]:
+    """Maximise over the field and binary fractions by EM; returns (lnL, f_field, f_binary).
+
+    Why EM inside the shift optimiser: the fractions enter linearly, so a few EM
+    steps find them far more cheaply than adding two dimensions to Nelder-Mead.
+    """
+    ff, fb = 0.2, 0.3
+    wsum = weights.sum()
+    for _ in range(iterations):
+        ps = (1 - ff) * (1 - fb) * s
+        pb = (1 - ff) * fb * b
+        pf = ff * f
+        wt = weights / (ps + pb + pf + 1e-300)
+        rs, rb, rf = wt @ ps, wt @ pb, wt @ pf
+        ff = min(max(rf / wsum, 1e-4), 0.95)
+        fb = min(max(rb / max(rs + rb, 1e-300), 0.0), 0.9)
+    tot = (1 - ff) * ((1 - fb) * s + fb * b) + ff * f
+    return float(weights @ np.log(tot + 1e-300)), ff, fb
+
+
+def _neg_lnl(shift: np.ndarray, model: _AgeModel, data: _Data, weights: np.ndarray) -> float:
+    s, b = _component_densities(model, data, shift[0], shift[1])
+    return -_mixture_lnl(s, b, data.field, weights)[0]
+
+
+def _fft_start(log_age: float, mh: float, bands: tuple[str, str], data: _Data) -> tuple[float, float]:
+    """Rough (dcolor, dmag) maximising the correlation of the stars with the log model density.
+
+    Why: with instrumental magnitudes the shifts can be anything; a local optimiser
+    started far away would lock onto a wrong part of the sequence.  One FFT on a
+    coarse grid scores every shift at once; Nelder-Mead with the full likelihood
+    (box normalisation, binaries, field) refines the best one.
+    """
+    g = _full_grid(scale=2)
+    single_t, binary_t = _tracks(log_age, mh, bands)
+    sc, sm = data.class_sigma[0]
+    mix = gaussian_filter(0.7 * _render(single_t, g) + 0.3 * _render(binary_t, g),
+                          (max(sm / g.dy, 0.7), max(sc / g.dx, 0.7)), mode="constant")
+    # log(1 + density / floor): zero where the model is empty, like the FFT's zero padding.
+    coarse = np.log1p(mix / mix.sum() / (g.dx * g.dy) / 1e-2)
+    lo_c, hi_c, lo_m, hi_m = data.box
+    nx = int(np.ceil((hi_c - lo_c) / g.dx))
+    ny = int(np.ceil((hi_m - lo_m) / g.dy))
+    hist, _, _ = np.histogram2d(data.mag, data.color, bins=(ny, nx),
+                                range=((lo_m, lo_m + ny * g.dy), (lo_c, lo_c + nx * g.dx)))
+    corr = fftconvolve(coarse, hist[::-1, ::-1], mode="full")
+    # corr[i, j] pairs data pixel (p, q) with model pixel (p + i - ny + 1, q + j - nx + 1).
+    i, j = np.unravel_index(np.argmax(corr), corr.shape)
+    dmag = lo_m - g.y0 - (i - ny + 1) * g.dy
+    dcolor = lo_c - g.x0 - (j - nx + 1) * g.dx
+    return float(dcolor), float(dmag)
+
+
+@dataclass
+class _AgeResult:
+    lnl: float
+    dcolor: float
+    dmag: float
+    f_field: float
+    f_binary: float
+
+
+def _fit_shifts(model: _AgeModel, data: _Data, weights: np.ndarray, starts: list[tuple[float, float]],
+                fixed: "_Fixed", loose: bool = False) -> _AgeResult:
+    """Best shifts for one age: Nelder-Mead from each start, keep the best."""
+    best: _AgeResult | None = None
+    for start in starts:
+        p0 = fixed.to_params(*start)
+        if p0.size == 0:
+            dc, dm = fixed.to_shifts(p0)
+            nll = _neg_lnl(np.array([dc, dm]), model, data, weights)
+        else:
+            res = optimize.minimize(
+                lambda p: _neg_lnl(np.array(fixed.to_shifts(p)), model, data, weights), p0,
+                method="Nelder-Mead",
+                options={"xatol": 5e-3 if loose else 2e-3, "fatol": 0.05 if loose else 0.02, "initial_simplex": fixed.simplex(p0)})
+            p0, nll = res.x, float(res.fun)
+            dc, dm = fixed.to_shifts(p0)
+        if best is None or -nll > best.lnl:
+            s, b = _component_densities(model, data, dc, dm)
+            lnl, ff, fb = _mixture_lnl(s, b, data.field, weights)
+            best = _AgeResult(lnl, dc, dm, ff, fb)
+    assert best is not None
+    return best
+
+
+@dataclass
+class _Fixed:
+    """Which physical quantities are fixed, and the map between free parameters and shifts."""
+
+    k_color: float              # colour excess per E(B-V)
+    k_mag: float                # extinction in the magnitude band per E(B-V)
+    calibrated: bool
+    mu: float | None
+    ebv: float | None
+
+    def to_shifts(self, p: np.ndarray) -> tuple[float, float]:
+        if not self.calibrated:
+            return float(p[0]), float(p[1])
+        it = iter(p)
+        ebv = self.ebv if self.ebv is not None else float(next(it))
+        mu = self.mu if self.mu is not None else float(next(it))
+        return self.k_color * ebv, mu + self.k_mag * ebv
+
+    def to_params(self, dcolor: float, dmag: float) -> np.ndarray:
+        if not self.calibrated:
+            return np.array([dcolor, dmag])
+        ebv = self.ebv if self.ebv is not None else dcolor / self.k_color
+        out = []
+        if self.ebv is None:
+            out.append(max(ebv, 0.0))
+        if self.mu is None:
+            out.append(dmag - self.k_mag * ebv)
+        return np.array(out)
+
+    def simplex(self, p0: np.ndarray) -> np.ndarray:
+        steps = []
+        if not self.calibrated:
+            steps = [0.03, 0.1]
+        else:
+            if self.ebv is None:
+                steps.append(0.03)
+            if self.mu is None:
+                steps.append(0.1)
+        sim = np.tile(p0, (len(p0) + 1, 1))
+        for i, st in enumerate(steps):
+            sim[i + 1, i] += st
+        return sim
+
+    def physical(self, dcolor: float, dmag: float) -> tuple[float, float]:
+        """(distance modulus, E(B-V)) implied by the shifts."""
+        ebv = dcolor / self.k_color
+        return dmag - self.k_mag * ebv, ebv
+
+
+# --------------------------------------------------------------------------- the fit
+
+def _profile(ages: np.ndarray, lnl: np.ndarray) -> float:
+    """Maximum of the profile likelihood, parabolic between grid ages."""
+    i = int(np.argmax(lnl))
+    if 0 < i < len(ages) - 1:
+        a, b, c = lnl[i - 1], lnl[i], lnl[i + 1]
+        denom = a - 2 * b + c
+        if denom < 0:
+            step = ages[i + 1] - ages[i]
+            return float(ages[i] + np.clip(0.5 * step * (a - c) / denom, -0.5, 0.5) * step)
+    return float(ages[i])
+
+
+def _profile_interval(ages: np.ndarray, lnl: np.ndarray) -> tuple[float, float]:
+    """Ages where the profile likelihood is within 0.5 of its maximum (linear interpolation)."""
+    i = int(np.argmax(lnl))
+    cut = lnl[i] - 0.5
+    lo = hi = float(ages[i])
+    j = i
+    while j > 0 and lnl[j - 1] >= cut:
+        j -= 1
+    lo = float(ages[j]) if j == 0 else float(np.interp(cut, [lnl[j - 1], lnl[j]], [ages[j - 1], ages[j]]))
+    j = i
+    while j < len(ages) - 1 and lnl[j + 1] >= cut:
+        j += 1
+    hi = float(ages[j]) if j == len(ages) - 1 else float(
+        np.interp(cut, [lnl[j + 1], lnl[j]], [ages[j + 1], ages[j]]))
+    return lo, hi
+
+
+def _turnoff(log_age: float, mh: float, bands: tuple[str, str], dcolor: float, dmag: float
+             ) -> tuple[float, float]:
+    """Bluest main-sequence point of the isochrone (the turn-off), on the observed axes."""
+    iso = get_isochrone(log_age, mh)
+    c = iso.mags[bands[0]] - iso.mags[bands[1]]
+    ms = iso.label == LABEL_MAIN_SEQUENCE
+    if not ms.any():
+        ms = np.ones_like(c, bool)
+    idx = np.flatnonzero(ms)[np.argmin(c[ms])]
+    return float(c[idx] + dcolor), float(iso.mags[bands[1]][idx] + dmag)
+
+
+def _fit_one_age(log_age: float, mh: float, bands: tuple[str, str], data: _Data, fixed: _Fixed,
+                 weights: np.ndarray, neighbours: list[_AgeResult]) -> _AgeResult:
+    """Best shifts at one age, started from the FFT search and from neighbouring ages' solutions."""
+    starts = [_fft_start(log_age, mh, bands, data)]
+    for r in neighbours:
+        if abs(r.dcolor - starts[0][0]) > 0.05 or abs(r.dmag - starts[0][1]) > 0.2:
+            starts.append((r.dcolor, r.dmag))
+    model = _age_model(log_age, mh, bands, data, starts)
+    return _fit_shifts(model, data, weights, starts, fixed)
+
+
+def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data, fixed: _Fixed,
+               weights: np.ndarray) -> dict[int, _AgeResult]:
+    """Fits on every other grid age, then on every grid age near the best one.
+
+    Why coarse to fine: the likelihood varies smoothly on 0.1 dex scales away from
+    the optimum; halving the ages scanned halves the cost of the fit.
+    """
+    results: dict[int, _AgeResult] = {}
+    for i in range(0, len(ages), 2):
+        prev = [results[i - 2]] if i >= 2 else []
+        results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, weights, prev)
+    while True:
+        best = max(results, key=lambda k: results[k].lnl)
+        todo = [i for i in range(max(best - BOOT_HALF_WINDOW, 0), min(best + BOOT_HALF_WINDOW + 1, len(ages)))
+                if i not in results]
+        if not todo:
+            return results
+        for i in todo:
+            near = [results[k] for k in (i - 1, i + 1) if k in results]
+            results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, weights, near)
+
+
+def _filled_curve(ages: np.ndarray, results: dict[int, _AgeResult]) -> np.ndarray:
+    """Profile lnL on the whole grid, linearly interpolated across ages not fitted."""
+    idx = np.array(sorted(results))
+    return np.interp(np.arange(len(ages)), idx, [results[i].lnl for i in idx])
+
+
+def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B", "V"),
+            mh: float = 0.0, fit_mh: bool = False, distance_modulus: float | None = None,
+            ebv: float | None = None, calibrated: bool = False, bootstrap: int = 30,
+            rng: np.random.Generator | int | None = None, mag_limit: float | None = None,
+            bright_limit: float | None = None) -> AgeFit:
+    """Fit a PARSEC isochrone to a colour-magnitude diagram; see the module docstring.
+
+    color = mag(bands[0]) - mag(bands[1]), mag = mag(bands[1]), with their errors;
+    ``usable`` is False for stars to ignore (saturated, flagged).  With
+    ``calibrated`` False the magnitudes may carry any zeropoint: the fitted shifts
+    then mix distance, reddening and zeropoints, and only the age (from the
+    shape) is physical.  ``distance_modulus``/``ebv`` fix those quantities
+    (only meaningful when calibrated).  ``mag_limit``/``bright_limit`` bound the
+    magnitudes used (default: the 90th percentile, and the saturation limit if
+    excluded bright stars show one).
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(rng)
+    bands = (str(bands[0]), str(bands[1]))
+    data = _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit)
+    n = data.mag.size
+    notes = []
+    if not calibrated and (distance_modulus is not None or ebv is not None):
+        notes.append("distance modulus / E(B-V) given but zeropoints uncalibrated: ignored")
+        distance_modulus = ebv = None
+    fixed = _Fixed(A_OVER_EBV[bands[0]] - A_OVER_EBV[bands[1]], A_OVER_EBV[bands[1]], calibrated,
+                   distance_modulus, ebv)
+    ages, mhs = grid()
+    mh_values = [float(v) for v in mhs] if fit_mh else [float(mhs[np.argmin(np.abs(mhs - mh))])]
+    weights = np.ones(n)
+
+    best_mh, best_curve, best_results = None, None, None
+    for met in mh_values:
+        results = _scan_ages(ages, met, bands, data, fixed, weights)
+        curve = _filled_curve(ages, results)
+        if best_curve is None or curve.max() > best_curve.max():
+            best_mh, best_curve, best_results = met, curve, results
+    assert best_curve is not None and best_results is not None and best_mh is not None
+    i_best = int(np.argmax(best_curve))
+    log_age = _profile(ages, best_curve)
+    p_lo, p_hi = _profile_interval(ages, best_curve)
+    best = best_results[i_best]
+
+    # Bootstrap: resample stars (multinomial weights), refit the ages around the best one.
+    boot = []
+    if bootstrap > 0:
+        lo_i, hi_i = max(i_best - BOOT_HALF_WINDOW, 0), min(i_best + BOOT_HALF_WINDOW + 1, len(ages))
+        window = ages[lo_i:hi_i]
+        fits = [best_results[i] for i in range(lo_i, hi_i)]
+        models = [_age_model(float(a), best_mh, bands, data, [(r.dcolor, r.dmag)]) for a, r in zip(window, fits)]
+        for _ in range(bootstrap):
+            w = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
+            curve = np.array([_fit_shifts(m, data, w, [(r.dcolor, r.dmag)], fixed, loose=True).lnl
+                              for m, r in zip(models, fits)])
+            boot.append(_profile(window, curve))
+    half_step = 0.5 * float(ages[1] - ages[0])
+    low, high = min(p_lo, log_age - half_step), max(p_hi, log_age + half_step)
+    if boot:
+        b16, b84 = np.percentile(boot, [16, 84])
+        low, high = min(low, float(b16)), max(high, float(b84))
+
+    mu, ebv_fit = fixed.physical(best.dcolor, best.dmag)
+    if calibrated:
+        notes.insert(0, "calibrated zeropoints: distance modulus and E(B-V) are physical")
+    else:
+        notes.insert(0, "instrumental magnitudes (zeropoints not calibrated): distance_modulus is the "
+                        "apparent distance modulus plus the magnitude zeropoint minus "
+                        f"{fixed.k_mag:.2f}*ebv, ebv is the reddening plus the colour zeropoint; "
+                        "the age comes from the shape of the sequence (turn-off, main-sequence "
+                        "curvature, giants)")
+    iso = get_isochrone(float(ages[i_best]), best_mh)
+    keep = iso.label < 9
+    iso_c = iso.mags[bands[0]][keep] - iso.mags[bands[1]][keep] + best.dcolor
+    iso_m = iso.mags[bands[1]][keep] + best.dmag
+    seconds = time.perf_counter() - t0
+    log.info("age fit: log age %.3f (%.3f..%.3f) from %d stars in %.2f s", log_age, low, high, n, seconds)
+    return AgeFit(
+        log_age=log_age, log_age_low=low, log_age_high=high,
+        age_myr=10 ** log_age / 1e6, age_myr_low=10 ** low / 1e6, age_myr_high=10 ** high / 1e6,
+        distance_modulus=mu, ebv=ebv_fit, mh=best_mh, n_stars=n, calibrated_zeropoints=bool(calibrated),
+        isochrone_set=ISOCHRONE_SET, iso_color=iso_c, iso_mag=iso_m,
+        turnoff=_turnoff(float(ages[i_best]), best_mh, bands, best.dcolor, best.dmag),
+        bands=bands, note="; ".join(notes), dmag=best.dmag, dcolor=best.dcolor,
+        field_fraction=best.f_field, binary_fraction=best.f_binary, mag_limit=data.box[3],
+        seconds=seconds, profile_log_age=np.asarray(ages, float), profile_lnl=best_curve)
+
+
+def synthetic_cmd(log_age: float, n_members: int = 1000, *, mh: float = 0.0, bands: tuple[str, str] = ("B", "V"),
+                  distance_modulus: float = 10.0, ebv: float = 0.2, zeropoint: tuple[float, float] = (0.0, 0.0),
+                  binary_fraction: float = 0.3, field_fraction: float = 0.0, faint_limit: float = 20.0,
+                  saturation: float | None = None, rng: np.random.Generator | int | None = None) -> dict:
+    """A simulated cluster diagram straight from the isochrones, with known truth.
+
+    Why here: the tests and the peer benchmark need the same catalogue recipe.
+    Members sample the IMF (inverse CDF of ``int_IMF``), a fraction are unresolved
+    binaries (``q`` uniform), errors grow from 0.005 mag (bright) to 0.05 mag at
+    ``faint_limit``; distance, reddening and a zeropoint offset (band2, colour) are
+    applied; field stars are uniform in the members' box.  Stars brighter than
+    ``saturation`` get garbage magnitudes and ``usable`` False, as a saturated star would.
+    Returns arrays color, mag, color_err, mag_err, usable, member.
+    """
+    rng = np.random.default_rng(rng)
+    iso = get_isochrone(log_age, mh)
+    keep = iso.label < 9
+    mini, cum = iso.mini[keep], iso.int_imf[keep]
+    inc = np.concatenate([[True], np.diff(cum) > 0])
+    b1, b2 = iso.mags[bands[0]][keep], iso.mags[bands[1]][keep]
+    k1, k2 = A_OVER_EBV[bands[0]], A_OVER_EBV[bands[1]]
+    shift1 = distance_modulus + k1 * ebv + zeropoint[0] + zeropoint[1]
+    shift2 = distance_modulus + k2 * ebv + zeropoint[0]
+    chunks1, chunks2 = [], []
+    got = 0
+    while got < n_members:
+        u = rng.uniform(cum[0], cum[-1], 20 * n_members)
+        m = np.interp(u, cum[inc], mini[inc])
+        inc_m = np.concatenate([[True], np.diff(mini) > 0])
+        p1 = np.interp(m, mini[inc_m], b1[inc_m])
+        p2 = np.interp(m, mini[inc_m], b2[inc_m])
+        binary = rng.random(m.size) < binary_fraction
+        m2 = rng.random(m.size) * m
+        ok2 = binary & (m2 >= mini[0])
+        p1[ok2] = _combine(p1[ok2], np.interp(m2[ok2], mini[inc_m], b1[inc_m]))
+        p2[ok2] = _combine(p2[ok2], np.interp(m2[ok2], mini[inc_m], b2[inc_m]))
+        vis = p2 + shift2 < faint_limit
+        chunks1.append(p1[vis] + shift1)
+        chunks2.append(p2[vis] + shift2)
+        got += int(vis.sum())
+    mag1 = np.concatenate(chunks1)[:n_members]
+    mag2 = np.concatenate(chunks2)[:n_members]
+    member = np.ones(n_members, bool)
+    n_field = int(round(field_fraction / max(1 - field_fraction, 1e-9) * n_members))
+    if n_field:
+        col = mag1 - mag2
+        fc = rng.uniform(col.min(), col.max(), n_field)
+        fm = rng.uniform(mag2.min(), faint_limit, n_field)
+        mag1 = np.concatenate([mag1, fm + fc])
+        mag2 = np.concatenate([mag2, fm])
+        member = np.concatenate([member, np.zeros(n_field, bool)])
+
+    def err(m: np.ndarray) -> np.ndarray:
+        return np.hypot(0.005, 0.05 * 10 ** (0.4 * (m - faint_limit)))
+
+    e1, e2 = err(mag1), err(mag2)
+    obs1 = mag1 + rng.normal(0, 1, mag1.size) * e1
+    obs2 = mag2 + rng.normal(0, 1, mag2.size) * e2
+    usable = np.ones(mag2.size, bool)
+    if saturation is not None:
+        sat = mag2 < saturation
+        usable[sat] = False
+        obs2[sat] = saturation + rng.uniform(0, 0.3, sat.sum())
+        obs1[sat] = obs2[sat] + rng.uniform(-0.5, 1.5, sat.sum())
+    return {"color": obs1 - obs2, "mag": obs2, "color_err": np.hypot(e1, e2), "mag_err": e2,
+            "usable": usable, "member": member}

@@ -1,0 +1,76 @@
+"""Isochrone age fits on synthetic clusters drawn straight from the PARSEC isochrones.
+
+Truth comes from the isochrones themselves (reduction.age.synthetic_cmd): IMF
+sampling, 30% unresolved binaries, errors growing to 0.05 mag at the faint
+limit, distance, reddening and an unknown zeropoint offset the fitter is not told.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from reduction.age import ISOCHRONE_SET, fit_age, synthetic_cmd
+
+DISTANCE_MODULUS, EBV = 10.3, 0.2
+ZEROPOINT = (-3.7, 0.3)          # instrumental magnitude offset (V) and colour offset
+
+
+def _fit(cat: dict, **kwargs):
+    return fit_age(cat["color"], cat["mag"], cat["color_err"], cat["mag_err"], cat["usable"],
+                   bootstrap=kwargs.pop("bootstrap", 10), rng=kwargs.pop("rng", 3), **kwargs)
+
+
+@pytest.mark.parametrize("log_age", [7.7, 8.5, 9.3])
+def test_age_recovered_with_unknown_zeropoints(log_age):
+    cat = synthetic_cmd(log_age, 1000, distance_modulus=DISTANCE_MODULUS, ebv=EBV, zeropoint=ZEROPOINT,
+                        rng=11)
+    fit = _fit(cat)
+    assert abs(fit.log_age - log_age) < 0.05
+    assert fit.log_age_low <= log_age <= fit.log_age_high
+    # The shifts absorb distance, reddening and zeropoints together.
+    assert fit.dmag == pytest.approx(DISTANCE_MODULUS + 3.1 * EBV + ZEROPOINT[0], abs=0.1)
+    assert fit.dcolor == pytest.approx(EBV + ZEROPOINT[1], abs=0.03)
+    assert not fit.calibrated_zeropoints and "zeropoint" in fit.note
+    # Turn-off on the observed axes: at the bluest point of the fitted main sequence.
+    members = cat["mag"] < fit.turnoff[1] + 1.0
+    assert fit.turnoff[0] < np.median(cat["color"][members]) + 0.05
+
+
+def test_field_stars_and_saturation():
+    cat = synthetic_cmd(8.5, 700, distance_modulus=DISTANCE_MODULUS, ebv=EBV, zeropoint=ZEROPOINT,
+                        field_fraction=0.3, saturation=10.0, rng=5)
+    assert (~cat["usable"]).sum() > 3           # some stars are saturated (garbage magnitudes)
+    fit = _fit(cat)
+    assert abs(fit.log_age - 8.5) < 0.15
+    assert fit.log_age_low <= 8.5 <= fit.log_age_high
+    assert 0.15 < fit.field_fraction < 0.45
+    assert fit.n_stars < cat["usable"].sum()    # faint end cut for incompleteness
+
+
+def test_calibrated_physical_quantities_and_json():
+    cat = synthetic_cmd(9.0, 800, distance_modulus=DISTANCE_MODULUS, ebv=EBV, rng=7)
+    fit = _fit(cat, calibrated=True, bootstrap=0)
+    assert abs(fit.log_age - 9.0) < 0.05
+    assert fit.distance_modulus == pytest.approx(DISTANCE_MODULUS, abs=0.15)
+    assert fit.ebv == pytest.approx(EBV, abs=0.03)
+    record = json.loads(json.dumps(fit.to_json()))
+    assert record["isochrone_set"] == ISOCHRONE_SET
+    assert record["calibrated_zeropoints"] is True
+    assert record["age_myr_low"] <= record["age_myr"] <= record["age_myr_high"]
+    assert len(fit.iso_color) == len(fit.iso_mag) > 50
+
+
+def test_fixed_distance_and_reddening():
+    cat = synthetic_cmd(8.0, 600, distance_modulus=DISTANCE_MODULUS, ebv=EBV, rng=9)
+    fit = _fit(cat, calibrated=True, distance_modulus=DISTANCE_MODULUS, ebv=EBV, bootstrap=0)
+    assert abs(fit.log_age - 8.0) < 0.05
+    assert fit.distance_modulus == pytest.approx(DISTANCE_MODULUS)
+    assert fit.ebv == pytest.approx(EBV)
+
+
+def test_too_few_stars():
+    with pytest.raises(ValueError, match="usable stars"):
+        fit_age(np.zeros(5), np.zeros(5), np.ones(5), np.ones(5), np.ones(5, bool))

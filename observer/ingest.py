@@ -149,9 +149,11 @@ def _walk(handle: BinaryIO) -> Completeness:
             raise _Incomplete(f"data unit of HDU {index} has {got} of {need} bytes")
         padding = (-need) % BLOCK
         got_padding = _skip(handle, padding)
-        if got_padding < padding:
-            # The last data unit without its padding holds every byte NAXIS promises; some writers stop there.
+        if got_padding == 0 and padding:
+            # Every byte NAXIS promises and no padding: some writers end the last data unit there.
             return Completeness(True, "")
+        if got_padding < padding:
+            raise _Incomplete(f"padding of HDU {index} has {got_padding} of {padding} bytes")
         nxt = handle.read(CARD)
         if not nxt:
             return Completeness(True, "")
@@ -248,6 +250,7 @@ class FileTracker:
         self._noted: dict[Path, bool] = {}       # path -> a writer closed it (close-after-write event)
         self._pending: dict[Path, _Pending] = {}
         self._taken: dict[Path, tuple[int, int]] = {}
+        self._filling = 0
 
     def note(self, path: Path, closed: bool = False) -> None:
         """Something happened to ``path`` (an event or a scan); look at it on the next poll.
@@ -267,8 +270,9 @@ class FileTracker:
 
     @property
     def waiting(self) -> int:
+        """Files noted or filling (not counting quarantined ones): nonzero while a burst is still arriving."""
         with self._lock:
-            return len(self._pending) + len(self._noted)
+            return self._filling + len(self._noted)
 
     def poll(self, now: float) -> tuple[list[ReadyFile], list[Quarantined]]:
         """Stat the waiting files; return those now ready (oldest mtime first, ties by name) and new quarantines.
@@ -284,6 +288,8 @@ class FileTracker:
         for path, entry in list(self._pending.items()):
             self._check(path, entry, now, ready, quarantined)
         ready.sort(key=lambda r: (r.mtime_ns, r.path.name, str(r.path)))
+        with self._lock:
+            self._filling = sum(not e.quarantined for e in self._pending.values())
         return ready, quarantined
 
     def _admit(self, path: Path, closed: bool, now: float, ready: list[ReadyFile]) -> None:

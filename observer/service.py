@@ -1,0 +1,500 @@
+"""The observing service: watch the camera folder and take every frame exactly once.
+
+Threads (DESIGN.md "Concurrency"):
+
+* watchdog's thread only notes paths (:class:`observer.watcher.Watcher`);
+* the *ingest* thread polls the :class:`~observer.ingest.FileTracker` (is a file
+  whole yet?), rescans the folder now and then, and puts ready files on a
+  bounded queue in order of readiness;
+* one *worker* thread takes them one at a time through the per-frame path
+  (``Night.process``). Frames of one target must be stacked in order onto one
+  reference grid, so a single worker is both simpler and right; the reduction
+  itself is numpy-bound.
+
+Exactly once, even under ``kill -9``: for each file the worker hashes it, checks
+the hash against the night (already taken? a duplicate under another name?),
+records it in the ledger as ``processing``, processes it, checkpoints the night
+(atomically), and only then records the outcome in the ledger. On restart the
+night comes back from its last checkpoint; a file whose hash the checkpoint
+holds is done (the ledger is repaired if the crash fell between checkpoint and
+ledger commit), and one still ``processing`` but unknown to the checkpoint is
+simply redone.
+
+``process_existing`` runs the same worker logic synchronously over a saved night
+(``observer reprocess``): one code path for live and offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from observer.config import ConfigError, Settings
+from observer.ingest import FileTracker, fits_completeness, is_fits_name, sha256_of
+from observer.ledger import FINAL_STATUSES, Ledger
+from observer.state import FrameRecord, Snapshot
+from observer.watcher import Watcher, inside, scan
+
+log = logging.getLogger(__name__)
+
+#: How often the ingest thread polls the tracker (s): the latency floor for a file closed by its writer.
+POLL_SECONDS = 0.1
+NOT_FITS_NAME = "not a FITS file name"
+LEDGER_NAME = "ledger.sqlite"
+
+
+class OutdirInsideCamdirError(ConfigError):
+    """The output folder is the camera folder or inside it (the service would watch its own products)."""
+
+
+class NightLike(Protocol):
+    """What the service needs of the per-frame path (``observer.night.Night``)."""
+
+    records: list[FrameRecord]
+
+    def process(self, path: Path, sha256: str) -> FrameRecord: ...
+    def record_skipped(self, path: str | Path, sha256: str, status: str, reason: str) -> FrameRecord: ...
+    def write_products(self, force: bool = False) -> list[Path]: ...
+    def checkpoint(self) -> None: ...
+    def snapshot(self, queue_length: int = 0) -> Snapshot: ...
+    def seen(self, sha256: str) -> bool: ...
+
+
+NightFactory = Callable[[Settings, Path], NightLike]
+
+
+def _restore_night(settings: Settings, outdir: Path) -> NightLike:
+    from observer.night import Night   # heavy (the reduction stack); imported when a service really starts
+
+    return Night.restore(settings, outdir)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work for the worker: a ready file, an unreadable one, or a quarantine to record."""
+
+    path: Path
+    size: int | None = None
+    mtime_ns: int | None = None
+    error: str = ""                  # cannot read: record as rejected
+    quarantine: str = ""             # incomplete past the timeout: record as quarantined
+    ready_at: float = 0.0            # monotonic time the file was found complete (for the latency figure)
+
+
+@dataclass(frozen=True)
+class ServiceEvent:
+    """What subscribers hear after each file (on the worker thread; keep callbacks short)."""
+
+    record: FrameRecord | None       # None for a product-only update (end of a burst)
+    products: tuple[Path, ...]
+    snapshot: Snapshot
+
+
+def check_folders(camdir: str | Path, outdir: str | Path) -> tuple[Path, Path]:
+    """Resolved (camdir, outdir); refuses an output folder inside (or equal to) the camera folder."""
+    cam = Path(camdir).expanduser().resolve()
+    out = Path(outdir).expanduser().resolve()
+    if not cam.is_dir():
+        raise ConfigError(f"camera folder {camdir} does not exist or is not a folder")
+    if out == cam or cam in out.parents:
+        raise OutdirInsideCamdirError(
+            f"output folder {outdir} is inside the camera folder {camdir}: the service would watch its own "
+            f"products; choose an output folder outside it (e.g. {cam.parent / (cam.name + '-reduced')})")
+    return cam, out
+
+
+class Service:
+    """The watching service over ``camdir`` writing into ``outdir``; see the module docstring."""
+
+    def __init__(self, camdir: str | Path, outdir: str | Path, settings: Settings,
+                 night_factory: NightFactory | None = None) -> None:
+        self.camdir, self.outdir = check_folders(camdir, outdir)
+        self.settings = settings
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.outdir / LEDGER_NAME)
+        self.night: NightLike = (night_factory or _restore_night)(settings, self.outdir)
+        svc = settings.service
+        self.tracker = FileTracker(svc.stable_seconds, svc.quarantine_after_seconds)
+        self.watcher = Watcher(self.camdir, self._on_path)
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=svc.queue_size)
+        self._stop = threading.Event()
+        self._night_lock = threading.RLock()
+        self._others_lock = threading.Lock()
+        self._others: set[Path] = set()            # non-FITS names noted, not yet in the ledger
+        self._ignored_names: set[Path] = set()     # non-FITS names already in the ledger
+        self._subscribers: list[Callable[[ServiceEvent], None]] = []
+        self._threads: list[threading.Thread] = []
+        self._in_hand = False
+        self._products_stale = False               # frames since the last forced (catalogue) product write
+        self._snapshot = self.night.snapshot()
+        self._resume_from_ledger()
+
+    # ----------------------------------------------------------------- start-up and shutdown
+    def _resume_from_ledger(self) -> None:
+        """Tell the tracker which files are already handled, so a restart does not re-hash the whole night.
+
+        Only files the restored night knows (by path and hash) count as done;
+        anything else (in flight at a crash, or lost with a checkpoint) is taken again.
+        """
+        done = {(r.path, r.sha256) for r in self.night.records}
+        for row in self.ledger.all():
+            if row.reason == NOT_FITS_NAME:
+                self._ignored_names.add(Path(row.path))
+            elif row.status in FINAL_STATUSES and (row.path, row.sha256) in done and row.size is not None \
+                    and row.mtime is not None:
+                self.tracker.mark_taken(Path(row.path), int(row.size), int(row.mtime))
+        for row in self.ledger.in_flight():
+            log.info("%s was in hand when the service stopped; it is taken again", row.path)
+
+    def start(self) -> None:
+        """Start watching (events first, then the start-up scan, so nothing slips between) and working."""
+        self.watcher.start()
+        count = self.watcher.scan()
+        log.info("start-up scan of %s: %d files", self.camdir, count)
+        for name, target in (("observer-ingest", self._ingest_loop), ("observer-worker", self._worker_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    @property
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def stop(self) -> None:
+        """Finish the frame in hand, write products if stale, checkpoint and close."""
+        self._stop.set()
+        self.watcher.stop()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        with self._night_lock:
+            if self._products_stale:
+                self._write_products(force=True)
+            self.night.checkpoint()
+        self.ledger.close()
+        log.info("service stopped")
+
+    # ----------------------------------------------------------------- what the dashboard reads
+    def subscribe(self, callback: Callable[[ServiceEvent], None]) -> None:
+        """Call ``callback(event)`` after each file and each end-of-burst product update (worker thread)."""
+        self._subscribers.append(callback)
+
+    @property
+    def queue_length(self) -> int:
+        return self._queue.qsize() + int(self._in_hand)
+
+    def snapshot(self) -> Snapshot:
+        """The state as of the last finished file, with the live queue length (cheap: no science)."""
+        n = self.queue_length + self.tracker.waiting
+        return dataclasses.replace(self._snapshot, busy=n > 0, queue_length=n)
+
+    def save_pngs(self, target: str) -> list[Path]:
+        """Bring the target's figures up to date (a forced product write) and return its PNG files."""
+        with self._night_lock:
+            self._write_products(force=True)
+        return sorted((self.outdir / target).glob("*.png"))
+
+    # ----------------------------------------------------------------- watcher and ingest threads
+    def _on_path(self, path: Path, closed: bool) -> None:
+        """watchdog's thread and scans: note the path, nothing more."""
+        if is_fits_name(path.name):
+            self.tracker.note(path, closed)
+        elif path not in self._ignored_names:
+            with self._others_lock:
+                self._others.add(path)
+
+    def _record_other_names(self) -> None:
+        """Non-FITS files (JPEG previews, logs) go in the ledger only, once, not in frames.ecsv."""
+        with self._others_lock:
+            others, self._others = self._others, set()
+        for path in others - self._ignored_names:
+            if path.is_file():
+                log.debug("%s: %s, ignored", path, NOT_FITS_NAME)
+                self.ledger.record(path, "", "ignored", NOT_FITS_NAME)
+                self._ignored_names.add(path)
+
+    def _put(self, job: Job) -> bool:
+        """Queue a job, waiting while the queue is full (that is the back-pressure); False if stopping."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(job, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _ingest_loop(self) -> None:
+        rescan = self.settings.service.rescan_seconds
+        next_rescan = time.monotonic() + rescan
+        while not self._stop.is_set():
+            try:
+                now = time.monotonic()
+                ready, quarantined = self.tracker.poll(now)
+                for q in quarantined:
+                    log.warning("%s: %s", q.path, q.reason)
+                    self._put(Job(q.path, quarantine=q.reason, ready_at=now))
+                for r in ready:
+                    self._put(Job(r.path, r.size, r.mtime_ns, error=r.error, ready_at=now))
+                self._record_other_names()
+                if now >= next_rescan:
+                    self.watcher.scan()
+                    next_rescan = now + rescan
+            except Exception:  # noqa: BLE001 - the ingest loop must outlive any one odd file
+                log.exception("ingest loop")
+            self._stop.wait(POLL_SECONDS)
+
+    # ----------------------------------------------------------------- the worker
+    def _worker_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                self._end_of_burst()
+                continue
+            if self._stop.is_set():
+                break          # not started: the file is taken again at the next start
+            self._in_hand = True
+            try:
+                self.handle(job)
+            finally:
+                self._in_hand = False
+            self._end_of_burst()
+
+    def _end_of_burst(self) -> None:
+        """With nothing queued or filling, bring the throttled products (catalogue, CMD) up to date."""
+        if self._products_stale and self._queue.empty() and self.tracker.waiting == 0:
+            with self._night_lock:
+                products = self._write_products(force=True)
+                self._publish(None, products)
+
+    def _write_products(self, force: bool) -> list[Path]:
+        try:
+            products = self.night.write_products(force=force)
+        except Exception:  # noqa: BLE001 - a failed product write must not stop the night; next frame retries
+            log.exception("writing products")
+            return []
+        if force:
+            self._products_stale = False
+        return products
+
+    def _publish(self, record: FrameRecord | None, products: list[Path]) -> None:
+        self._snapshot = self.night.snapshot()
+        event = ServiceEvent(record, tuple(products), self._snapshot)
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # noqa: BLE001 - a broken subscriber must not stop the worker
+                log.exception("subscriber %r", callback)
+
+    def _display(self, path: str | Path) -> str:
+        """A path as the observer knows it: relative to the camera folder."""
+        try:
+            return str(Path(path).relative_to(self.camdir))
+        except ValueError:
+            return str(path)
+
+    def handle(self, job: Job) -> FrameRecord | None:
+        """Take one job through the per-frame path; never raises. Returns the new record, or None if done before."""
+        with self._night_lock:
+            try:
+                record = self._handle(job)
+            except Exception as exc:  # noqa: BLE001 - one bad file must never stop the worker
+                log.exception("%s: unexpected failure", job.path)
+                try:
+                    record = self._skip(job, "", "rejected", f"internal error: {type(exc).__name__}: {exc}")
+                except Exception:  # noqa: BLE001 - e.g. the disk is full: logged above, the night goes on
+                    log.exception("%s: cannot record the failure", job.path)
+                    record = None
+            if record is None:
+                return None
+            self._products_stale = True
+            products = self._write_products(force=False)
+            self._publish(record, products)
+            return record
+
+    def _recorded(self, path: Path, sha256: str, status: str) -> bool:
+        """Already recorded so? (The reason may differ: a quarantine's says how long it waited.)"""
+        return any(r.path == str(path) and r.sha256 == sha256 and r.status == status for r in self.night.records)
+
+    def _skip(self, job: Job, sha256: str, status: str, reason: str) -> FrameRecord | None:
+        """Record a file the per-frame path does not take (once: a restart does not record it again)."""
+        if self._recorded(job.path, sha256, status):
+            return None
+        self.ledger.record(job.path, sha256, status, reason, job.size, job.mtime_ns)
+        record = self.night.record_skipped(job.path, sha256, status, reason)
+        self.night.checkpoint()
+        return record
+
+    def _handle(self, job: Job) -> FrameRecord | None:
+        path = job.path
+        if job.quarantine:
+            return self._skip(job, "", "quarantined", job.quarantine)
+        if job.error:
+            return self._skip(job, "", "rejected", job.error)
+        try:
+            sha = sha256_of(path)
+        except FileNotFoundError:
+            log.info("%s vanished before it could be read", path)
+            return None
+        except OSError as exc:
+            return self._skip(job, "", "rejected", f"cannot read: {exc.strerror or exc}")
+        same = [r for r in self.night.records if r.sha256 == sha]
+        mine = [r for r in same if r.path == str(path)]
+        if mine:       # taken before (a restart, or a touch): make sure the ledger says so
+            self.ledger.finish(mine[0], job.size, job.mtime_ns)
+            return None
+        if same:
+            return self._skip(job, sha, "ignored", f"duplicate of {self._display(same[0].path)}")
+        self.ledger.begin(path, sha, job.size, job.mtime_ns)
+        record = self.night.process(path, sha)
+        self.night.checkpoint()
+        self.ledger.finish(record, job.size, job.mtime_ns)
+        return record
+
+
+# --------------------------------------------------------------------- reprocess: the same worker, synchronously
+def _date_obs_key(path: Path) -> tuple[int, float, str]:
+    """Sort key: DATE-OBS (read from the header only), files without one last, ties by name."""
+    from astropy.io import fits
+
+    from reduction.frames import header_facts
+
+    try:
+        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+            for hdu in hdul[:2]:
+                date = header_facts(hdu.header).date_obs
+                if date is not None:
+                    return (0, float(date.mjd), path.name)
+    except Exception:  # noqa: BLE001 - unreadable or not FITS: it still gets its record, last
+        log.debug("%s: no DATE-OBS", path, exc_info=True)
+    return (1, 0.0, path.name)
+
+
+def process_existing(nightdir: str | Path, outdir: str | Path, settings: Settings,
+                     progress: Callable[[int, int, FrameRecord | None], None] | None = None,
+                     night_factory: NightFactory | None = None) -> NightLike:
+    """Run every file of ``nightdir`` through the service's worker logic, in DATE-OBS order; write all products.
+
+    ``progress(done, total, record)`` is called after each FITS file. The night
+    resumes from ``outdir``'s checkpoint if there is one (an interrupted
+    reprocess continues); use a fresh ``outdir`` for a fresh reduction.
+    """
+    service = Service(nightdir, outdir, settings, night_factory=night_factory)
+    try:
+        paths = [p for p in scan(service.camdir) if inside(p, service.camdir)]
+        fits_paths = sorted((p for p in paths if is_fits_name(p.name)), key=_date_obs_key)
+        for path in paths:
+            if not is_fits_name(path.name):
+                service._on_path(path, False)
+        service._record_other_names()
+        for done, path in enumerate(fits_paths, start=1):
+            service.handle(_existing_job(path))
+            if progress is not None:
+                progress(done, len(fits_paths), service.night.records[-1] if service.night.records else None)
+        with service._night_lock:
+            service._write_products(force=True)
+            service.night.checkpoint()
+    finally:
+        service.ledger.close()
+    return service.night
+
+
+def _existing_job(path: Path) -> Job:
+    """A job for a file of a saved night: no waiting; an incomplete file is quarantined at once."""
+    try:
+        st = path.stat()
+        result = fits_completeness(path) if not path.is_dir() else None
+    except OSError as exc:
+        return Job(path, error=f"cannot read: {exc.strerror or exc}")
+    if result is not None and not result.complete:
+        return Job(path, st.st_size, st.st_mtime_ns, quarantine=f"incomplete: {result.reason}")
+    return Job(path, st.st_size, st.st_mtime_ns, ready_at=time.monotonic())
+
+
+# --------------------------------------------------------------------- the command line's entry point
+def format_record(record: FrameRecord, display: str) -> str:
+    """The headless log line of one file: time, file, kind, filter, status, FWHM, stars, reason."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(record.seen_at or time.time()))
+    fwhm = f"FWHM {record.fwhm:.2f}px" if record.fwhm == record.fwhm else "FWHM -"
+    stars = f"{record.nstars} stars" if record.nstars else "- stars"
+    parts = [stamp, display, record.kind or "-", record.filter or "-", record.status, fwhm, stars]
+    if record.reason:
+        parts.append(f"({record.reason})")
+    return "  ".join(parts)
+
+
+def _headless_printer(service: Service) -> Callable[[ServiceEvent], None]:
+    def show(event: ServiceEvent) -> None:
+        lines = []
+        if event.record is not None:
+            lines.append(format_record(event.record, service._display(event.record.path)))
+        if event.products:
+            names = ", ".join(sorted({_relative(p, service.outdir) for p in event.products}))
+            lines.append(f"{time.strftime('%H:%M:%S')}  products updated: {names}")
+        for line in lines:
+            log.info("%s", line)
+            print(line, flush=True)
+    return show
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
+def run_watch(camdir: str | Path, outdir: str | Path, settings: Settings, headless: bool = False) -> int:
+    """``observer watch``: run the service until Ctrl-C / SIGTERM (headless) or until the dashboard quits."""
+    service = Service(camdir, outdir, settings)
+    app_class = None
+    if not headless:
+        try:
+            from tui.app import ObserverApp
+            app_class = ObserverApp
+        except ImportError as exc:
+            log.warning("the dashboard is not available (%s); running headless", exc)
+            print(f"observer: the dashboard is not available ({exc}); running headless", file=sys.stderr)
+    if app_class is not None:
+        service.start()
+        try:
+            app_class(service, save_dir=service.outdir).run()
+        finally:
+            service.stop()
+        return 0
+    return _run_headless(service)
+
+
+def _run_headless(service: Service) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the frame in hand", signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    service.subscribe(_headless_printer(service))
+    try:
+        service.start()
+        print(f"observer: watching {service.camdir} -> {service.outdir} (Ctrl-C stops)", flush=True)
+        while not stop.wait(0.5):
+            if not service.alive:
+                log.error("a service thread died; stopping")
+                service.stop()
+                return 1
+        service.stop()
+        print("observer: stopped; starting again resumes", flush=True)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+

@@ -35,7 +35,9 @@ Method (in the spirit of astroalign, Beroiz et al. 2020):
    :class:`RegistrationError` rather than returned as a wrong transform.
 
 If the brightest ``n`` points are swamped by spurious detections the search is
-repeated with more points (``_N_BRIGHT``), so the cheap case stays cheap.
+repeated with more points (``_N_BRIGHT``), and last with a vote over all
+point-pair offsets on a grid of small rotations (needs no brightness order;
+rotations up to 3 degrees), so the cheap case stays cheap.
 
 Conventions: pixel coordinates are 0-based (x, y) = (column, row).
 :class:`Transform` maps REFERENCE-grid (x, y) to FRAME (x, y), which is the
@@ -57,7 +59,7 @@ from scipy.spatial import cKDTree
 log = logging.getLogger(__name__)
 
 #: Numbers of brightest points tried in turn (more only when fewer fail).
-_N_BRIGHT: tuple[int, ...] = (30, 45, 60)
+_N_BRIGHT: tuple[int, ...] = (30, 50)
 #: Triangles with a side shorter than this (px) have noise-dominated invariants.
 _MIN_SIDE = 8.0
 #: Tolerance on the log side-ratio invariants.
@@ -66,14 +68,26 @@ _INV_TOL = 0.01
 _SCORE_RADIUS = 2.0
 #: Number of brightest reference points used to score hypotheses.
 _N_SCORE = 80
+#: Offset-vote fallback: points used, rotation grid, largest shift (fraction of the field), bin.
+_OFFSET_NPTS = 300
+_OFFSET_MAX_ROT_DEG = 3.0
+_OFFSET_ROT_STEP_DEG = 0.5
+_OFFSET_MAX_SHIFT_FRAC = 0.25
+_OFFSET_BIN_PX = 4.0
 #: Hypotheses refined on all points.
 _N_REFINE = 5
 #: Matching radii (px) of the successive least-squares refinements.
 _REFINE_RADII: tuple[float, ...] = (3.0, 1.5, 1.0)
+#: Residuals below this (px) are never clipped (centroids are not better than this).
+_MIN_CLIP_PX = 0.05
 #: Largest accepted |scale - 1|: frames of one camera have the same plate scale.
 _MAX_SCALE_DEV = 0.02
-#: Largest number of triangle-pair hypotheses scored (closest invariants first).
-_MAX_HYPOTHESES = 20000
+#: Cell size of the rotation / shift vote that prunes the hypotheses.
+_VOTE_ROT_DEG = 0.5
+_VOTE_SHIFT_PX = 4.0
+#: Most-voted cells kept, and hypotheses kept per cell, for scoring.
+_VOTE_CELLS = 8
+_VOTE_PER_CELL = 40
 
 
 class RegistrationError(Exception):
@@ -217,19 +231,31 @@ def _hypotheses(frame_pts: np.ndarray, ref_pts: np.ndarray) -> np.ndarray:
     inv_r, tri_r = _triangles(ref_pts)
     if len(inv_f) == 0 or len(inv_r) == 0:
         return np.empty((0, 2, 3))
-    tree = cKDTree(inv_f)
-    dist, jf = tree.query(inv_r, k=4, distance_upper_bound=_INV_TOL)
-    ir = np.broadcast_to(np.arange(len(inv_r))[:, None], jf.shape)
-    ok = np.isfinite(dist)
-    ir, jf, dist = ir[ok], jf[ok], dist[ok]
-    if len(ir) > _MAX_HYPOTHESES:
-        best = np.argsort(dist)[:_MAX_HYPOTHESES]
-        ir, jf = ir[best], jf[best]
-    src = ref_pts[tri_r[ir]]                        # (H, 3, 2)
-    dst = frame_pts[tri_f[jf]]
-    m = _fit_similarity(src, dst)
+    pairs = cKDTree(inv_r).sparse_distance_matrix(cKDTree(inv_f), _INV_TOL, output_type="ndarray")
+    if len(pairs) == 0:
+        return np.empty((0, 2, 3))
+    m = _fit_similarity(ref_pts[tri_r[pairs["i"]]], frame_pts[tri_f[pairs["j"]]])
     scale = np.hypot(m[:, 0, 0], m[:, 1, 0])
     return m[np.abs(scale - 1.0) <= 5 * _MAX_SCALE_DEV]
+
+
+def _vote(hyp: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """Indices of the hypotheses in the most-voted cells of (rotation, shift of ``center``).
+
+    Chance triangle matches scatter over all rotations and shifts; the true transform
+    gathers every triangle of stars common to both lists in one cell.  This prunes
+    tens of thousands of hypotheses to a few hundred before they are scored.
+    """
+    rot = np.arctan2(hyp[:, 1, 0], hyp[:, 0, 0])
+    shift = np.einsum("hij,j->hi", hyp[:, :, :2], center) + hyp[:, :, 2] - center
+    keys = np.stack([np.floor(np.degrees(rot) / _VOTE_ROT_DEG),
+                     np.floor(shift[:, 0] / _VOTE_SHIFT_PX),
+                     np.floor(shift[:, 1] / _VOTE_SHIFT_PX)], axis=1).astype(np.int64)
+    _, cell, votes = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    cell = cell.ravel()
+    top_cells = np.argsort(-votes, kind="stable")[:_VOTE_CELLS]
+    chosen = [np.flatnonzero(cell == c)[:_VOTE_PER_CELL] for c in top_cells]
+    return np.concatenate(chosen)
 
 
 def _score(hyp: np.ndarray, ref_pts: np.ndarray, tree: cKDTree) -> np.ndarray:
@@ -237,6 +263,50 @@ def _score(hyp: np.ndarray, ref_pts: np.ndarray, tree: cKDTree) -> np.ndarray:
     pred = np.einsum("hij,kj->hki", hyp[:, :, :2], ref_pts) + hyp[:, None, :, 2]
     dist, _ = tree.query(pred.reshape(-1, 2), k=1, distance_upper_bound=_SCORE_RADIUS)
     return np.isfinite(dist).reshape(len(hyp), -1).sum(axis=1)
+
+
+def _triangle_candidates(frame_xy: np.ndarray, ref_xy: np.ndarray, frame_flux: np.ndarray | None,
+                         ref_flux: np.ndarray | None, n: int, tree: cKDTree) -> np.ndarray:
+    """Best few hypotheses (H, 2, 3) from triangles of the ``n`` brightest points of each list."""
+    hyp = _hypotheses(_brightest(frame_xy, frame_flux, n), _brightest(ref_xy, ref_flux, n))
+    if len(hyp) == 0:
+        return hyp
+    hyp = hyp[_vote(hyp, 0.5 * (ref_xy.min(axis=0) + ref_xy.max(axis=0)))]
+    score = _score(hyp, _brightest(ref_xy, ref_flux, _N_SCORE), tree)
+    return hyp[np.argsort(-score, kind="stable")[:_N_REFINE]]
+
+
+def _offset_candidates(frame_xy: np.ndarray, ref_xy: np.ndarray, frame_flux: np.ndarray | None,
+                       ref_flux: np.ndarray | None) -> np.ndarray:
+    """Fallback hypotheses from a vote over all point-pair offsets, on a grid of small rotations.
+
+    Needs no brightness order at all, so it still works when spurious detections crowd the
+    brightest stars out of the triangle search; it covers rotations up to
+    ``_OFFSET_MAX_ROT_DEG`` and shifts up to ``_OFFSET_MAX_SHIFT_FRAC`` of the field.
+    """
+    f = _brightest(frame_xy, frame_flux, _OFFSET_NPTS)
+    r = _brightest(ref_xy, ref_flux, _OFFSET_NPTS)
+    c = 0.5 * (ref_xy.min(axis=0) + ref_xy.max(axis=0))
+    half = _OFFSET_MAX_SHIFT_FRAC * float(np.max(ref_xy.max(axis=0) - ref_xy.min(axis=0)))
+    nb = int(math.ceil(2 * half / _OFFSET_BIN_PX))
+    peaks = []
+    for deg in np.arange(-_OFFSET_MAX_ROT_DEG, _OFFSET_MAX_ROT_DEG + 1e-9, _OFFSET_ROT_STEP_DEG):
+        t = math.radians(deg)
+        rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+        rr = (r - c) @ rot.T + c
+        d = (f[None, :, :] - rr[:, None, :]).reshape(-1, 2)
+        d = d[(np.abs(d) < half).all(axis=1)]
+        if len(d) == 0:
+            continue
+        ij = ((d + half) / _OFFSET_BIN_PX).astype(np.int64).clip(0, nb - 1)
+        counts = np.bincount(ij[:, 0] * nb + ij[:, 1], minlength=nb * nb)
+        k = int(np.argmax(counts))
+        near = (np.abs(ij[:, 0] - k // nb) <= 1) & (np.abs(ij[:, 1] - k % nb) <= 1)
+        shift = np.median(d[near], axis=0)
+        m = np.hstack([rot, (c + shift - rot @ c)[:, None]])
+        peaks.append((int(counts[k]), m))
+    peaks.sort(key=lambda p: -p[0])
+    return np.array([m for _, m in peaks[:_N_REFINE]]).reshape(-1, 2, 3)
 
 
 def _refine(m: np.ndarray, frame_xy: np.ndarray, ref_xy: np.ndarray, tree: cKDTree
@@ -253,11 +323,13 @@ def _refine(m: np.ndarray, frame_xy: np.ndarray, ref_xy: np.ndarray, tree: cKDTr
         sel = np.flatnonzero(ok)[order[first]]
         if len(sel) < 3:
             return m, len(sel), math.inf
-        for _ in range(3):                          # sigma clipping of the residuals
+        for _ in range(5):
             m = _fit_similarity(ref_xy[sel], frame_xy[j[sel]])
             res = np.hypot(*(_apply(m, ref_xy[sel]) - frame_xy[j[sel]]).T)
             rms = float(np.sqrt(np.mean(res ** 2)))
-            keep = res <= max(3.0 * rms, 0.05)
+            # clip at 3 sigma of a 2-D Gaussian (Rayleigh-distributed radii, median = 1.177 sigma):
+            # the median resists the chance matches of spurious points, which an rms does not
+            keep = res <= max(3.0 * float(np.median(res)) / 1.1774, _MIN_CLIP_PX)
             if keep.all() or keep.sum() < 3:
                 break
             sel = sel[keep]
@@ -302,23 +374,16 @@ def find_transform(frame_xy: np.ndarray, ref_xy: np.ndarray, frame_flux: np.ndar
         raise RegistrationError(f"no consistent star pattern match (only {len(frame_xy)} stars in the "
                                 f"frame and {len(ref_xy)} on the reference, need {min_matches})")
     tree_all = cKDTree(frame_xy)
-    ref_score = _brightest(ref_xy, ref_flux, _N_SCORE)
     # the final radius decides how many coincidences an unrelated field gets
     chance = _chance_matches(frame_xy, ref_xy, _REFINE_RADII[-1])
     need = max(min_matches, int(math.ceil(chance + 5.0 * math.sqrt(chance) + 3)))
     best: tuple[int, float, np.ndarray] = (0, math.inf, np.eye(2, 3))
-    tried = 0
-    for n in _N_BRIGHT:
-        if n > max(len(frame_xy), len(ref_xy)) and tried:
-            break
-        tried += 1
-        hyp = _hypotheses(_brightest(frame_xy, frame_flux, n), _brightest(ref_xy, ref_flux, n))
-        if len(hyp) == 0:
-            continue
-        score = _score(hyp, ref_score, tree_all)
-        top = np.argsort(-score, kind="stable")[:_N_REFINE]
-        for h in top:
-            m, nmatch, rms = _refine(hyp[h], frame_xy, ref_xy, tree_all)
+    searches = [lambda n=n: _triangle_candidates(frame_xy, ref_xy, frame_flux, ref_flux, n, tree_all)
+                for n in _N_BRIGHT if n <= max(len(frame_xy), len(ref_xy)) or n == _N_BRIGHT[0]]
+    searches.append(lambda: _offset_candidates(frame_xy, ref_xy, frame_flux, ref_flux))
+    for search in searches:
+        for hyp in search():
+            m, nmatch, rms = _refine(hyp, frame_xy, ref_xy, tree_all)
             scale = math.hypot(m[0, 0], m[1, 0])
             if (abs(scale - 1.0) <= _MAX_SCALE_DEV and rms <= max_rms
                     and (nmatch, -rms) > (best[0], -best[1])):

@@ -25,10 +25,11 @@ def _num(value: float, fmt: str, missing: str = "-") -> str:
 
 def filter_table(target: TargetState) -> Table:
     """Per-filter progress as a compact table: frames, exposure, 5-sigma depth, SNR, offset frame."""
-    table = Table(box=None, padding=(0, 1, 0, 0), show_edge=False, header_style="bold", expand=False)
-    for name, justify in (("filter", "left"), ("n", "right"), ("rej", "right"), ("exp", "right"),
-                          ("lim", "right"), (f"SNR@{_num(target.completion_mag, '.1f')}", "right"),
-                          ("off", "left")):
+    table = Table(box=None, padding=(0, 1, 0, 0), show_edge=False, header_style="bold", expand=False,
+                  caption=f"lim: 5\u03c3 limit; SNR at mag {_num(target.completion_mag, '.1f')}",
+                  caption_justify="left", caption_style="dim")
+    for name, justify in (("", "left"), ("n", "right"), ("rej", "right"), ("exp", "right"),
+                          ("lim", "right"), ("SNR", "right"), ("off", "left")):
         table.add_column(name, justify=justify, no_wrap=True)
     for status in target.filters.values():
         table.add_row(

@@ -19,11 +19,14 @@ for the first frames and cheap for all of them:
 
 1. *At add time*, once a pixel has two accepted contributions, the new value is
    compared with the current clean mean: it is rejected (not summed) when
-   ``|x - m| > reject_sigma * sqrt(v + var(m) + (signal_tolerance * m)**2)``.
-   The last term is the room given to real differences between frames near
-   stars (seeing changes the peak of a star by tens of per cent; sub-pixel
-   resampling differences), so that rejection never eats star light and star
-   fluxes stay unbiased; far from stars only the noise counts.
+   ``|x - m| > reject_sigma * sqrt(v + var(m) + (signal_tolerance * m)**2
+   + (gradient_tolerance * |grad m|)**2)``.
+   The last two terms are the room given to real differences between frames
+   near stars (seeing changes the peak of a star by tens of per cent and its
+   wings by more; sub-pixel resampling differences), so that rejection never
+   eats star light and star fluxes stay unbiased; far from stars only the
+   noise counts.  A cosmic ray on top of a star can therefore survive: the
+   price of unbiased photometry.
 2. *At read-out* (``image()``), the max candidate is tested against the mean of
    the other contributions with the same criterion and left out when it is an
    outlier.  This is what cleans the first two frames of a pixel, which enter
@@ -72,10 +75,11 @@ class StackAccumulator:
     """Weighted-mean stack with incremental outlier rejection (see module docstring)."""
 
     def __init__(self, shape: tuple[int, int], reject_sigma: float = 5.0,
-                 signal_tolerance: float = 0.25) -> None:
+                 signal_tolerance: float = 0.25, gradient_tolerance: float = 0.5) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.reject_sigma = float(reject_sigma)
         self.signal_tolerance = float(signal_tolerance)
+        self.gradient_tolerance = float(gradient_tolerance)
         self._sw = np.zeros(self.shape, np.float32)
         self._swx = np.zeros(self.shape, np.float32)
         self._swwv = np.zeros(self.shape, np.float32)
@@ -206,7 +210,7 @@ class StackAccumulator:
         rej = [self._rejected[f] for f in ids]
         arrays = dict(
             version=np.array(_FORMAT_VERSION), shape=np.array(self.shape),
-            params=np.array([self.reject_sigma, self.signal_tolerance]),
+            params=np.array([self.reject_sigma, self.signal_tolerance, self.gradient_tolerance]),
             sw=self._sw, swx=self._swx, swwv=self._swwv, count=self._count,
             xmax=self._xmax, vmax=self._vmax, mslot=self._mslot, slot_w=self._slot_w,
             frame_ids=np.array(ids, dtype=str), slots=np.array([self._slots[f] for f in ids], np.int64),
@@ -231,8 +235,7 @@ class StackAccumulator:
         with np.load(path, allow_pickle=False) as z:
             if int(z["version"]) != _FORMAT_VERSION:
                 raise ValueError(f"{path}: unsupported stack state version {int(z['version'])}")
-            reject_sigma, signal_tolerance = (float(p) for p in z["params"])
-            self = cls(tuple(int(n) for n in z["shape"]), reject_sigma, signal_tolerance)
+            self = cls(tuple(int(n) for n in z["shape"]), *(float(p) for p in z["params"]))
             for name in ("sw", "swx", "swwv", "count", "xmax", "vmax", "mslot", "slot_w"):
                 setattr(self, f"_{name}", z[name].copy())
             if "satcount" in z:
@@ -284,33 +287,54 @@ class StackAccumulator:
             for plane in (self._sw, self._swx, self._swwv):
                 plane[bs][empty] = 0.0
 
+    def _structure(self, m: np.ndarray) -> np.ndarray:
+        """Variance allowance for real frame-to-frame differences of the signal ``m``.
+
+        ``signal_tolerance * m`` covers a star's peak changing with the seeing;
+        ``gradient_tolerance * |grad m|`` (px) covers its wings and any sub-pixel misregistration,
+        where the signal changes fastest.  Both vanish on blank sky, so there the
+        rejection is set by the noise alone.  The gradient uses the rows of ``m`` only: callers
+        pass one extra row on each side and trim it.
+        """
+        g = np.zeros_like(m)
+        g[:, 1:-1] = np.abs(m[:, 2:] - m[:, :-2])
+        g[1:-1] += np.abs(m[2:] - m[:-2])
+        g *= 0.5 * self.gradient_tolerance
+        return (self.signal_tolerance * m) ** 2 + g * g
+
     def _clean_block(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Mean, its variance and the contributor count of rows r0:r1, max candidate tested."""
-        bs = np.s_[r0:r1]
+        a, b = max(r0 - 1, 0), min(r1 + 1, self.shape[0])      # one row of context for the gradient
+        bs = np.s_[a:b]
         sw, swx, swwv, cnt = self._sw[bs], self._swx[bs], self._swwv[bs], self._count[bs]
         xm, vm = self._xmax[bs], self._vmax[bs]
         wm = self._slot_w[self._mslot[bs]]
+        has = (cnt >= 2) & (wm > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
+            mean_all = np.where(cnt > 0, swx / sw, 0.0).astype(np.float32)
             sw_r = sw - wm
-            mean_r = (swx - wm * np.where(wm > 0, xm, 0)) / sw_r
+            mean_r = np.where(has, (swx - wm * np.where(has, xm, 0)) / sw_r, mean_all).astype(np.float32)
             var_r = (swwv - wm * wm * vm) / (sw_r * sw_r)
             dev = xm - mean_r
-            tol = vm + var_r + (self.signal_tolerance * mean_r) ** 2
-            drop = (cnt >= 2) & (wm > 0) & (dev > 0) & (dev * dev > self.reject_sigma ** 2 * tol)
-            mean = np.where(drop, mean_r, swx / sw)
+            tol = vm + var_r + self._structure(mean_r)
+            drop = has & (dev > 0) & (dev * dev > self.reject_sigma ** 2 * tol)
+            mean = np.where(drop, mean_r, mean_all)
             var = np.where(drop, var_r, swwv / (sw * sw))
         n = cnt - drop.astype(np.uint16)
-        none = n == 0
-        mean[none] = 0.0
-        var[none] = np.inf
-        return mean.astype(np.float32), var.astype(np.float32), n
+        var[n == 0] = np.inf
+        trim = np.s_[r0 - a:r0 - a + (r1 - r0)]
+        return mean[trim].astype(np.float32), var[trim].astype(np.float32), n[trim]
 
     def _reject_block(self, r0: int, r1: int, x: np.ndarray, v: np.ndarray | np.float32) -> np.ndarray:
         """New-frame pixels deviating from the clean mean by more than reject_sigma (count >= 2)."""
-        mean, var, _ = self._clean_block(r0, r1)
+        a, b = max(r0 - 1, 0), min(r1 + 1, self.shape[0])
+        mean, var, _ = self._clean_block(a, b)
+        structure = self._structure(mean)
+        trim = np.s_[r0 - a:r0 - a + (r1 - r0)]
+        mean, var, structure = mean[trim], var[trim], structure[trim]
         established = self._count[r0:r1] >= 2
         dev = x - mean
-        tol = v + var + (self.signal_tolerance * mean) ** 2
+        tol = v + var + structure
         with np.errstate(invalid="ignore"):
             return established & (dev * dev > self.reject_sigma ** 2 * tol)
 

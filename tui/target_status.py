@@ -64,9 +64,9 @@ class TargetStatus(VerticalScroll):
     def compose(self) -> ComposeResult:
         yield Static("waiting for frames", id="verdict")
         yield Static("", id="age")  # hidden until there is an age
+        yield Static("", id="warnings")  # before the figures: these need the observer (and 80x24 shows few lines)
         yield Static("", id="filters")
         yield Vertical(id="histories")
-        yield Static("", id="warnings")
 
     def show(self, target: TargetState | None) -> None:
         """Update the labels in place (no remounting except when a new filter appears)."""

@@ -582,7 +582,8 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
             t_s += exptimes[f] + _READOUT_S
         offset_times[fi] = t_s + _SLEW_S
         t_s = offset_times[fi] + exptimes[f] + _READOUT_S + _SLEW_S + _FILTER_CHANGE_S
-    span = max(max(times.values()), 1.0)
+    span = max(max(times.values()), 1.0)      # the science frames: tracking is logged over these
+    night = t_s                               # the whole sequence: the sky drifts over it
 
     # Tracking: a linear drift, periodic error of the worm gear, slow field rotation.
     drift_angle = rng.uniform(0, 2 * np.pi)
@@ -593,8 +594,9 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
     def tracking(tt: float) -> tuple[float, float, float]:
         pe = pe_amp * (math.sin(2 * math.pi * tt / pe_period + pe_phase) - math.sin(pe_phase))
         frac = tt / span
-        return (drift_total * frac * math.cos(drift_angle) + pe,
-                drift_total * frac * math.sin(drift_angle), rot_total * frac)
+        # "+ 0.0" turns the -0.0 of a negative rate at t = 0 into 0.0 for the log.
+        return (float(drift_total * frac * math.cos(drift_angle) + pe) + 0.0,
+                float(drift_total * frac * math.sin(drift_angle)) + 0.0, float(rot_total * frac) + 0.0)
 
     seeing0 = rng.uniform(0.25, 0.55) * (s.seeing_range[1] - s.seeing_range[0]) + s.seeing_range[0]
     walk = 0.0
@@ -609,7 +611,7 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
                    angle=float(rng.uniform(0, np.pi)), trail_px=s.trail_px if trail else 0.0, trail_angle=trail_angle)
 
     def sky_drift(tt: float) -> float:
-        return 1.12 - 0.12 * tt / span + rng.normal(0.0, 0.01)
+        return 1.12 - 0.12 * tt / night + rng.normal(0.0, 0.01)
 
     for fi, f in enumerate(s.filters):
         for k in range(s.frames):
@@ -673,7 +675,7 @@ def _add_cosmics(electrons: np.ndarray, count: int, rng: np.random.Generator) ->
         electrons[pix[:, 1], pix[:, 0]] += rng.uniform(800, 6000, len(pix)).astype(np.float32)
 
 
-def _offset_stars(s: SimSettings) -> Table:
+def offset_field_stars(s: SimSettings) -> Table:
     """The offset field: other stars only (no cluster), uniform over the frame."""
     rng = np.random.default_rng([s.seed, _STREAM_OFFSET_STARS])
     bands = {s.band(f) for f in s.filters}
@@ -864,7 +866,7 @@ def simulate_night(camdir: str | os.PathLike, settings: SimSettings, truth_path:
     camdir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     stars = make_stars(s)
-    offset_stars = _offset_stars(s)
+    offset_stars = offset_field_stars(s)
     det = make_detector(s)
     plans = plan_night(s)
     stars.meta["hot_pixels_x"] = det.hot_xy[:, 0].tolist()

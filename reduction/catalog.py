@@ -27,14 +27,16 @@ log = logging.getLogger(__name__)
 
 
 def build_catalog(stacks: dict[str, StackProduct], color: tuple[str, str] = ("blue", "green"),
-                  detect_on: str | None = None, sigma: float = 5.0, aperture_fwhm: float = 1.5,
+                  detect_on: str | None = None, detect_sigma: float = 5.0, aperture_fwhm: float = 1.5,
                   annulus_fwhm: tuple[float, float] = (4.0, 6.0), min_coverage: float = 0.5) -> Table:
     """Detect once, measure in every filter, and assemble the catalogue.
 
     ``detect_on`` names the filter to detect on; None detects on the sum of the
     filters' significance maps, which finds a star bright in any of them (a red
     giant faint in blue, a blue straggler faint in red) at no cost in spurious
-    detections.  All stacks must share the reference grid.
+    detections.  ``detect_sigma`` is the significance of the PSF-matched filter
+    (see :func:`reduction.photometry.detect_sources_multi`).  All stacks must share
+    the reference grid.
     """
     if not stacks:
         raise ValueError("build_catalog needs at least one stack")
@@ -46,7 +48,7 @@ def build_catalog(stacks: dict[str, StackProduct], color: tuple[str, str] = ("bl
         raise ValueError(f"colour {color[0]} - {color[1]} needs stacks for {', '.join(missing)}")
     t0 = time.perf_counter()
     detect_from = [stacks[detect_on]] if detect_on else list(stacks.values())
-    sources = detect_sources_multi(detect_from, sigma=sigma, min_coverage=min_coverage)
+    sources = detect_sources_multi(detect_from, sigma=detect_sigma, min_coverage=min_coverage)
     t_detect = time.perf_counter() - t0
 
     table = Table()
@@ -78,7 +80,7 @@ def build_catalog(stacks: dict[str, StackProduct], color: tuple[str, str] = ("bl
         color=f"mag_{color[0]} - mag_{color[1]}",
         color_filters=list(color),
         detected_on=detect_on or "+".join(stacks),
-        detect_sigma=sigma,
+        detect_sigma=detect_sigma,
         aperture_fwhm=aperture_fwhm,
         annulus_fwhm=list(annulus_fwhm),
         aperture_radius_px={f: m["aperture_radius_px"] for f, m in meta_phot.items()},

@@ -13,8 +13,10 @@ Units, fixed here because every error bar depends on them:
   per-pixel background variance ``b = (sky_level g + rn^2) / g^2`` [ADU^2]; the
   ``pi/2`` is the variance of a median relative to a mean for the annulus sky.
   When the stack carries a variance plane, ``sum(variance in aperture)`` replaces
-  the second term (the plane is read as *background* variance unless
-  ``variance_has_source`` says it already holds the stars' Poisson noise).
+  the first two terms: by default (``variance_has_source=True``) the plane is the
+  full variance of the image, stars' Poisson noise included, as the accumulator
+  propagates it; set ``variance_has_source=False`` for a background-only plane
+  and the ``F / (g N)`` term is added.
   The variance is the propagated (nominal) one on purpose: registration
   interpolation smooths the noise of single pixels, but an aperture sum keeps the
   full variance of the frames, so an empirical per-pixel variance would
@@ -41,6 +43,7 @@ from astropy.stats import SigmaClip
 from astropy.table import Table
 from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
 from scipy import ndimage
+from scipy.signal import fftconvolve
 from scipy.spatial import cKDTree
 
 log = logging.getLogger(__name__)
@@ -67,9 +70,10 @@ MEDIAN_VARIANCE_FACTOR = np.pi / 2
 class StackProduct:
     """One filter's stack as measurement needs it (see the module docstring for units).
 
-    ``variance`` is the per-pixel variance of ``image`` in ADU^2 (background and read
-    noise; set ``variance_has_source`` if it also holds the stars' Poisson noise), or
-    None to derive it from gain, read noise, ``sky_level`` and ``nframes``.
+    ``variance`` is the per-pixel variance of ``image`` in ADU^2 (everything, the
+    stars' Poisson noise included; set ``variance_has_source=False`` if it holds the
+    background and read noise only), or None to derive it from gain, read noise,
+    ``sky_level`` and ``nframes`` (the CCD equation).
     """
 
     filter: str
@@ -85,7 +89,7 @@ class StackProduct:
     zeropoint: float = 25.0
     sky_level: float = 0.0
     wcs: object | None = None
-    variance_has_source: bool = False
+    variance_has_source: bool = True
 
     def background_variance(self) -> np.ndarray:
         """Per-pixel variance of the image without the stars [ADU^2]; inf where no frame covers."""
@@ -104,7 +108,7 @@ class StackProduct:
 
     def source_variance(self, flux: np.ndarray, nframes: np.ndarray) -> np.ndarray:
         """Poisson variance [ADU^2 per frame] of a mean of N frames with signal ``flux`` [ADU per frame]."""
-        if self.variance_has_source:
+        if self.variance is not None and self.variance_has_source:
             return np.zeros_like(np.asarray(flux, dtype=float))
         return np.clip(flux, 0, None) / (self.gain * np.clip(nframes, 1, None))
 
@@ -129,25 +133,89 @@ def _gaussian_kernel(fwhm: float) -> np.ndarray:
     return k / k.sum()
 
 
-def significance_maps(stack: StackProduct, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Matched-filter and single-pixel significance of ``stack`` (both unit noise).
+def _lowered_kernel(fwhm: float) -> np.ndarray:
+    """DAOFIND's kernel: a Gaussian minus its mean over a circular footprint (zero sum).
 
-    The noise includes the stars' own Poisson noise so that photon noise on the
-    wings of bright stars does not read as faint detections around them.
+    Convolving with it estimates the height of a PSF-shaped bump above a locally
+    flat background, so the smooth wing of a bright star (still many sigma above
+    zero 20 px out for a Moffat PSF) gives no response, while a star gives nearly
+    the full matched-filter significance.
     """
-    image = np.where(np.isfinite(stack.image), stack.image, 0).astype(np.float32)
+    sigma = fwhm / 2.3548
+    r = max(2, int(np.ceil(2.5 * sigma)))
+    y, x = np.mgrid[-r:r + 1, -r:r + 1]
+    inside = x ** 2 + y ** 2 <= r * r
+    g = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
+    k = np.where(inside, g - g[inside].mean(), 0.0)
+    return k / (k * g).sum()
+
+
+#: Width of the light smoothing used to find peaks, in FWHM: narrow enough to separate pairs ~1.2 FWHM apart.
+PEAK_KERNEL_FWHM = 0.5
+#: A peak next to a brighter one is kept when it rises this many sigma above the saddle between them.
+DEBLEND_SIGMA = 4.0
+
+
+def significance_maps(stack: StackProduct, fwhm: float, image: np.ndarray | None = None,
+                      extra_var: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Significance maps of ``stack``, each of unit noise, by name.
+
+    ``lowered`` (a zero-sum Gaussian of the PSF's FWHM, :func:`_lowered_kernel`)
+    decides whether a source is real; ``fine`` (lightly smoothed, keeps close pairs
+    apart) finds the peaks; ``matched`` (the plain Gaussian matched filter) and
+    ``pixel`` (single pixels) together expose hot pixels and cosmic rays.  The noise includes
+    the stars' own Poisson noise so that photon noise on the wings of bright stars
+    does not read as faint detections around them.  ``image`` replaces the stack's
+    signal (a PSF-subtracted residual: the noise stays that of the stack) and
+    ``extra_var`` is added to the variance (the model's own error).
+    """
+    data = np.where(np.isfinite(stack.image), stack.image, 0).astype(np.float32)
     var = stack.background_variance()
     covered = np.isfinite(var)
-    smooth = ndimage.gaussian_filter(image, fwhm / 2.3548)
-    var = np.where(covered, var + stack.source_variance(smooth, stack.nframes), 0).astype(np.float32)
-    image = np.where(covered, image, 0)
-    k = _gaussian_kernel(fwhm)
-    num = ndimage.convolve(image, k, mode="constant")
-    den = np.sqrt(ndimage.convolve(var, k ** 2, mode="constant"))
+    smooth = ndimage.gaussian_filter(data, fwhm / 2.3548)
+    poisson = np.clip(smooth, 0, None) / (stack.gain * np.clip(stack.nframes, 1, None))
+    var = np.where(covered, var + poisson, 0).astype(np.float32)
+    if extra_var is not None:
+        var = var + np.where(covered, extra_var, 0).astype(np.float32)
+    if image is not None:
+        data = np.where(np.isfinite(image), image, 0).astype(np.float32)
+    image = np.where(covered, data, 0)
+    maps = {}
+    kernels = {"lowered": _lowered_kernel(fwhm), "matched": _gaussian_kernel(fwhm),
+               "fine": _gaussian_kernel(PEAK_KERNEL_FWHM * fwhm)}
+    for name, kernel in kernels.items():
+        num = fftconvolve(image, kernel, mode="same")
+        den = np.sqrt(np.clip(fftconvolve(var, kernel ** 2, mode="same"), 0, None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            maps[name] = np.where(covered & (den > 0), num / den, 0).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        mf = np.where(covered & (den > 0), num / den, 0)
-        pix = np.where(covered & (var > 0), image / np.sqrt(var), 0)
-    return mf.astype(np.float32), pix.astype(np.float32)
+        maps["pixel"] = np.where(covered & (var > 0), image / np.sqrt(var), 0).astype(np.float32)
+    return maps
+
+
+def _drop_saddle_peaks(fine: np.ndarray, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:
+    """Keep-mask of peaks: a peak within ``radius`` of a higher one must stand DEBLEND_SIGMA above the saddle.
+
+    The saddle is the lowest value of the lightly smoothed significance map on the
+    straight line between the two peaks; noise bumps on a bright star's wing fail
+    this, a real neighbour 1.2 FWHM or more away passes.
+    """
+    keep = np.ones(len(px), bool)
+    if len(px) < 2:
+        return keep
+    pairs = cKDTree(np.column_stack([px, py])).query_pairs(radius, output_type="ndarray")
+    if len(pairs) == 0:
+        return keep
+    height = fine[py, px]
+    lo = np.where(height[pairs[:, 0]] < height[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+    hi = np.where(lo == pairs[:, 0], pairs[:, 1], pairs[:, 0])
+    t = np.linspace(0, 1, 16)[None, :]
+    sx = np.rint(px[lo, None] + t * (px[hi, None] - px[lo, None])).astype(int)
+    sy = np.rint(py[lo, None] + t * (py[hi, None] - py[lo, None])).astype(int)
+    saddle = fine[sy, sx].min(axis=1)
+    weak = height[lo] - saddle < DEBLEND_SIGMA
+    keep[lo[weak]] = False
+    return keep
 
 
 def windowed_centroids(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float,
@@ -190,67 +258,160 @@ def detect_sources(stack: StackProduct, sigma: float = 5.0, fwhm: float | None =
 
 
 def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: float | None = None,
-                         min_coverage: float = 0.5) -> Table:
+                         min_coverage: float = 0.5, second_pass: bool = True) -> Table:
     """One master source list from one or several stacks on the same grid.
 
     ``sigma`` is the significance of the PSF-matched filter (for several stacks, of
     the sum of their significance maps divided by sqrt(n): a star bright in any
-    filter is found).  Returns x, y (0-based), ``snr`` (matched filter), ``nframes``
-    (smallest over the stacks), ``low_coverage`` and ``saturated`` (peak inside a
-    saturated region), brightest first.
+    filter is found).  With ``second_pass``, an empirical PSF scaled to every source
+    found is subtracted and the residual searched again (DAOPHOT's FIND - ALLSTAR -
+    FIND): a faint star on the shoulder of a brighter one 1-2 FWHM away makes no peak
+    of its own until its neighbour is removed.  Returns x, y (0-based), ``snr``
+    (matched filter), ``nframes`` (smallest over the stacks), ``low_coverage``,
+    ``saturated`` (peak inside a saturated region) and ``pass`` (1 or 2), brightest first.
     """
     fwhm = float(fwhm or np.nanmean([s.fwhm_px for s in stacks]))
-    mf = np.zeros(stacks[0].image.shape, np.float32)
-    pix = np.zeros_like(mf)
-    weighted = np.zeros_like(mf)
     nframes = np.minimum.reduce([s.nframes for s in stacks]).astype(np.int32)
     saturated = np.logical_or.reduce([s.saturated for s in stacks])
-    for s in stacks:
-        m, p = significance_maps(s, fwhm)
-        mf += m
-        pix += p
-        with np.errstate(invalid="ignore"):
-            weighted += np.where(nframes > 0, s.image / np.sqrt(s.background_variance()), 0).astype(np.float32)
-    norm = np.sqrt(len(stacks))
-    mf /= norm
-    pix /= norm
+    labels, _ = ndimage.label(ndimage.binary_dilation(saturated, iterations=2))
+    maps, weighted = _combined_maps(stacks, fwhm, nframes)
+    x, y, snr, lab, n_sharp = _find_peaks(maps, weighted, labels, nframes, sigma, fwhm)
+    npass = np.ones(len(x), np.int8)
 
-    size = max(3, int(round(fwhm)) | 1)
-    peaks = (mf == ndimage.maximum_filter(mf, size=size)) & (mf >= sigma) & (nframes > 0)
+    if second_pass and len(x):
+        residuals, model_var, excluded = [], [], np.zeros_like(saturated)
+        for s in stacks:
+            model, psf_ok = _source_models(s.image, x, y, lab > 0, fwhm)
+            if not psf_ok:
+                break
+            residuals.append(s.image - model)
+            model_var.append((PSF_MODEL_ERROR * model) ** 2)
+        if len(residuals) == len(stacks):
+            excluded = ndimage.binary_dilation(saturated, iterations=int(np.ceil(3 * fwhm)))
+            maps2, weighted2 = _combined_maps(stacks, fwhm, nframes, residuals, model_var)
+            x2, y2, snr2, lab2, n_sharp2 = _find_peaks(maps2, weighted2, labels, nframes, sigma, fwhm)
+            n_sharp += n_sharp2
+            new = (lab2 == 0) & ~excluded[np.rint(y2).astype(int), np.rint(x2).astype(int)]
+            if len(x):
+                d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x2, y2]))
+                new &= d > fwhm
+            log.debug("second pass: %d new sources on the PSF-subtracted residual", int(new.sum()))
+            x, y = np.r_[x, x2[new]], np.r_[y, y2[new]]
+            snr, lab = np.r_[snr, snr2[new]], np.r_[lab, lab2[new]]
+            npass = np.r_[npass, np.full(int(new.sum()), 2, np.int8)]
+
+    nf = nframes[np.rint(y).astype(int), np.rint(x).astype(int)]
+    order = np.argsort(-snr)
+    table = Table({"x": x[order], "y": y[order], "snr": snr[order], "nframes": nf[order].astype(np.int32),
+                   "low_coverage": (nf < min_coverage * max(nframes.max(), 1))[order],
+                   "saturated": (lab > 0)[order], "pass": npass[order]})
+    table.meta.update(fwhm_px=fwhm, sigma=sigma, n_rejected_sharp=int(n_sharp))
+    log.info("detected %d sources at %.1f sigma (FWHM %.2f px; %d in the second pass)", len(table), sigma, fwhm,
+             int((npass == 2).sum()))
+    return table
+
+
+#: Relative error of the empirical PSF model, added to the noise of the residual image
+#: so that imperfect subtraction of bright stars is not read as new faint sources.
+PSF_MODEL_ERROR = 0.05
+
+
+def _combined_maps(stacks: list[StackProduct], fwhm: float, nframes: np.ndarray,
+                   images: list[np.ndarray] | None = None, extra_var: list[np.ndarray] | None = None
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Significance maps summed over the stacks (unit noise) and the S/N-weighted image for centroids."""
+    maps: dict[str, np.ndarray] = {}
+    weighted = np.zeros(stacks[0].image.shape, np.float32)
+    for k, s in enumerate(stacks):
+        image = s.image if images is None else images[k]
+        for name, m in significance_maps(s, fwhm, image, None if extra_var is None else extra_var[k]).items():
+            maps[name] = maps[name] + m if name in maps else m
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weighted += np.where(nframes > 0, image / np.sqrt(s.background_variance()), 0).astype(np.float32)
+    for name in maps:
+        maps[name] /= np.sqrt(len(stacks))
+    return maps, weighted
+
+
+def _find_peaks(maps: dict[str, np.ndarray], weighted: np.ndarray, labels: np.ndarray, nframes: np.ndarray,
+                sigma: float, fwhm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Peaks of the maps that are sources: (x, y, snr, saturated-region label, number rejected as sharp)."""
+    mf, fine = maps["lowered"], maps["fine"]
+    peaks = (fine == ndimage.maximum_filter(fine, size=3)) & (mf >= sigma) & (nframes > 0)
     border = 2
     peaks[:border], peaks[-border:], peaks[:, :border], peaks[:, -border:] = False, False, False, False
     py, px = np.nonzero(peaks)
+    deblended = _drop_saddle_peaks(fine, px, py, 2.5 * fwhm)
+    px, py = px[deblended], py[deblended]
     snr = mf[py, px]
 
     # One source per saturated region: the flat clipped top can hold several maxima.
-    labels, _ = ndimage.label(ndimage.binary_dilation(saturated, iterations=2))
     lab = labels[py, px]
     keep = np.ones(len(px), bool)
     if lab.any():
         order = np.lexsort((-snr, lab))
         first = np.r_[True, lab[order][1:] != lab[order][:-1]]
-        dup = order[~first & (lab[order] > 0)]
-        keep[dup] = False
+        keep[order[~first & (lab[order] > 0)]] = False
 
     # Hot pixels and cosmic rays: a lone pixel is more significant than its matched filter.
-    local_pix = ndimage.maximum_filter(pix, size=3)[py, px]
-    sharp = (local_pix > snr + 3.0) & (lab == 0)
+    local_pix = ndimage.maximum_filter(maps["pixel"], size=3)[py, px]
+    sharp = (local_pix > maps["matched"][py, px] + 3.0) & (lab == 0)
     keep &= ~sharp
-    log.debug("detection: %d peaks, %d rejected as sharp (hot pixels / cosmic rays)", len(px), int(sharp.sum()))
     px, py, snr, lab = px[keep], py[keep], snr[keep], lab[keep]
 
     x, y = windowed_centroids(weighted, px.astype(float), py.astype(float), fwhm)
     ny, nx = mf.shape
     inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
-    x, y, snr, lab = x[inside], y[inside], snr[inside], lab[inside]
-    nf = nframes[np.rint(y).astype(int), np.rint(x).astype(int)]
-    order = np.argsort(-snr)
-    table = Table({"x": x[order], "y": y[order], "snr": snr[order], "nframes": nf[order].astype(np.int32),
-                   "low_coverage": (nf < min_coverage * max(nframes.max(), 1))[order],
-                   "saturated": (lab > 0)[order]})
-    table.meta.update(fwhm_px=fwhm, sigma=sigma, n_rejected_sharp=int(sharp.sum()))
-    log.info("detected %d sources at %.1f sigma (FWHM %.2f px)", len(table), sigma, fwhm)
-    return table
+    return x[inside], y[inside], snr[inside], lab[inside], int(sharp.sum())
+
+
+def _source_models(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturated: np.ndarray,
+                   fwhm: float) -> tuple[np.ndarray, bool]:
+    """Image of all unsaturated sources, each an empirical PSF scaled to its core (brightest first).
+
+    The PSF is the median of bright isolated stars' stamps, each shifted to a
+    common centre and normalised; a source's amplitude is the least-squares fit
+    of that PSF within 1 FWHM of its centre on the image minus the brighter
+    sources already modelled, which is enough to uncover a fainter neighbour.
+    Returns (model, whether a PSF could be built).
+    """
+    half = int(np.ceil(4 * fwhm))
+    size = 2 * half + 1
+    ny, nx = image.shape
+    img = np.nan_to_num(np.asarray(image, np.float64))
+    pad = np.pad(img, half + 2)
+    nearest = _nearest_distance(np.column_stack([x, y]))
+    inner = (x > half + 2) & (x < nx - half - 3) & (y > half + 2) & (y < ny - half - 3)
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    peak = pad[iy + half + 2, ix + half + 2]
+    cand = np.nonzero(~saturated & inner & (nearest > 3 * fwhm))[0]
+    cand = cand[np.argsort(-peak[cand])][:40]
+    stamps = []
+    for i in cand:
+        stamp = img[iy[i] - half:iy[i] + half + 1, ix[i] - half:ix[i] + half + 1]
+        shifted = ndimage.shift(stamp, (iy[i] - y[i], ix[i] - x[i]), order=3, mode="nearest")
+        total = shifted.sum()
+        if total > 0:
+            stamps.append(shifted / total)
+    if len(stamps) < 5:
+        return np.zeros_like(img), False
+    psf = np.median(np.array(stamps), axis=0)
+    psf /= psf.sum()
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    core = np.hypot(xx, yy) <= fwhm
+
+    model = np.zeros((ny + size + 4, nx + size + 4))
+    for i in np.argsort(-peak):
+        if saturated[i]:
+            continue
+        shifted = ndimage.shift(psf, (y[i] - iy[i], x[i] - ix[i]), order=3, mode="constant")
+        sl = (slice(iy[i] + 2, iy[i] + 2 + size), slice(ix[i] + 2, ix[i] + 2 + size))
+        data = pad[sl] - model[sl]
+        p = shifted[core]
+        amp = float((p * data[core]).sum() / (p * p).sum())
+        if amp > 0:
+            model[sl] += amp * shifted
+    return model[half + 2:half + 2 + ny, half + 2:half + 2 + nx].astype(np.float32), True
 
 
 # --------------------------------------------------------------------------- photometry
@@ -381,7 +542,9 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
     raw = _sums(image, [aperture])[0]
     sat_sum = _sums(stack.saturated.astype(float), [aperture])[0]
     uncovered = _sums((stack.nframes == 0).astype(float), [outer])[0]
-    var_sum = _sums(bgvar_finite, [aperture])[0]
+    full_plane = stack.variance is not None and stack.variance_has_source
+    aperture_var = np.where(np.isfinite(stack.variance), stack.variance, 0) if full_plane else bgvar_finite
+    var_sum = _sums(np.asarray(aperture_var, float), [aperture])[0]
     flux_aper = raw - sky * npix
 
     # Flags that do not depend on the fluxes of the neighbours.
@@ -486,7 +649,7 @@ def snr_at(stack: StackProduct, mag: float, aperture_fwhm: float = 1.5,
     if n_typ <= 0:
         return 0.0
     flux = 10 ** (-0.4 * (mag - stack.zeropoint)) * stack.exptime / aperture_correction
-    var = bvar + float(stack.source_variance(np.array(flux), np.array(n_typ)))
+    var = bvar + max(flux, 0.0) / (stack.gain * n_typ)
     return float(flux / np.sqrt(var))
 
 
@@ -497,7 +660,7 @@ def limiting_magnitude(stack: StackProduct, sigma: float = 5.0, aperture_fwhm: f
     if n_typ <= 0 or not np.isfinite(bvar):
         return float("nan")
     # F^2 = s^2 (a F + B) with a = 1/(g N) for the star's own Poisson noise.
-    a = 0.0 if stack.variance_has_source else 1.0 / (stack.gain * n_typ)
+    a = 1.0 / (stack.gain * n_typ)
     s2 = sigma ** 2
     flux = 0.5 * (s2 * a + np.sqrt((s2 * a) ** 2 + 4 * s2 * bvar))
     rate = flux * aperture_correction / stack.exptime

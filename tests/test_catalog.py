@@ -9,7 +9,7 @@ from astropy.wcs import WCS
 
 from reduction.catalog import build_catalog
 from reduction.photometry import FLAG_SATURATED, limiting_magnitude
-from test_photometry import isolated, make_stack, make_truth, match, robust_std
+from test_photometry import isolated, make_stack, make_truth, match, render, robust_std
 
 SHAPE = (512, 512)
 
@@ -98,7 +98,8 @@ def test_nonpositive_flux_gives_nan_magnitude_and_keeps_row(night):
     x, y, mag = np.array([100.0, 300.0]), np.array([200.0, 300.0]), np.array([17.0, 17.5])
     stacks = {"blue": make_stack(x[:1], y[:1], mag[:1], shape=(400, 400), filt="blue", seed=3),
               "green": make_stack(x, y, mag, shape=(400, 400), filt="green", seed=4)}
-    stacks["blue"].image[290:311, 290:311] -= 50.0     # make sure its blue flux is negative
+    # A smooth negative dip at the green-only star makes sure its blue flux is negative.
+    stacks["blue"].image -= render((400, 400), x[1:], y[1:], np.array([300.0]), 3.5).astype(np.float32)
     cat = build_catalog(stacks)
     assert len(cat) == 2
     row = int(np.argmin(np.hypot(cat["x"] - 300, cat["y"] - 300)))

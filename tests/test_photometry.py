@@ -60,9 +60,8 @@ def make_stack(x, y, mag, *, shape=(640, 640), fwhm=3.5, filt="green", seed=0, n
     saturated = clean + SKY > FULL_WELL_ADU
     image[saturated] = FULL_WELL_ADU - SKY      # clipped cores
     image[n == 0] = 0.0
-    bgvar = ((SKY * GAIN + READ_NOISE ** 2) / (GAIN ** 2 * nf)).astype(np.float32)
     return StackProduct(filter=filt, image=image.astype(np.float32), nframes=n.astype(np.uint16),
-                        variance=bgvar if with_variance else None, saturated=saturated,
+                        variance=var.astype(np.float32) if with_variance else None, saturated=saturated,
                         exptime=EXPTIME, gain=GAIN, read_noise=READ_NOISE, n_combine=NFRAMES,
                         fwhm_px=fwhm, zeropoint=ZP, sky_level=SKY, wcs=None)
 
@@ -186,12 +185,17 @@ def test_flags(scene):
 
 
 def test_variance_plane_matches_ccd_equation(scene):
-    """Given the background variance plane instead of sky/gain, the errors agree."""
+    """Given a variance plane instead of sky/gain (background only, or with the stars), the errors agree."""
     st = scene["stack"]
-    with_plane = StackProduct(**{**st.__dict__, "variance": st.background_variance()})
-    a = forced_photometry(st, scene["sources"][:200])
-    b = forced_photometry(with_plane, scene["sources"][:200])
-    np.testing.assert_allclose(a["fluxerr"], b["fluxerr"], rtol=1e-3)
+    sources = scene["sources"][:200]
+    ccd = forced_photometry(st, sources)
+    background = StackProduct(**{**st.__dict__, "variance": st.background_variance(), "variance_has_source": False})
+    np.testing.assert_allclose(forced_photometry(background, sources)["fluxerr"], ccd["fluxerr"], rtol=1e-3)
+    full = make_stack(scene["x"], scene["y"], scene["mag"], with_variance=True)
+    ok = (ccd["flags"] & FLAG_SATURATED) == 0
+    ratio = forced_photometry(full, sources)["fluxerr"][ok] / ccd["fluxerr"][ok]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.02)
+    assert np.percentile(np.abs(ratio - 1), 90) < 0.05
 
 
 def test_low_coverage_flag():

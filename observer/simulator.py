@@ -415,8 +415,8 @@ def _donut(size: int, cx: float, cy: float, radius: float, depth: float) -> np.n
     """Shadow of an out-of-focus dust speck: a soft ring (the secondary mirror makes the hole)."""
     yy, xx = np.ogrid[:size, :size]
     r = np.hypot(xx - cx, yy - cy)
-    outer = 1.0 / (1.0 + np.exp((r - radius) / 1.5))
-    inner = 1.0 / (1.0 + np.exp((r - 0.45 * radius) / 1.5))
+    outer = 1.0 / (1.0 + np.exp(np.clip((r - radius) / 1.5, -50, 50)))
+    inner = 1.0 / (1.0 + np.exp(np.clip((r - 0.45 * radius) / 1.5, -50, 50)))
     return (1.0 - depth * (outer - inner)).astype(np.float32)
 
 

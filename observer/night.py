@@ -209,7 +209,7 @@ class Night:
 
         start = time.perf_counter()
         stars = detect_stars(data, sky.rms, fwhm_guess=red.fwhm_guess_px, sigma=red.detect_sigma,
-                             max_stars=REFERENCE_STARS, saturation=None)
+                             max_stars=REFERENCE_STARS, saturation=saturation, sky=sky.model)
         quality = measure_quality(data, sky, stars)
         steps["detect"] = time.perf_counter() - start
         record.fwhm, record.elongation = quality.fwhm_px, quality.elongation
@@ -219,6 +219,8 @@ class Night:
             record.fwhm_arcsec = quality.fwhm_px * scale_arcsec
         frame_xy = np.column_stack([np.asarray(stars["x"], float), np.asarray(stars["y"], float)])
         frame_flux = np.asarray(stars["flux"], float)
+        # Saturated stars' fluxes depend on the seeing: they take no part in the transparency.
+        unsaturated = ~np.asarray(stars["saturated"], bool)
 
         if target is None:
             if len(frame_xy) < red.registration_min_matches:
@@ -240,7 +242,8 @@ class Night:
         record.rotation, record.reg_rms = transform.rotation_deg, transform.rms_px
 
         session = self._filter_session(target, tags.filter, facts)
-        throughput = self._throughput(session, transform, frame_xy, frame_flux, facts.exptime)
+        throughput = self._throughput(session, transform, frame_xy[unsaturated], frame_flux[unsaturated],
+                                      facts.exptime)
         transparency = throughput / max(session.best_throughput, throughput)
         record.transparency = transparency
         q = settings.quality

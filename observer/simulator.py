@@ -35,6 +35,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from observer.config import ConfigError
 from reduction.isochrones import A_OVER_EBV, Isochrone, get_isochrone
 
 log = logging.getLogger(__name__)
@@ -108,15 +109,16 @@ class SimSettings:
     telescope: str = "0.5 m reflector (simulated)"
 
     def __post_init__(self) -> None:
+        """Refuse impossible nights with ConfigError (a ValueError the CLI turns into exit code 2)."""
         self.filters = tuple(self.filters)
         if not self.filters or len(set(self.filters)) != len(self.filters):
-            raise ValueError(f"filters: expected distinct filter names, got {self.filters!r}")
+            raise ConfigError(f"filters: expected distinct filter names, got {self.filters!r}")
         if self.frames < 1 or self.size < 64:
-            raise ValueError(f"expected frames >= 1 and size >= 64, got frames={self.frames}, size={self.size}")
+            raise ConfigError(f"expected frames >= 1 and size >= 64, got frames={self.frames}, size={self.size}")
         if self.cadence < 0 or self.fill_seconds < 0:
-            raise ValueError("cadence and fill_seconds must be >= 0")
+            raise ConfigError("cadence and fill_seconds must be >= 0")
         if not 0 < self.exptime_range[0] <= self.exptime_range[1]:
-            raise ValueError(f"exptime_range: expected 0 < low <= high, got {self.exptime_range}")
+            raise ConfigError(f"exptime_range: expected 0 < low <= high, got {self.exptime_range}")
 
     def zeropoint(self, filt: str) -> float:
         return float(self.zeropoints.get(filt, self.default_zeropoint))
@@ -845,10 +847,11 @@ def _atomic_write_table(table: Table, path: Path) -> None:
 
 
 def _check_truth_path(camdir: Path, truth_path: Path) -> None:
+    """The truth must not be in the watched folder: the service would pick it up as a camera file."""
     cam, truth = camdir.resolve(), truth_path.resolve()
     if truth == cam or cam in truth.parents:
-        raise ValueError(f"truth_path {truth_path} is inside the camera folder {camdir}: the service would "
-                         "see it; put it outside (default: <camdir>/../truth.ecsv)")
+        raise ConfigError(f"truth path (--truth) {truth_path} is inside the camera folder {camdir}: the service "
+                          "would see it; expected a path outside (default: <camdir>/../truth.ecsv)")
 
 
 def simulate_night(camdir: str | os.PathLike, settings: SimSettings, truth_path: str | os.PathLike | None = None,

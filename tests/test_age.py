@@ -74,3 +74,25 @@ def test_fixed_distance_and_reddening():
 def test_too_few_stars():
     with pytest.raises(ValueError, match="usable stars"):
         fit_age(np.zeros(5), np.zeros(5), np.ones(5), np.ones(5), np.ones(5, bool))
+
+
+@pytest.mark.parametrize("age_myr", [150.0])
+def test_simulator_truth_catalogue(age_myr):
+    """The simulator's own cluster + realistic field (old populations along the line of sight)."""
+    simulator = pytest.importorskip("observer.simulator")
+    settings = simulator.SimSettings(age_myr=age_myr, seed=4)
+    truth = simulator.make_stars(settings)
+    on_grid = ((truth["x"] >= 0) & (truth["x"] <= settings.size - 1)
+               & (truth["y"] >= 0) & (truth["y"] <= settings.size - 1) & (truth["mag_green"] < 21.0))
+    truth = truth[on_grid]
+    rng = np.random.default_rng(2)
+    blue, green = np.asarray(truth["mag_blue"], float), np.asarray(truth["mag_green"], float)
+    err_b, err_g = (np.hypot(0.005, 0.05 * 10 ** (0.4 * (m - 21.0))) for m in (blue, green))
+    blue = blue + rng.normal(0, 1, blue.size) * err_b + ZEROPOINT[0] + ZEROPOINT[1]
+    green = green + rng.normal(0, 1, green.size) * err_g + ZEROPOINT[0]
+    fit = fit_age(blue - green, green, np.hypot(err_b, err_g), err_g, np.ones(green.size, bool),
+                  bootstrap=10, rng=1)
+    log_age = truth.meta["log_age"]
+    assert abs(fit.log_age - log_age) < 0.05
+    assert fit.log_age_low <= log_age <= fit.log_age_high
+    assert 0.1 < fit.field_fraction < 0.5        # about a third of the stars are field stars

@@ -147,11 +147,6 @@ class NightTruth:
 # --------------------------------------------------------------------------- stars
 
 
-def _band_mags(iso: Isochrone, bands: set[str], dm: float, ebv: float) -> dict[str, np.ndarray]:
-    """Apparent magnitudes along an isochrone: absolute + distance modulus + extinction."""
-    return {b: iso.mag(b) + dm + A_OVER_EBV[b] * ebv for b in bands}
-
-
 def _combine(m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
     """Magnitude of two unresolved stars (NaN companion = no companion)."""
     f2 = np.where(np.isfinite(m2), 10 ** (-0.4 * np.nan_to_num(m2, nan=99.0)), 0.0)
@@ -182,7 +177,8 @@ def _draw_population(iso: Isochrone, n: int, bands: set[str], dm: np.ndarray | f
     # over the part of the track before the mass becomes degenerate (giant phases).
     ms = np.concatenate([[True], np.diff(iso.mini) > 1e-6])
     mags = {}
-    for band, track in _band_mags(iso, bands, 0.0, 0.0).items():
+    for band in bands:
+        track = iso.mag(band)
         extinct = dm + A_OVER_EBV[band] * ebv
         primary = np.interp(u, imf, track) + extinct
         companion = np.where(has_companion, np.interp(m2, iso.mini[ms], track[ms]) + extinct, np.nan)
@@ -232,7 +228,9 @@ def _field_stars(n: int, s: SimSettings, bands: set[str], size: int, margin: flo
             parts.append({"mass": pop["mass"][ok], "stage": pop["stage"][ok], "binary": pop["binary"][ok],
                           **{f"mag_{b}": pop["mags"][b][ok] for b in bands}})
             have += int(ok.sum())
-    out = {key: np.concatenate([p[key] for p in parts])[:n] for key in parts[0]}
+    # Shuffle before trimming the surplus so that no population is cut preferentially.
+    order = rng.permutation(have)[:n]
+    out = {key: np.concatenate([p[key] for p in parts])[order] for key in parts[0]}
     out["x"] = rng.uniform(-margin, size - 1 + margin, n)
     out["y"] = rng.uniform(-margin, size - 1 + margin, n)
     return out

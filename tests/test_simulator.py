@@ -340,3 +340,58 @@ def test_calibration_frames(tmp_path):
     flat = load(tmp_path, "flat_green_001.fits") - s.bias_level
     centre = np.median(flat[118:138, 118:138])
     assert np.median(flat[:15, :15]) < 0.9 * centre                      # vignetting
+
+
+def _core_elongation(data: np.ndarray, x: float, y: float, box: int = 12) -> float:
+    """Major/minor axis ratio from the second moments of the pixels above 10 % of the peak."""
+    ix, iy = int(round(x)), int(round(y))
+    cut = data[iy - box:iy + box + 1, ix - box:ix + box + 1]
+    cut = cut - np.median(data[iy - 3 * box:iy + 3 * box, ix - 3 * box:ix + 3 * box])
+    w = np.where(cut > 0.1 * cut.max(), cut, 0.0)
+    yy, xx = np.mgrid[:cut.shape[0], :cut.shape[1]]
+    mx, my = (w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()
+    cov = np.cov(np.vstack([xx.ravel() - mx, yy.ravel() - my]), aweights=w.ravel())
+    low, high = np.linalg.eigvalsh(cov)
+    return math.sqrt(high / low)
+
+
+def test_trailed_frame_and_satellite_show_in_the_images(night):
+    root, truth = night
+    elong = {}
+    for name in ("M35_blue_001.fits", "M35_blue_002.fits"):
+        row = frame_row(truth, name)
+        stars = isolated_bright(truth, "blue", row, snr_min=150)
+        data = load(root, name)
+        elong[name] = np.median([_core_elongation(data, x, y) for x, y in zip(stars["x"], stars["y"])])
+    assert frame_row(truth, "M35_blue_002.fits")["trailed"]
+    assert elong["M35_blue_002.fits"] > 1.35 > 1.15 > elong["M35_blue_001.fits"]
+    assert elong["M35_blue_002.fits"] == pytest.approx(frame_row(truth, "M35_blue_002.fits")["elongation"], rel=0.1)
+
+    def bright_pixels(name: str) -> int:
+        data = load(root, name)
+        noise = math.sqrt(frame_row(truth, name)["sky_adu"] * 1.5 + 81) / 1.5
+        return int(np.sum(data > np.median(data) + 8 * noise))
+
+    assert frame_row(truth, "M35_green_003.fits")["satellite"]
+    assert bright_pixels("M35_green_003.fits") - bright_pixels("M35_green_001.fits") > SIZE
+
+
+def test_members_follow_the_isochrone(night):
+    """Single members sit on the PARSEC isochrone (B, V shifted by distance and reddening)."""
+    from reduction.isochrones import A_OVER_EBV, get_isochrone
+
+    _, truth = night
+    stars, meta = truth.stars, truth.stars.meta
+    iso = get_isochrone(meta["log_age"], meta["mh"])
+    ms = iso.label <= 1            # pre-main sequence and main sequence
+    v = iso.mag("V")[ms] + meta["distance_modulus"] + A_OVER_EBV["V"] * meta["ebv"]
+    bv = iso.mag("B")[ms] - iso.mag("V")[ms] + (A_OVER_EBV["B"] - A_OVER_EBV["V"]) * meta["ebv"]
+    single = stars[stars["member"] & ~stars["binary"] & (stars["stage"] <= 1)]
+    assert len(single) > 10
+    order = np.argsort(v)
+    predicted = np.interp(single["mag_green"], v[order], bv[order])
+    assert np.allclose(single["mag_blue"] - single["mag_green"], predicted, atol=0.02)
+    binaries = stars[stars["member"] & stars["binary"] & (stars["stage"] <= 1)]
+    # An unresolved companion makes a star brighter at a similar colour: redder than a single star of its V.
+    excess = binaries["mag_blue"] - binaries["mag_green"] - np.interp(binaries["mag_green"], v[order], bv[order])
+    assert np.median(excess) > 0.01 and np.all(excess > -0.02)

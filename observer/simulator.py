@@ -329,7 +329,10 @@ def render_stars(image: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarr
     a1, a2 = psf.alphas()
     beta = psf.beta
     c, s = math.cos(psf.angle), math.sin(psf.angle)
-    qa, qb, qc = c * c / a1 ** 2 + s * s / a2 ** 2, 2 * c * s * (1 / a1 ** 2 - 1 / a2 ** 2), s * s / a1 ** 2 + c * c / a2 ** 2
+    # Quadratic form of the rotated ellipse: (x'/a1)^2 + (y'/a2)^2 = qa x^2 + qb x y + qc y^2.
+    qa = c * c / a1 ** 2 + s * s / a2 ** 2
+    qb = 2 * c * s * (1 / a1 ** 2 - 1 / a2 ** 2)
+    qc = s * s / a1 ** 2 + c * c / a2 ** 2
     norm = (beta - 1.0) / (math.pi * a1 * a2)
     half_trail = psf.trail_px / 2.0
     base = int(math.ceil(4.5 * a1 + half_trail))
@@ -424,7 +427,9 @@ def make_detector(s: SimSettings) -> Detector:
     """Bias pattern, hot pixels, sky gradient and (for calibration nights) dark and flat patterns."""
     rng = np.random.default_rng([s.seed, _STREAM_DETECTOR])
     n = s.size
-    yy, xx = np.mgrid[:n, :n].astype(np.float32) / np.float32(n - 1) - np.float32(0.5)
+    # Coordinates in [-0.5, 0.5] as a row and a column: broadcasting keeps 4096^2 frames light.
+    ramp = (np.arange(n, dtype=np.float32) / np.float32(n - 1) - np.float32(0.5))
+    xx, yy = ramp[None, :], ramp[:, None]
     columns = rng.normal(0.0, 1.5, n).astype(np.float32)
     bias = np.float32(s.bias_level) + columns[None, :] + np.float32(3.0) * (yy + np.float32(0.5))
     hot = _hot_pixels(n, rng)
@@ -492,7 +497,10 @@ def _exptimes(s: SimSettings, rng: np.random.Generator) -> dict[str, float]:
     return {f: float(rng.choice(choices)) for f in s.filters}
 
 
-def _bad_frame_slots(s: SimSettings) -> tuple[tuple[int, int] | None, tuple[int, int] | None, tuple[int, int] | None]:
+Slot = tuple[int, int] | None   # (filter index, frame index) of a special frame, or None
+
+
+def _bad_frame_slots(s: SimSettings) -> tuple[Slot, Slot, Slot]:
     """(filter index, frame index) of the trailed, clouded and satellite frames.
 
     Never the first frame of a filter: that is where pipelines take their reference.
@@ -607,7 +615,8 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
         nonlocal walk
         walk = 0.6 * walk + rng.normal(0.0, 0.06)
         fwhm = float(np.clip(seeing0 * _SEEING_BAND_FACTOR.get(s.band(f), 1.0) * (1.0 + walk), *s.seeing_range))
-        return Psf(fwhm=round(fwhm, 3), beta=s.moffat_beta, axis_ratio=round(1.0 + min(abs(rng.normal(0, 0.03)), 0.08), 4),
+        axis_ratio = round(1.0 + min(abs(rng.normal(0, 0.03)), 0.08), 4)     # optics: slightly oval stars
+        return Psf(fwhm=round(fwhm, 3), beta=s.moffat_beta, axis_ratio=axis_ratio,
                    angle=float(rng.uniform(0, np.pi)), trail_px=s.trail_px if trail else 0.0, trail_angle=trail_angle)
 
     def sky_drift(tt: float) -> float:
@@ -629,7 +638,8 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
         add(file=f"{s.target}_offset_{f}.fits", kind="offset", filter=f, date_obs=start + timedelta(seconds=tt),
             exptime=exptimes[f], psf=psf_for(f, False), sky_rate=_sky_rate(s, f) * sky_drift(tt),
             transparency=round(1.0 - abs(rng.normal(0, 0.015)), 4), ccd_temp=temp(),
-            n_cosmics=cosmics(exptimes[f]), ra_deg=s.ra_deg, dec_deg=s.dec_deg + s.offset_arcmin / 60.0, object=f"{s.target} offset")
+            n_cosmics=cosmics(exptimes[f]), ra_deg=s.ra_deg, dec_deg=s.dec_deg + s.offset_arcmin / 60.0,
+            object=f"{s.target} offset")
     first = next(p for p in plans if p.kind == "science")
     assert first.dx == 0.0 and first.dy == 0.0 and first.rotation_deg == 0.0
     return plans
@@ -713,7 +723,8 @@ def render_frame(plan: FramePlan, s: SimSettings, det: Detector, stars: Table, o
                                 plan.rotation_deg)
             mags = stars[f"mag_{plan.filter}"]
         else:
-            x, y, mags = np.asarray(offset_stars["x"]), np.asarray(offset_stars["y"]), offset_stars[f"mag_{plan.filter}"]
+            x, y = np.asarray(offset_stars["x"]), np.asarray(offset_stars["y"])
+            mags = offset_stars[f"mag_{plan.filter}"]
         render_stars(light, x, y, _star_flux(mags, s, plan), plan.psf)
         if plan.satellite:
             _add_satellite(light, plan.psf.fwhm, rng)

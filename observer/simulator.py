@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -864,12 +865,14 @@ def _check_truth_path(camdir: Path, truth_path: Path) -> None:
 
 
 def simulate_night(camdir: str | os.PathLike, settings: SimSettings, truth_path: str | os.PathLike | None = None,
-                   progress: bool = False) -> NightTruth:
+                   progress: bool = False, stop: threading.Event | None = None) -> NightTruth:
     """Simulate a night into ``camdir`` file by file, as a camera would write it.
 
     The truth catalogue and the frame log are written first (outside ``camdir``), so
     whoever watches the night can already compare against them. With
-    ``settings.cadence > 0`` the files start ``cadence`` seconds apart.
+    ``settings.cadence > 0`` the files start ``cadence`` seconds apart. Setting
+    ``stop`` (e.g. when a live demo quits) ends the night after the file being
+    written; the returned ``files`` are those written.
     """
     s = settings
     camdir = Path(camdir)
@@ -890,11 +893,15 @@ def simulate_night(camdir: str | os.PathLike, settings: SimSettings, truth_path:
     files: list[Path] = []
     log.info("simulating %d files of %s into %s (%d stars, truth %s)", len(plans), s.target, camdir,
              len(stars), truth)
+    stop = stop or threading.Event()
     for k, plan in enumerate(plans):
+        if stop.is_set():
+            log.info("simulation stopped after %d of %d files", k, len(plans))
+            break
         data = render_frame(plan, s, det, stars, offset_stars)
         raw, header_len = fits_bytes(data, frame_header(plan, s))
-        if s.cadence > 0:
-            time.sleep(max(0.0, t_start + k * s.cadence - time.monotonic()))
+        if s.cadence > 0 and stop.wait(max(0.0, t_start + k * s.cadence - time.monotonic())):
+            continue
         path = camdir / plan.file
         write_like_camera(path, raw, header_len, s.fill_seconds)
         files.append(path)

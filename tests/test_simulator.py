@@ -395,3 +395,20 @@ def test_members_follow_the_isochrone(night):
     # An unresolved companion makes a star brighter at a similar colour: redder than a single star of its V.
     excess = binaries["mag_blue"] - binaries["mag_green"] - np.interp(binaries["mag_green"], v[order], bv[order])
     assert np.median(excess) > 0.01 and np.all(excess > -0.02)
+
+
+def test_stop_ends_a_live_night_early(tmp_path):
+    stop = threading.Event()
+    settings = small_settings(size=128, frames=5, filters=("green",), cadence=0.3, n_members=10, n_field=5)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(night=simulate_night(
+        tmp_path / "cam", settings, truth_path=tmp_path / "truth.ecsv", stop=stop)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "cam" / "M35_green_002.fits").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert 2 <= len(result["night"].files) < 6
+    assert sorted(p.name for p in (tmp_path / "cam").iterdir()) == sorted(p.name for p in result["night"].files)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from astropy.stats import sigma_clip
@@ -71,7 +72,7 @@ def combine_bias(frames: Sequence[np.ndarray], sigma: float = 3.0) -> np.ndarray
     return _clipped_mean(frames, sigma)
 
 
-def combine_dark(frames: Sequence[np.ndarray], exptimes: Sequence[float], bias: np.ndarray | None = None,
+def combine_dark(frames: Sequence[np.ndarray], exptimes: Sequence[float | None], bias: np.ndarray | None = None,
                  sigma: float = 3.0) -> np.ndarray:
     """Master dark current in ADU/s: each dark bias-subtracted (if a bias exists) and divided by its time."""
     if len(frames) != len(exptimes):
@@ -110,18 +111,41 @@ def combine_flat(frames: Sequence[np.ndarray], exptimes: Sequence[float] | None 
     return flat
 
 
-def combine_masters(bias_frames: Sequence[np.ndarray] = (), dark_frames: Sequence[np.ndarray] = (),
-                    dark_exptimes: Sequence[float] = (), flat_frames: Sequence[np.ndarray] = (),
-                    flat_exptimes: Sequence[float] | None = None, sigma: float = 3.0) -> Masters:
-    """Build whichever masters the given frames allow (flats: one filter per call)."""
-    bias = combine_bias(bias_frames, sigma) if len(bias_frames) else None
-    dark = combine_dark(dark_frames, dark_exptimes, bias, sigma) if len(dark_frames) else None
-    flat = (combine_flat(flat_frames, flat_exptimes, bias, dark, sigma) if len(flat_frames) else None)
-    if dark is not None and bias is None:
+def _arrays_and_times(items: Sequence[Any], exptimes: Sequence[float] | None) -> tuple[list[np.ndarray], list[float | None]]:
+    """Frames (``reduction.frames.Frame``: data and header exposure) or plain arrays (with ``exptimes``)."""
+    arrays = [np.asarray(getattr(it, "data", it)) for it in items]
+    if exptimes is not None:
+        if len(exptimes) != len(arrays):
+            raise ValueError("need one exposure time per frame")
+        times = [float(t) for t in exptimes]
+    else:
+        times = [getattr(getattr(it, "facts", None), "exptime", None) for it in items]
+    return arrays, times
+
+
+def combine_masters(bias: Sequence[Any] = (), darks: Sequence[Any] = (), flats: Sequence[Any] = (), *,
+                    dark_exptimes: Sequence[float] | None = None, flat_exptimes: Sequence[float] | None = None,
+                    sigma: float = 3.0) -> Masters:
+    """Build whichever masters the given frames allow (flats: one filter per call).
+
+    Items are loaded frames (``Frame``: the exposure time comes from its header facts) or plain
+    arrays (then pass ``dark_exptimes``/``flat_exptimes``).  Empty inputs give ``None`` masters.
+    """
+    bias_arrays, _ = _arrays_and_times(bias, None)
+    dark_arrays, dark_times = _arrays_and_times(darks, dark_exptimes)
+    flat_arrays, flat_times = _arrays_and_times(flats, flat_exptimes)
+    master_bias = combine_bias(bias_arrays, sigma) if bias_arrays else None
+    master_dark = combine_dark(dark_arrays, dark_times, master_bias, sigma) if dark_arrays else None
+    if master_dark is not None and any(t is None for t in flat_times):
+        log.warning("flat frames without exposure time: dark not subtracted from the flats")
+    master_flat = (combine_flat(flat_arrays, None if any(t is None for t in flat_times) else flat_times,
+                                master_bias, master_dark, sigma) if flat_arrays else None)
+    if master_dark is not None and master_bias is None:
         log.warning("darks without a bias: the dark includes the bias and is exact only for "
-                    "exposures matching the darks' (%s s)", sorted(set(dark_exptimes)))
-    return Masters(bias=bias, dark_per_s=dark, flat=flat, dark_includes_bias=dark is not None and bias is None,
-                   dark_exptime=float(np.median(dark_exptimes)) if len(dark_exptimes) else None)
+                    "exposures matching the darks' (%s s)", sorted(set(dark_times)))
+    return Masters(bias=master_bias, dark_per_s=master_dark, flat=master_flat,
+                   dark_includes_bias=master_dark is not None and master_bias is None,
+                   dark_exptime=float(np.median(dark_times)) if dark_arrays else None)
 
 
 def apply_calibration(data: np.ndarray, exptime: float | None, masters: Masters | None) -> np.ndarray:

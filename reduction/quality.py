@@ -33,6 +33,8 @@ _PEAK_OFFSETS = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, 
 #: gives >= 0.5); a cosmic ray or hot pixel gives ~0.
 _MIN_NEIGHBOUR_FRACTION = 0.25
 _LM_ITERS = 40
+#: FWHM^2 of a Gaussian with a square pixel's variance (1/12 px^2): what pixel sampling adds.
+_PIXEL_FWHM2 = 2.3548**2 / 12.0
 _BETA_RANGE = (1.2, 25.0)
 #: measure_quality uses at most this many of the brightest well-fitted unsaturated stars...
 _QUALITY_STARS = 100
@@ -125,9 +127,15 @@ def _moffat_fit(cut: np.ndarray, weight: np.ndarray, fwhm_guess: float) -> tuple
         u = np.maximum(1.0 + a * dx * dx + 2.0 * b * dx * dy + c * dy * dy, 1e-3)
         f = u ** (-beta)
         dq = -beta * amp * f / u  # d model / d Q
-        jac = np.stack([f, -dq * (2 * a * dx + 2 * b * dy), -dq * (2 * b * dx + 2 * c * dy),
-                        dq * dx * dx, dq * 2 * dx * dy, dq * dy * dy, -amp * f * np.log(u),
-                        np.ones_like(f)], axis=-1)
+        jac = np.empty(f.shape + (8,))
+        jac[..., 0] = f
+        jac[..., 1] = -dq * (2 * a * dx + 2 * b * dy)
+        jac[..., 2] = -dq * (2 * b * dx + 2 * c * dy)
+        jac[..., 3] = dq * dx * dx
+        jac[..., 4] = dq * 2 * dx * dy
+        jac[..., 5] = dq * dy * dy
+        jac[..., 6] = -amp * f * np.log(u)
+        jac[..., 7] = 1.0
         return amp * f + bg, jac
 
     def valid(q: np.ndarray) -> np.ndarray:
@@ -139,45 +147,51 @@ def _moffat_fit(cut: np.ndarray, weight: np.ndarray, fwhm_guess: float) -> tuple
     cost = np.sum(wgt * (z - model) ** 2, axis=1)
     cost0 = cost.copy()
     eye = np.eye(8)[None]
-    active = np.ones(n, dtype=bool)
+    active = np.arange(n)
     for _ in range(_LM_ITERS):
-        jw = jac * wgt[..., None]
-        jtj = np.matmul(jw.transpose(0, 2, 1), jac)
-        jtr = np.matmul(jw.transpose(0, 2, 1), (z - model)[..., None])[..., 0]
+        # Only stars still improving are iterated: most converge in ~10 steps.
+        jw = jac[active] * wgt[active, :, None]
+        jwt = jw.transpose(0, 2, 1)
+        jtj = np.matmul(jwt, jac[active])
+        jtr = np.matmul(jwt, (z[active] - model[active])[..., None])[..., 0]
         diag = np.maximum(np.diagonal(jtj, axis1=1, axis2=2), 1e-12)
-        lhs = jtj + (lam[:, None] * diag)[:, :, None] * eye
-        # pinv-free: a singular system (a star on a flat patch) just yields no step
-        singular = np.linalg.cond(lhs) > 1e14
-        lhs[singular] = eye[0]
-        jtr[singular] = 0.0
-        step = np.linalg.solve(lhs, jtr[..., None])[..., 0]
-        trial = p + np.where(active[:, None], step, 0.0)
+        step = np.linalg.solve(jtj + (lam[active, None] * diag)[:, :, None] * eye, jtr[..., None])[..., 0]
+        trial = p[active] + step
         t_model, t_jac = model_and_jac(trial)
-        t_cost = np.sum(wgt * (z - t_model) ** 2, axis=1)
-        better = active & valid(trial) & np.isfinite(t_cost) & (t_cost < cost)
-        done = better & ((cost - t_cost) < 1e-7 * cost)
-        p[better] = trial[better]
-        model[better] = t_model[better]
-        jac[better] = t_jac[better]
-        cost[better] = t_cost[better]
-        lam = np.where(better, lam * 0.3, lam * 10.0)
-        active &= ~done & (lam < 1e8)
-        if not active.any():
+        t_cost = np.sum(wgt[active] * (z[active] - t_model) ** 2, axis=1)
+        better = valid(trial) & np.isfinite(t_cost) & (t_cost < cost[active])
+        done = better & ((cost[active] - t_cost) < 1e-7 * cost[active])
+        idx = active[better]
+        p[idx] = trial[better]
+        model[idx] = t_model[better]
+        jac[idx] = t_jac[better]
+        cost[idx] = t_cost[better]
+        lam[active] = np.where(better, lam[active] * 0.3, lam[active] * 10.0)
+        active = active[~done & (lam[active] < 1e8)]
+        if active.size == 0:
             break
     ok = valid(p) & (cost < cost0)
     return p, ok
 
 
 def _ellipse(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Geometric-mean FWHM and elongation (major/minor) of fitted elliptical Moffats."""
+    """Geometric-mean FWHM and elongation (major/minor) of fitted elliptical Moffats, per pixel-free PSF.
+
+    The fit sees the PSF integrated over square pixels, which adds the pixel's variance (1/12 px^2)
+    along each axis; it is removed in quadrature so that the FWHM is the seeing's, independent of
+    sampling (it would otherwise read ~2.5 % high at 3.5 px).
+    """
     a, b, c, beta = p[:, 3], p[:, 4], p[:, 5], p[:, 6]
     tr = a + c
     disc = np.sqrt(np.maximum((a - c) ** 2 + 4 * b * b, 0.0))
     lmin = np.maximum(0.5 * (tr - disc), 1e-12)  # smallest eigenvalue = major axis
     lmax = np.maximum(0.5 * (tr + disc), 1e-12)
     k = 2.0 * np.sqrt(np.maximum(2.0 ** (1.0 / beta) - 1.0, 1e-12))
-    fwhm = k / (lmin * lmax) ** 0.25
-    return fwhm, np.sqrt(lmax / lmin)
+    major2 = (k / np.sqrt(lmin)) ** 2
+    minor2 = (k / np.sqrt(lmax)) ** 2
+    major = np.sqrt(np.where(major2 > 2 * _PIXEL_FWHM2, major2 - _PIXEL_FWHM2, major2))
+    minor = np.sqrt(np.where(minor2 > 2 * _PIXEL_FWHM2, minor2 - _PIXEL_FWHM2, minor2))
+    return np.sqrt(major * minor), major / minor
 
 
 def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, sigma: float = 5.0,
@@ -186,10 +200,12 @@ def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, si
     """Stars in a background-subtracted frame, brightest first, edge stars excluded.
 
     Columns: ``x, y`` (0-based pixel centres, column/row), ``flux`` (ADU in a circle of radius
-    ~2 FWHM), ``peak`` (highest pixel, ADU above sky), ``fwhm`` (px, Moffat fit), ``elongation``
-    (major/minor axis), ``saturated``.  ``saturation`` is the raw-ADU level at which the camera
-    clips; it is compared with ``peak + sky`` (``sky``: the SkyModel's model array or level; 0 if
-    not given, i.e. ``saturation`` then is in background-subtracted ADU).
+    ~2 FWHM), ``peak`` (highest pixel, ADU above sky), ``fwhm`` (px, Moffat fit, pixel sampling
+    removed), ``elongation`` (major/minor axis), ``saturated``.  A star is saturated when its top is
+    flat (>= 3 pixels within 0.5 % of its maximum), or, if ``saturation`` (the raw-ADU level at which
+    the camera clips) is given, when ``peak + sky`` reaches 98 % of it (``sky``: the SkyModel's
+    model array or level; without it ``saturation`` is in background-subtracted ADU).  Saturated
+    stars are fitted on their wings only, so their positions stay good.
     """
     if rms is None or not rms > 0:
         raise ValueError(f"sky rms must be > 0, got {rms}")
@@ -209,22 +225,24 @@ def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, si
     cut = data[(ys[:, None] + off[None, :])[:, :, None], (xs[:, None] + off[None, :])[:, None, :]]
     rr = np.hypot(*np.meshgrid(off, off, indexing="ij"))
     window = (rr <= half + 0.5).astype(np.float32)
+    peak = cut.reshape(n, -1).max(axis=1)
+    # A clipped star has a flat top: several pixels at its maximum.  That catches saturation even
+    # when the caller does not know the camera's level (or the sky under the star).
+    saturated = np.sum(cut >= (peak - 0.005 * np.abs(peak))[:, None, None], axis=(1, 2)) >= 3
+    if saturation is not None:
+        sky_at = sky[ys, xs] if isinstance(sky, np.ndarray) else float(sky or 0.0)
+        saturated |= peak + sky_at >= 0.98 * float(saturation)
+    # Fit a saturated star on its unclipped wings only: its centre stays good for registration.
+    weight = np.broadcast_to(window, cut.shape).copy()
+    weight[saturated] *= cut[saturated] < 0.98 * peak[saturated, None, None]
     with np.errstate(all="ignore"):
-        params, ok = _moffat_fit(cut, np.broadcast_to(window, cut.shape), fwhm_guess)
+        params, ok = _moffat_fit(cut, weight, fwhm_guess)
     fwhm, elong = _ellipse(params)
-    x = xs - half + params[:, 1]
-    y = ys - half + params[:, 2]
-    x = np.where(ok, x, xs)
-    y = np.where(ok, y, ys)
+    x = np.where(ok, xs - half + params[:, 1], xs)
+    y = np.where(ok, ys - half + params[:, 2], ys)
     fwhm = np.where(ok, fwhm, np.nan)
     elong = np.where(ok, elong, np.nan)
     flux = np.sum(cut * window, axis=(1, 2))
-    peak = cut.reshape(n, -1).max(axis=1)
-    if saturation is not None:
-        sky_at = sky[ys, xs] if isinstance(sky, np.ndarray) else float(sky or 0.0)
-        saturated = peak + sky_at >= 0.98 * float(saturation)
-    else:
-        saturated = np.zeros(n, dtype=bool)
     table = Table([x.astype(np.float64), y.astype(np.float64), flux.astype(np.float64),
                    peak.astype(np.float64), fwhm, elong, saturated], names=cols)
     table.sort("flux", reverse=True)
@@ -267,13 +285,14 @@ def relative_transparency(flux: np.ndarray, ref_flux: np.ndarray, exptime: float
 
 def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, nstars: int,
                 baseline_fwhm: float | None, max_fwhm_ratio: float = 1.5, max_elongation: float = 1.35,
-                min_transparency: float = 0.6, min_stars: int = 10, max_fwhm_arcsec: float | None = None,
-                plate_scale_arcsec: float | None = None) -> str | None:
+                min_transparency: float = 0.6, min_stars: int = 10,
+                max_fwhm_px: float | None = None) -> str | None:
     """The reason to reject a frame, or None to stack it.
 
     Limits are relative to the target's running baseline (``baseline_fwhm``: the night's median
     FWHM so far; ``transparency`` relative to the best frame) so a soft night or a bright moon does
-    not reject everything; an absolute FWHM cut in arcsec applies only when a plate scale is known.
+    not reject everything.  ``max_fwhm_px`` is an optional absolute limit (the caller converts the
+    config's arcsec limit with the plate scale, when one is known).
     """
     if nstars < min_stars:
         return f"only {nstars} stars (< {min_stars})"
@@ -286,8 +305,6 @@ def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, n
         return f"elongation {elongation:.2f} > {max_elongation:.2f} (trailed?)"
     if transparency is not None and np.isfinite(transparency) and transparency < min_transparency:
         return f"transparency {transparency:.2f} < {min_transparency:.2f} (cloud?)"
-    if max_fwhm_arcsec is not None and plate_scale_arcsec:
-        fwhm_arcsec = fwhm_px * plate_scale_arcsec
-        if fwhm_arcsec > max_fwhm_arcsec:
-            return f"FWHM {fwhm_arcsec:.1f} arcsec > {max_fwhm_arcsec:.1f} arcsec"
+    if max_fwhm_px is not None and fwhm_px > max_fwhm_px:
+        return f"FWHM {fwhm_px:.1f} px > the absolute limit {max_fwhm_px:.1f} px"
     return None

@@ -223,3 +223,67 @@ def test_warp_integer_and_fractional_shift_fast_paths() -> None:
     slow, svalid = warp_to_reference(data, t, (64, 81))      # other output shape: affine path
     assert np.array_equal(fvalid, svalid[:, :80])
     assert np.allclose(fast, slow[:, :80], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- simulated night
+
+
+@pytest.fixture(scope="module")
+def sim_night(tmp_path_factory) -> tuple:
+    """A 512 px night from observer.simulator with a 40 px drift and 1 degree of rotation."""
+    simulator = pytest.importorskip("observer.simulator")
+    root = tmp_path_factory.mktemp("simnight")
+    settings = simulator.SimSettings(size=SIZE, frames=4, n_members=150, n_field=80, seed=3,
+                                     fill_seconds=0.0, drift_px=40.0, rotation_deg=1.0)
+    truth = simulator.simulate_night(root / "cam", settings, truth_path=root / "truth.ecsv")
+    return root / "cam", truth
+
+
+def _detected(path) -> tuple[np.ndarray, np.ndarray]:
+    """The per-frame path's star list: load, hot pixels, sky, detect_stars (helper B's modules)."""
+    from reduction.background import sky_model
+    from reduction.frames import load_frame
+    from reduction.hotpixels import find_hot_pixels, repair_pixels
+    from reduction.quality import detect_stars
+
+    data = load_frame(path).data
+    data = repair_pixels(data, find_hot_pixels(data))
+    sky = sky_model(data)
+    stars = detect_stars(data - sky.model, sky.rms, max_stars=400)
+    return np.column_stack([stars["x"], stars["y"]]).astype(float), np.asarray(stars["flux"], float)
+
+
+def test_simulated_night_registers_to_frame_log(sim_night: tuple) -> None:
+    """Every science frame, both filters, onto the first frame's grid: 0.05 px RMS against the log."""
+    camdir, truth = sim_night
+    log = truth.frames
+    science = log[log["kind"] == "science"]
+    ref_row = science[0]
+    assert ref_row["dx"] == 0 and ref_row["dy"] == 0
+    ref_xy, ref_f = _detected(camdir / ref_row["file"])
+    stars = np.column_stack([truth.stars["x"], truth.stars["y"]]).astype(float)
+    inside = ((stars > 20) & (stars < SIZE - 21)).all(axis=1)
+    errors = {}
+    for row in science[1:]:
+        fxy, ff = _detected(camdir / row["file"])
+        t = find_transform(fxy, ref_xy, ff, ref_f, shape=(SIZE, SIZE))
+        true = Transform.from_params(row["dx"], row["dy"], row["rotation_deg"], shape=(SIZE, SIZE))
+        errors[row["file"]] = (_rms_error(t, true, stars[inside]), bool(row["trailed"]))
+    drift = np.hypot(np.asarray(science["dx"]), np.asarray(science["dy"]))
+    assert drift.max() > 20 and max(abs(science["rotation_deg"])) > 0.5       # the test is hard
+    assert {f[f.index("_") + 1:f.rindex("_")] for f in errors} == {"blue", "green"}
+    for name, (err, trailed) in errors.items():
+        # a trailed frame's stars are smeared along the trail: its centroids are shifted by design
+        assert err < (0.5 if trailed else 0.05), name
+
+
+def test_offset_frames_are_never_registered(sim_night: tuple) -> None:
+    camdir, truth = sim_night
+    log = truth.frames
+    ref_xy, ref_f = _detected(camdir / log[log["kind"] == "science"][0]["file"])
+    offsets = log[log["kind"] == "offset"]
+    assert len(offsets) >= 2
+    for row in offsets:
+        fxy, ff = _detected(camdir / row["file"])
+        with pytest.raises(RegistrationError, match="no consistent star pattern match"):
+            find_transform(fxy, ref_xy, ff, ref_f, shape=(SIZE, SIZE))

@@ -39,11 +39,9 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.stats import SigmaClip
 from astropy.table import Table
-from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
+from photutils.aperture import CircularAperture, aperture_photometry
 from scipy import ndimage
-from scipy.signal import fftconvolve
 from scipy.spatial import cKDTree
 
 log = logging.getLogger(__name__)
@@ -62,6 +60,10 @@ BLEND_CONTAMINATION = 0.01
 APCORR_RADIUS_FWHM = 3.5
 #: Radii (in FWHM) at which the curve of growth is sampled (also gives the PSF profile for blending).
 COG_RADII_FWHM = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, APCORR_RADIUS_FWHM)
+#: Width of the light smoothing used to find peaks, in FWHM: narrow enough to separate pairs ~1.2 FWHM apart.
+PEAK_KERNEL_FWHM = 0.5
+#: A peak next to a brighter one is kept when it rises this many sigma above the saddle between them.
+DEBLEND_SIGMA = 4.0
 #: Variance of the median of n Gaussian values relative to that of their mean.
 MEDIAN_VARIANCE_FACTOR = np.pi / 2
 
@@ -125,49 +127,48 @@ def _block_median(a: np.ndarray, box: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- detection
 
-def _gaussian_kernel(fwhm: float) -> np.ndarray:
+def _gaussian_1d(fwhm: float, radius_sigma: float) -> np.ndarray:
     sigma = fwhm / 2.3548
-    r = int(np.ceil(3 * sigma))
-    y, x = np.mgrid[-r:r + 1, -r:r + 1]
-    k = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
-    return k / k.sum()
+    r = max(2, int(np.ceil(radius_sigma * sigma)))
+    x = np.arange(-r, r + 1)
+    return np.exp(-x ** 2 / (2 * sigma ** 2))
 
 
-def _lowered_kernel(fwhm: float) -> np.ndarray:
-    """DAOFIND's kernel: a Gaussian minus its mean over a circular footprint (zero sum).
+def _sep(data: np.ndarray, k1: np.ndarray) -> np.ndarray:
+    """Correlate with the separable kernel outer(k1, k1) (symmetric: equals a convolution)."""
+    out = ndimage.correlate1d(data, k1, axis=0, mode="constant")
+    return ndimage.correlate1d(out, k1, axis=1, mode="constant")
 
-    Convolving with it estimates the height of a PSF-shaped bump above a locally
-    flat background, so the smooth wing of a bright star (still many sigma above
-    zero 20 px out for a Moffat PSF) gives no response, while a star gives nearly
-    the full matched-filter significance.
+
+def _kernel(fwhm: float, lowered: bool) -> np.ndarray:
+    """2-D Gaussian kernel normalised to measure a Gaussian's amplitude; ``lowered`` makes it zero-sum.
+
+    The lowered kernel (DAOFIND's) is the Gaussian minus its mean over the square
+    footprint: it estimates the height of a PSF-shaped bump above a locally flat
+    background, so the smooth wing of a bright star (many sigma above zero 20 px
+    out for a Moffat PSF) gives no response while a star keeps most of its
+    matched-filter significance.
     """
-    sigma = fwhm / 2.3548
-    r = max(2, int(np.ceil(2.5 * sigma)))
-    y, x = np.mgrid[-r:r + 1, -r:r + 1]
-    inside = x ** 2 + y ** 2 <= r * r
-    g = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
-    k = np.where(inside, g - g[inside].mean(), 0.0)
+    k1 = _gaussian_1d(fwhm, 2.5 if lowered else 3.0)
+    g = np.outer(k1, k1)
+    k = g - g.mean() if lowered else g
     return k / (k * g).sum()
 
 
-#: Width of the light smoothing used to find peaks, in FWHM: narrow enough to separate pairs ~1.2 FWHM apart.
-PEAK_KERNEL_FWHM = 0.5
-#: A peak next to a brighter one is kept when it rises this many sigma above the saddle between them.
-DEBLEND_SIGMA = 4.0
+@dataclass
+class _DetectionInput:
+    """The signal searched for sources and its variance (stars' Poisson noise included)."""
+
+    image: np.ndarray
+    var: np.ndarray
+    covered: np.ndarray
 
 
-def significance_maps(stack: StackProduct, fwhm: float, image: np.ndarray | None = None,
-                      extra_var: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Significance maps of ``stack``, each of unit noise, by name.
+def _detection_input(stack: StackProduct, fwhm: float) -> _DetectionInput:
+    """Signal and detection variance of ``stack``.
 
-    ``lowered`` (a zero-sum Gaussian of the PSF's FWHM, :func:`_lowered_kernel`)
-    decides whether a source is real; ``fine`` (lightly smoothed, keeps close pairs
-    apart) finds the peaks; ``matched`` (the plain Gaussian matched filter) and
-    ``pixel`` (single pixels) together expose hot pixels and cosmic rays.  The noise includes
-    the stars' own Poisson noise so that photon noise on the wings of bright stars
-    does not read as faint detections around them.  ``image`` replaces the stack's
-    signal (a PSF-subtracted residual: the noise stays that of the stack) and
-    ``extra_var`` is added to the variance (the model's own error).
+    The variance includes the stars' own Poisson noise so that photon noise on the
+    wings of bright stars does not read as faint detections around them.
     """
     data = np.where(np.isfinite(stack.image), stack.image, 0).astype(np.float32)
     var = stack.background_variance()
@@ -175,22 +176,55 @@ def significance_maps(stack: StackProduct, fwhm: float, image: np.ndarray | None
     smooth = ndimage.gaussian_filter(data, fwhm / 2.3548)
     poisson = np.clip(smooth, 0, None) / (stack.gain * np.clip(stack.nframes, 1, None))
     var = np.where(covered, var + poisson, 0).astype(np.float32)
-    if extra_var is not None:
-        var = var + np.where(covered, extra_var, 0).astype(np.float32)
-    if image is not None:
-        data = np.where(np.isfinite(image), image, 0).astype(np.float32)
-    image = np.where(covered, data, 0)
-    maps = {}
-    kernels = {"lowered": _lowered_kernel(fwhm), "matched": _gaussian_kernel(fwhm),
-               "fine": _gaussian_kernel(PEAK_KERNEL_FWHM * fwhm)}
-    for name, kernel in kernels.items():
-        num = fftconvolve(image, kernel, mode="same")
-        den = np.sqrt(np.clip(fftconvolve(var, kernel ** 2, mode="same"), 0, None))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            maps[name] = np.where(covered & (den > 0), num / den, 0).astype(np.float32)
+    return _DetectionInput(np.where(covered, data, 0).astype(np.float32), var, covered)
+
+
+def _residual_input(base: _DetectionInput, model: np.ndarray) -> _DetectionInput:
+    """The input with the source models subtracted; their relative error PSF_MODEL_ERROR joins the noise."""
+    return _DetectionInput(np.where(base.covered, base.image - model, 0).astype(np.float32),
+                           (base.var + np.where(base.covered, (PSF_MODEL_ERROR * model) ** 2, 0)).astype(np.float32),
+                           base.covered)
+
+
+def _fine_map(inp: _DetectionInput, fwhm: float) -> np.ndarray:
+    """Significance (unit noise) of the lightly smoothed image: finds peaks and keeps close pairs apart.
+
+    Separable, so a 2048^2 map costs four 1-D passes; the other significances are
+    only needed at the candidate peaks and are computed there (:func:`_significance_at`).
+    """
+    k1 = _gaussian_1d(PEAK_KERNEL_FWHM * fwhm, 3.0)
+    num = _sep(inp.image, k1)
+    den = np.sqrt(np.clip(_sep(inp.var, k1 ** 2), 0, None))
     with np.errstate(divide="ignore", invalid="ignore"):
-        maps["pixel"] = np.where(covered & (var > 0), image / np.sqrt(var), 0).astype(np.float32)
-    return maps
+        return np.where(inp.covered & (den > 0), num / den, 0).astype(np.float32)
+
+
+def _significance_at(inp: _DetectionInput, px: np.ndarray, py: np.ndarray, fwhm: float) -> dict[str, np.ndarray]:
+    """Significances at integer pixels: ``lowered`` and ``matched`` filters, brightest single ``pixel`` (3x3)."""
+    out: dict[str, np.ndarray] = {}
+    for name, kernel in (("lowered", _kernel(fwhm, True)), ("matched", _kernel(fwhm, False))):
+        r = kernel.shape[0] // 2
+        img = np.pad(inp.image, r)
+        var = np.pad(inp.var, r)
+        off = np.arange(-r, r + 1)
+        values = np.empty(len(px), np.float32)
+        for i in range(0, len(px), 20000):
+            gy = py[i:i + 20000, None, None] + off[None, :, None] + r
+            gx = px[i:i + 20000, None, None] + off[None, None, :] + r
+            num = (img[gy, gx] * kernel).sum(axis=(1, 2))
+            den = np.sqrt(np.clip((var[gy, gx] * kernel ** 2).sum(axis=(1, 2)), 0, None))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values[i:i + 20000] = np.where(den > 0, num / den, 0)
+        out[name] = values
+    img, var = np.pad(inp.image, 1), np.pad(inp.var, 1)
+    best = np.zeros(len(px), np.float32)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            v = var[py + 1 + dy, px + 1 + dx]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                best = np.maximum(best, np.where(v > 0, img[py + 1 + dy, px + 1 + dx] / np.sqrt(v), 0))
+    out["pixel"] = best
+    return out
 
 
 def _drop_saddle_peaks(fine: np.ndarray, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:
@@ -274,27 +308,21 @@ def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: f
     nframes = np.minimum.reduce([s.nframes for s in stacks]).astype(np.int32)
     saturated = np.logical_or.reduce([s.saturated for s in stacks])
     labels, _ = ndimage.label(ndimage.binary_dilation(saturated, iterations=2))
-    maps, weighted = _combined_maps(stacks, fwhm, nframes)
-    x, y, snr, lab, n_sharp = _find_peaks(maps, weighted, labels, nframes, sigma, fwhm)
+    fine, inputs, weighted = _combined_maps(stacks, fwhm, nframes)
+    x, y, snr, lab, n_sharp = _find_peaks(fine, inputs, weighted, labels, nframes, sigma, fwhm)
     npass = np.ones(len(x), np.int8)
 
     if second_pass and len(x):
-        residuals, model_var, excluded = [], [], np.zeros_like(saturated)
-        for s in stacks:
-            model, psf_ok = _source_models(s.image, x, y, lab > 0, fwhm)
-            if not psf_ok:
-                break
-            residuals.append(s.image - model)
-            model_var.append((PSF_MODEL_ERROR * model) ** 2)
-        if len(residuals) == len(stacks):
+        models = [_source_models(inp.image, x, y, lab > 0, fwhm) for inp in inputs]
+        if all(model is not None for model in models):
             excluded = ndimage.binary_dilation(saturated, iterations=int(np.ceil(3 * fwhm)))
-            maps2, weighted2 = _combined_maps(stacks, fwhm, nframes, residuals, model_var)
-            x2, y2, snr2, lab2, n_sharp2 = _find_peaks(maps2, weighted2, labels, nframes, sigma, fwhm)
+            residual = [_residual_input(inp, model) for inp, model in zip(inputs, models)]
+            fine2, _, weighted2 = _combined_maps(stacks, fwhm, nframes, residual)
+            x2, y2, snr2, lab2, n_sharp2 = _find_peaks(fine2, residual, weighted2, labels, nframes, sigma, fwhm)
             n_sharp += n_sharp2
             new = (lab2 == 0) & ~excluded[np.rint(y2).astype(int), np.rint(x2).astype(int)]
-            if len(x):
-                d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x2, y2]))
-                new &= d > fwhm
+            d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x2, y2]))
+            new &= d > fwhm
             log.debug("second pass: %d new sources on the PSF-subtracted residual", int(new.sum()))
             x, y = np.r_[x, x2[new]], np.r_[y, y2[new]]
             snr, lab = np.r_[snr, snr2[new]], np.r_[lab, lab2[new]]
@@ -317,33 +345,41 @@ PSF_MODEL_ERROR = 0.05
 
 
 def _combined_maps(stacks: list[StackProduct], fwhm: float, nframes: np.ndarray,
-                   images: list[np.ndarray] | None = None, extra_var: list[np.ndarray] | None = None
-                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Significance maps summed over the stacks (unit noise) and the S/N-weighted image for centroids."""
-    maps: dict[str, np.ndarray] = {}
-    weighted = np.zeros(stacks[0].image.shape, np.float32)
-    for k, s in enumerate(stacks):
-        image = s.image if images is None else images[k]
-        for name, m in significance_maps(s, fwhm, image, None if extra_var is None else extra_var[k]).items():
-            maps[name] = maps[name] + m if name in maps else m
+                   inputs: list[_DetectionInput] | None = None
+                   ) -> tuple[np.ndarray, list[_DetectionInput], np.ndarray]:
+    """Fine significance map summed over the stacks (unit noise), the per-stack inputs (made from the
+    stacks unless given), and the S/N-weighted image for centroids."""
+    if inputs is None:
+        inputs = [_detection_input(s, fwhm) for s in stacks]
+    fine = np.zeros(stacks[0].image.shape, np.float32)
+    weighted = np.zeros_like(fine)
+    for s, inp in zip(stacks, inputs):
+        fine += _fine_map(inp, fwhm)
         with np.errstate(invalid="ignore", divide="ignore"):
-            weighted += np.where(nframes > 0, image / np.sqrt(s.background_variance()), 0).astype(np.float32)
-    for name in maps:
-        maps[name] /= np.sqrt(len(stacks))
-    return maps, weighted
+            weighted += np.where(nframes > 0, inp.image / np.sqrt(s.background_variance()), 0).astype(np.float32)
+    return fine / np.sqrt(len(stacks)), inputs, weighted
 
 
-def _find_peaks(maps: dict[str, np.ndarray], weighted: np.ndarray, labels: np.ndarray, nframes: np.ndarray,
-                sigma: float, fwhm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Peaks of the maps that are sources: (x, y, snr, saturated-region label, number rejected as sharp)."""
-    mf, fine = maps["lowered"], maps["fine"]
-    peaks = (fine == ndimage.maximum_filter(fine, size=3)) & (mf >= sigma) & (nframes > 0)
+def _find_peaks(fine: np.ndarray, inputs: list[_DetectionInput], weighted: np.ndarray, labels: np.ndarray,
+                nframes: np.ndarray, sigma: float, fwhm: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Peaks that are sources: (x, y, snr, saturated-region label, number rejected as sharp)."""
+    # The fine map is less efficient than the matched filter, so a looser cut keeps every candidate.
+    peaks = (fine == ndimage.maximum_filter(fine, size=3)) & (fine >= 0.5 * sigma) & (nframes > 0)
     border = 2
     peaks[:border], peaks[-border:], peaks[:, :border], peaks[:, -border:] = False, False, False, False
     py, px = np.nonzero(peaks)
+    sig = {"lowered": 0.0, "matched": 0.0, "pixel": 0.0}
+    for inp in inputs:
+        for name, values in _significance_at(inp, px, py, fwhm).items():
+            sig[name] = sig[name] + values / np.sqrt(len(inputs))
+    real = sig["lowered"] >= sigma
+    px, py = px[real], py[real]
+    sig = {k: v[real] for k, v in sig.items()}
     deblended = _drop_saddle_peaks(fine, px, py, 2.5 * fwhm)
     px, py = px[deblended], py[deblended]
-    snr = mf[py, px]
+    sig = {k: v[deblended] for k, v in sig.items()}
+    snr = sig["lowered"]
 
     # One source per saturated region: the flat clipped top can hold several maxima.
     lab = labels[py, px]
@@ -354,26 +390,25 @@ def _find_peaks(maps: dict[str, np.ndarray], weighted: np.ndarray, labels: np.nd
         keep[order[~first & (lab[order] > 0)]] = False
 
     # Hot pixels and cosmic rays: a lone pixel is more significant than its matched filter.
-    local_pix = ndimage.maximum_filter(maps["pixel"], size=3)[py, px]
-    sharp = (local_pix > maps["matched"][py, px] + 3.0) & (lab == 0)
+    sharp = (sig["pixel"] > sig["matched"] + 3.0) & (lab == 0)
     keep &= ~sharp
     px, py, snr, lab = px[keep], py[keep], snr[keep], lab[keep]
 
     x, y = windowed_centroids(weighted, px.astype(float), py.astype(float), fwhm)
-    ny, nx = mf.shape
+    ny, nx = fine.shape
     inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
     return x[inside], y[inside], snr[inside], lab[inside], int(sharp.sum())
 
 
 def _source_models(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturated: np.ndarray,
-                   fwhm: float) -> tuple[np.ndarray, bool]:
+                   fwhm: float) -> np.ndarray | None:
     """Image of all unsaturated sources, each an empirical PSF scaled to its core (brightest first).
 
     The PSF is the median of bright isolated stars' stamps, each shifted to a
     common centre and normalised; a source's amplitude is the least-squares fit
     of that PSF within 1 FWHM of its centre on the image minus the brighter
     sources already modelled, which is enough to uncover a fainter neighbour.
-    Returns (model, whether a PSF could be built).
+    Returns None when too few stars make a PSF.
     """
     half = int(np.ceil(4 * fwhm))
     size = 2 * half + 1
@@ -394,7 +429,7 @@ def _source_models(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturated: n
         if total > 0:
             stamps.append(shifted / total)
     if len(stamps) < 5:
-        return np.zeros_like(img), False
+        return None
     psf = np.median(np.array(stamps), axis=0)
     psf /= psf.sum()
     yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
@@ -411,7 +446,7 @@ def _source_models(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturated: n
         amp = float((p * data[core]).sum() / (p * p).sum())
         if amp > 0:
             model[sl] += amp * shifted
-    return model[half + 2:half + 2 + ny, half + 2:half + 2 + nx].astype(np.float32), True
+    return model[half + 2:half + 2 + ny, half + 2:half + 2 + nx].astype(np.float32)
 
 
 # --------------------------------------------------------------------------- photometry
@@ -426,6 +461,64 @@ def _sums(data: np.ndarray, apertures: list) -> list[np.ndarray]:
     """Exact aperture sums of ``data`` for each aperture (one photutils call)."""
     t = aperture_photometry(data, apertures, method="exact")
     return [np.asarray(t[f"aperture_sum_{i}"], float) for i in range(len(apertures))]
+
+
+def _nanmedian_rows(values: np.ndarray) -> np.ndarray:
+    """Median of each row ignoring NaN (NaN for an empty row); a sort, not numpy's per-row Python loop."""
+    ordered = np.sort(values, axis=1)
+    count = np.isfinite(values).sum(axis=1)
+    rows = np.arange(len(values))
+    lo = ordered[rows, np.clip((count - 1) // 2, 0, None)]
+    hi = ordered[rows, np.clip(count // 2, 0, values.shape[1] - 1)]
+    return np.where(count > 0, 0.5 * (lo + hi), np.nan)
+
+
+def _annulus_sky(image: np.ndarray, bgvar: np.ndarray, mask: np.ndarray, xy: np.ndarray, r_in: float,
+                 r_out: float, clip: float = 3.0, iterations: int = 5
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sigma-clipped median sky, number of sky pixels used, and mean background variance, per annulus.
+
+    Vectorised over all sources on square cutouts (pixel centres decide membership),
+    which is ~20x faster than photutils' ApertureStats with a SigmaClip per source at
+    a thousand stars; a median does not need partial-pixel weights.
+    """
+    if len(xy) > 500:     # bound the memory of the cutouts (n x (2 r_out)^2 values)
+        parts = [_annulus_sky(image, bgvar, mask, xy[i:i + 500], r_in, r_out, clip, iterations)
+                 for i in range(0, len(xy), 500)]
+        return tuple(np.concatenate(p) for p in zip(*parts))
+    r = int(np.ceil(r_out)) + 1
+    off = np.arange(-r, r + 1)
+    ix, iy = np.rint(xy[:, 0]).astype(int), np.rint(xy[:, 1]).astype(int)
+    gx = ix[:, None, None] + off[None, None, :]
+    gy = iy[:, None, None] + off[None, :, None]
+    d2 = (gx - xy[:, 0, None, None]) ** 2 + (gy - xy[:, 1, None, None]) ** 2
+    ny, nx = image.shape
+    inside = (gx >= 0) & (gx < nx) & (gy >= 0) & (gy < ny)
+    gxc, gyc = np.clip(gx, 0, nx - 1), np.clip(gy, 0, ny - 1)
+    ring = (d2 >= r_in ** 2) & (d2 <= r_out ** 2) & inside
+    n = len(xy)
+    shape = (n, (2 * r + 1) ** 2)
+    ring_all = np.broadcast_to(ring, (n, 2 * r + 1, 2 * r + 1)).reshape(shape)
+    usable = ring_all & ~mask[gyc, gxc].reshape(shape)
+    # Fall back to the unmasked ring where neighbours cover most of it.
+    sparse = usable.sum(axis=1) < 0.2 * ring_all.sum(axis=1)
+    usable[sparse] = ring_all[sparse]
+    values = np.where(usable, image[gyc, gxc].reshape(shape), np.nan)
+    for _ in range(iterations):
+        med = _nanmedian_rows(values)
+        std = 1.4826 * _nanmedian_rows(np.abs(values - med[:, None]))
+        with np.errstate(invalid="ignore"):
+            out = np.abs(values - med[:, None]) > clip * np.maximum(std, 1e-12)[:, None]
+        if not out.any():
+            break
+        values[out] = np.nan
+    sky = np.nan_to_num(_nanmedian_rows(values))
+    nsky = np.isfinite(values).sum(axis=1).astype(float)
+    var_ring = np.where(ring_all, bgvar[gyc, gxc].reshape(shape), np.nan)
+    with np.errstate(invalid="ignore"):
+        var_mean = np.nan_to_num(np.nanmean(var_ring, axis=1))
+    nsky = np.where(nsky > 0, nsky, np.pi * (r_out ** 2 - r_in ** 2))
+    return sky, nsky, var_mean
 
 
 def _mask_radii(positions, n: int, fwhm: float) -> np.ndarray:
@@ -526,19 +619,14 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
         return _empty_table(stack, r_ap)
 
     aperture = CircularAperture(xy, r_ap)
-    annulus = CircularAnnulus(xy, r_in, r_out)
     outer = CircularAperture(xy, r_out)
+    bgvar = stack.background_variance()
+    bgvar_finite = np.where(np.isfinite(bgvar), bgvar, 0.0)
     sky_mask = (stack.nframes == 0) | _source_mask(image.shape, xy, _mask_radii(positions, n, fwhm))
-    sky_stats = ApertureStats(image, annulus, sigma_clip=SigmaClip(sigma=3.0, maxiters=5), mask=sky_mask)
-    sky = np.nan_to_num(np.asarray(sky_stats.median, float))
-    nsky = np.asarray(sky_stats.sum_aper_area.value if hasattr(sky_stats.sum_aper_area, "value")
-                      else sky_stats.sum_aper_area, float)
-    nsky = np.where(nsky > 0, nsky, np.pi * (r_out ** 2 - r_in ** 2))
+    sky, nsky, sky_var_mean = _annulus_sky(image, bgvar_finite, sky_mask, xy, r_in, r_out)
     npix = np.pi * r_ap ** 2
 
     cog_r = np.array(COG_RADII_FWHM) * fwhm
-    bgvar = stack.background_variance()
-    bgvar_finite = np.where(np.isfinite(bgvar), bgvar, 0.0)
     raw = _sums(image, [aperture])[0]
     sat_sum = _sums(stack.saturated.astype(float), [aperture])[0]
     uncovered = _sums((stack.nframes == 0).astype(float), [outer])[0]
@@ -556,7 +644,6 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
     flags[nf < min_coverage * nmax] |= FLAG_LOW_COVERAGE
 
     # Errors (see the module docstring): background in the aperture, the annulus median, the star.
-    sky_var_mean = np.asarray(ApertureStats(bgvar_finite, annulus).mean, float)
     var = (var_sum + MEDIAN_VARIANCE_FACTOR * npix ** 2 * np.nan_to_num(sky_var_mean) / nsky
            + stack.source_variance(flux_aper, nf))
     err_aper = np.sqrt(var)

@@ -17,6 +17,13 @@ real night throws at a pipeline rather than at a clean textbook image:
 
 Everything random comes from generators seeded by ``(seed, stream)`` so that the same
 seed gives byte-identical files whatever the wall clock says.
+
+Files, in writing (and DATE-OBS) order: with ``calibration``, ``bias_NNN.fits``,
+``dark_NNN.fits`` (5 per distinct science exposure time) and ``flat_<filter>_NNN.fits``;
+then per filter ``<TARGET>_<filter>_NNN.fits`` and ``<TARGET>_offset_<filter>.fits``.
+The truth (``truth.ecsv``) and the frame log (``<truth stem>_frames.ecsv``) go next
+to, never inside, the camera folder; the log says which frame is trailed, clouded
+or crossed by the satellite (never the first frame of a filter).
 """
 
 from __future__ import annotations
@@ -517,8 +524,8 @@ def _bad_frame_slots(s: SimSettings) -> tuple[Slot, Slot, Slot]:
     satellite = None
     if s.satellite:
         last = len(s.filters) - 1
-        for k in (2, 1, s.frames - 1, 0):
-            if 0 <= k < s.frames and (last, k) not in (trailed, clouded):
+        for k in (2, 1, s.frames - 1):        # never the first frame: a clean reference
+            if 1 <= k < s.frames and (last, k) not in (trailed, clouded):
                 satellite = (last, k)
                 break
     return trailed, clouded, satellite

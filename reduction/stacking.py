@@ -83,7 +83,7 @@ class StackAccumulator:
     """Weighted-mean stack with incremental outlier rejection (see module docstring)."""
 
     def __init__(self, shape: tuple[int, int], reject_sigma: float = 5.0,
-                 signal_tolerance: float = 0.25, gradient_tolerance: float = 0.5) -> None:
+                 signal_tolerance: float = 0.25, gradient_tolerance: float = 0.2) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.reject_sigma = float(reject_sigma)
         self.signal_tolerance = float(signal_tolerance)

@@ -239,8 +239,11 @@ def sim_night(tmp_path_factory) -> tuple:
     return root / "cam", truth
 
 
-def _detected(path) -> tuple[np.ndarray, np.ndarray]:
-    """The per-frame path's star list: load, hot pixels, sky, detect_stars (helper B's modules)."""
+def reduced_frame(path) -> tuple:
+    """The per-frame path up to the star list (helper B's modules): load, hot pixels, sky, stars.
+
+    Returns (background-subtracted data, SkyModel, (xy, flux) brightest first).
+    """
     from reduction.background import sky_model
     from reduction.frames import load_frame
     from reduction.hotpixels import find_hot_pixels, repair_pixels
@@ -249,8 +252,15 @@ def _detected(path) -> tuple[np.ndarray, np.ndarray]:
     data = load_frame(path).data
     data = repair_pixels(data, find_hot_pixels(data))
     sky = sky_model(data)
-    stars = detect_stars(data - sky.model, sky.rms, max_stars=400)
-    return np.column_stack([stars["x"], stars["y"]]).astype(float), np.asarray(stars["flux"], float)
+    data = data - sky.model
+    stars = detect_stars(data, sky.rms, max_stars=400)
+    xy = np.column_stack([stars["x"], stars["y"]]).astype(float)
+    return data, sky, (xy, np.asarray(stars["flux"], float))
+
+
+def detected_stars(path) -> tuple[np.ndarray, np.ndarray]:
+    """(xy, flux) of the stars detected in a camera file, brightest first."""
+    return reduced_frame(path)[2]
 
 
 def test_simulated_night_registers_to_frame_log(sim_night: tuple) -> None:
@@ -260,12 +270,12 @@ def test_simulated_night_registers_to_frame_log(sim_night: tuple) -> None:
     science = log[log["kind"] == "science"]
     ref_row = science[0]
     assert ref_row["dx"] == 0 and ref_row["dy"] == 0
-    ref_xy, ref_f = _detected(camdir / ref_row["file"])
+    ref_xy, ref_f = detected_stars(camdir / ref_row["file"])
     stars = np.column_stack([truth.stars["x"], truth.stars["y"]]).astype(float)
     inside = ((stars > 20) & (stars < SIZE - 21)).all(axis=1)
     errors = {}
     for row in science[1:]:
-        fxy, ff = _detected(camdir / row["file"])
+        fxy, ff = detected_stars(camdir / row["file"])
         t = find_transform(fxy, ref_xy, ff, ref_f, shape=(SIZE, SIZE))
         true = Transform.from_params(row["dx"], row["dy"], row["rotation_deg"], shape=(SIZE, SIZE))
         errors[row["file"]] = (_rms_error(t, true, stars[inside]), bool(row["trailed"]))
@@ -280,10 +290,10 @@ def test_simulated_night_registers_to_frame_log(sim_night: tuple) -> None:
 def test_offset_frames_are_never_registered(sim_night: tuple) -> None:
     camdir, truth = sim_night
     log = truth.frames
-    ref_xy, ref_f = _detected(camdir / log[log["kind"] == "science"][0]["file"])
+    ref_xy, ref_f = detected_stars(camdir / log[log["kind"] == "science"][0]["file"])
     offsets = log[log["kind"] == "offset"]
     assert len(offsets) >= 2
     for row in offsets:
-        fxy, ff = _detected(camdir / row["file"])
+        fxy, ff = detected_stars(camdir / row["file"])
         with pytest.raises(RegistrationError, match="no consistent star pattern match"):
             find_transform(fxy, ref_xy, ff, ref_f, shape=(SIZE, SIZE))

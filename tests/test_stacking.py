@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from test_registration import GAIN, noise_sigma, render_frame, star_field
+from test_registration import (GAIN, SIZE, detected_stars, noise_sigma, reduced_frame, render_frame,  # noqa: F401
+                               sim_night, star_field)
 
-from reduction.registration import Transform, warp_to_reference
+from reduction.registration import Transform, find_transform, warp_to_reference
 from reduction.stacking import StackAccumulator
 
 N = 256
@@ -213,3 +214,41 @@ def test_valid_masks_counts_and_saturation() -> None:
     assert (empty.image() == 0).all() and np.isinf(empty.variance()).all() and (empty.nframes() == 0).all()
     with pytest.raises(ValueError):
         acc.add("m0", np.zeros((N, N), np.float32), noise_var=1.0, valid=None)
+
+
+# --------------------------------------------------------------------------- simulated night
+
+
+def test_simulated_satellite_and_cosmic_rays_leave_no_trace(sim_night: tuple) -> None:
+    """The green frames of a simulated night (satellite, cosmic rays, a thin-cloud frame),
+    registered, warped and stacked: where any frame stands above the others' median by more
+    than 10 sigma, away from stars, the stack is within 5 sigma of that median."""
+    camdir, truth = sim_night
+    log = truth.frames
+    science = log[log["kind"] == "science"]
+    ref_xy, ref_f = detected_stars(camdir / science[0]["file"])
+    green = science[science["filter"] == "green"]
+    assert green["satellite"].any() and green["clouded"].any() and green["n_cosmics"].sum() > 0
+    acc = StackAccumulator((SIZE, SIZE))
+    warped, sigmas, valids = [], [], []
+    for row in green:
+        data, sky, (fxy, ff) = reduced_frame(camdir / row["file"])
+        t = find_transform(fxy, ref_xy, ff, ref_f, shape=(SIZE, SIZE))
+        w, valid = warp_to_reference(data, t, (SIZE, SIZE))
+        scale = float(green["exptime"][0] / row["exptime"] / row["transparency"])
+        acc.add(row["file"], w, noise_var=sky.rms ** 2 + np.clip(w, 0, None) / GAIN, valid=valid, scale=scale)
+        warped.append(w * scale)
+        sigmas.append(sky.rms * scale)
+        valids.append(valid)
+    cube = np.stack(warped)
+    everywhere = np.logical_and.reduce(valids)
+    median = np.median(cube, axis=0)
+    sky_noise = min(sigmas) / math.sqrt(len(green))
+    blank = everywhere & (median < 3 * max(sigmas))
+    footprint = blank & ((cube - median) > 10 * np.array(sigmas)[:, None, None]).any(axis=0)
+    assert footprint.sum() > 300                          # the satellite trail and the cosmic rays
+    stack = acc.image()
+    sky_pixels = stack[blank]
+    stack_noise = 1.4826 * float(np.median(np.abs(sky_pixels - np.median(sky_pixels))))
+    assert 0.5 * sky_noise < stack_noise < 1.5 * sky_noise      # bilinear smoothing vs the clouded frame
+    assert float(((stack - median)[footprint] / stack_noise).max()) < 5.0

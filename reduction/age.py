@@ -325,6 +325,9 @@ def _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit) ->
         brightest = float(mag[use].min())
         bright_limit = brightest - 0.05 if saturated.any() else brightest - 1.0
     use &= (mag <= mag_limit) & (mag >= bright_limit)
+    if use.sum() < 20:
+        raise ValueError(f"isochrone fit needs at least 20 usable stars between magnitudes {bright_limit:.2f} "
+                         f"and {mag_limit:.2f}, got {int(use.sum())}")
     c, m = color[use], mag[use]
     ce, me = np.abs(color_err[use]), np.abs(mag_err[use])
     box = (float(c.min()) - 0.1, float(c.max()) + 0.1, float(bright_limit), float(mag_limit))
@@ -333,9 +336,9 @@ def _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit) ->
     sig_c = np.hypot(ce, INTRINSIC_WIDTH)
     n_classes = MAX_ERROR_CLASSES if np.percentile(sig_c, 90) > 1.3 * np.percentile(sig_c, 10) else 1
     edges = np.percentile(sig_c, np.linspace(0, 100, n_classes + 1)[1:-1])
-    klass = np.searchsorted(edges, sig_c)
+    present, klass = np.unique(np.searchsorted(edges, sig_c), return_inverse=True)
     class_sigma = []
-    for k in range(n_classes):
+    for k in range(len(present)):
         sel = klass == k
         class_sigma.append((float(np.hypot(np.median(ce[sel]), INTRINSIC_WIDTH)),
                             float(np.hypot(np.median(me[sel]), INTRINSIC_WIDTH))))
@@ -490,14 +493,17 @@ class _Fixed:
     ebv: float | None
 
     def to_shifts(self, p: np.ndarray) -> tuple[float, float]:
+        """(dcolor, dmag) from the free parameters."""
         if not self.calibrated:
             return float(p[0]), float(p[1])
         it = iter(p)
-        ebv = self.ebv if self.ebv is not None else float(next(it))
+        # |E(B-V)|: reddening cannot be negative; the reflection keeps Nelder-Mead unconstrained.
+        ebv = self.ebv if self.ebv is not None else abs(float(next(it)))
         mu = self.mu if self.mu is not None else float(next(it))
         return self.k_color * ebv, mu + self.k_mag * ebv
 
     def to_params(self, dcolor: float, dmag: float) -> np.ndarray:
+        """Free parameters closest to the given shifts (the optimiser's start)."""
         if not self.calibrated:
             return np.array([dcolor, dmag])
         ebv = self.ebv if self.ebv is not None else dcolor / self.k_color
@@ -509,6 +515,7 @@ class _Fixed:
         return np.array(out)
 
     def simplex(self, p0: np.ndarray) -> np.ndarray:
+        """Initial Nelder-Mead simplex: steps of about the sequence's width, not the default 5 %."""
         steps = []
         if not self.calibrated:
             steps = [0.03, 0.1]

@@ -1,22 +1,58 @@
 """The live stacks of the selected target, one panel per filter, drawn with half blocks.
 
 The widget only draws the small ``stack_preview`` / ``raw_preview`` arrays the
-service publishes; the stretch is computed once per new preview (cached by the
-array's identity, since snapshots are immutable) and only the cheap resampling
-to the current widget size happens on each render.
+service publishes.  Stretching and resampling them is done on a thread worker,
+not in ``render()``: measured during a burst of 1024 px frames, doing it on the
+UI thread took up to ~0.5 s per redraw, because every numpy call hands the GIL
+to the busy reduction thread and waits up to a switch interval (5 ms) to get
+it back.  The widget uses Textual's line API: ``render_line`` hands over cached
+rows of segments (no per-redraw style conversion), so keys (f, r, t) redraw at
+once; a new preview shows its previous picture until the new one is ready.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import numpy as np
-from rich.text import Text
+from rich.segment import Segment
+from rich.style import Style
+from textual.strip import Strip
 from textual.widget import Widget
 
 from observer.state import FilterStatus, TargetState
-from tui.render import image_lines, stretch
+from tui.render import image_rows, stretch
+
+log = logging.getLogger(__name__)
 
 #: Below this width per panel the filters are not drawn side by side: only the selected one.
 MIN_PANEL_COLS = 22
+
+
+@dataclass(frozen=True)
+class _Picture:
+    """Half-block rows of one preview array at one panel size."""
+
+    preview: np.ndarray     # kept so its id() cannot be reused while cached
+    cols: int
+    rows: int
+    lines: list[list[Segment]]
+
+
+def draw_preview(preview: np.ndarray, cols: int, rows: int) -> list[list[Segment]]:
+    """Stretch and fit a preview into cols x rows cells (row 0 at the bottom, as FITS/DS9 and the PNGs)."""
+    return image_rows(stretch(preview)[::-1], cols, rows)
+
+
+def _text_row(text: str, cols: int, style: Style | None = None) -> list[Segment]:
+    """A row holding text, cut or padded to exactly ``cols`` cells."""
+    return [Segment(text[:cols].ljust(cols), style)]
+
+
+TITLE = Style(bold=True)
+TITLE_SELECTED = Style(bold=True, reverse=True)
+DIM = Style(dim=True)
 
 
 class StackView(Widget):
@@ -34,75 +70,101 @@ class StackView(Widget):
         self.target_state: TargetState | None = None
         self.filter_name: str | None = None
         self.mode: str = "stack"            # "stack" or "raw"
-        self.drawn_filters: list[str] = []  # what the last render showed (for tests and the footer text)
-        self._stretched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.drawn_filters: list[str] = []  # what the last layout showed (for tests)
+        self._pictures: dict[tuple[str, str], _Picture] = {}   # (filter, mode) -> latest drawn picture
+        self._pending: set[tuple[int, int, int]] = set()         # (id(preview), cols, rows) being drawn
+        self._strips: list[Strip] | None = None                   # the laid-out screen rows
+        self._strips_size: tuple[int, int] = (0, 0)
 
     def show(self, target: TargetState | None, filter_name: str | None, mode: str) -> None:
         """Display a target's previews; redraws only when something visible changed."""
         changed = (target is not self.target_state or filter_name != self.filter_name or mode != self.mode)
+        if target is not None and (self.target_state is None or target.name != self.target_state.name):
+            self._pictures.clear()
         self.target_state, self.filter_name, self.mode = target, filter_name, mode
         if changed:
-            self.refresh()
+            self._invalidate()
 
-    def _grey(self, preview: np.ndarray) -> np.ndarray:
-        """The stretched preview, computed once per published array, flipped so y grows upwards.
+    def _invalidate(self) -> None:
+        self._strips = None
+        self.refresh()
 
-        Row 0 is drawn at the bottom (FITS/DS9 convention, as in the saved PNGs),
-        so the observer sees the field the same way everywhere.
-        """
-        key = id(preview)
-        cached = self._stretched.get(key)
-        if cached is None or cached[0] is not preview:
-            cached = (preview, stretch(preview)[::-1])
-            self._stretched[key] = cached
-        return cached[1]
+    @property
+    def pending(self) -> bool:
+        """True while a preview is being drawn off the UI thread."""
+        return bool(self._pending)
 
-    def _forget_old_previews(self, live: list[np.ndarray]) -> None:
-        """Drop stretched images of previews no longer published (keeps memory flat all night)."""
-        keep = {id(p) for p in live}
-        for key in [k for k in self._stretched if k not in keep]:
-            del self._stretched[key]
+    def _request(self, key: tuple[str, str], preview: np.ndarray, cols: int, rows: int) -> None:
+        """Draw a preview on a thread worker; the result comes back through call_from_thread."""
+        job = (id(preview), cols, rows)
+        if job in self._pending:
+            return
+        self._pending.add(job)
 
-    def _panel(self, status: FilterStatus, cols: int, rows: int, selected: bool) -> list[Text]:
-        """Title line plus image lines for one filter, each exactly ``cols`` wide."""
+        def work() -> None:
+            try:
+                lines = draw_preview(preview, cols, rows)
+            except Exception as exc:  # a bad preview must not leave the panel waiting forever
+                log.exception("cannot draw the %s preview", key)
+                lines = [_text_row(f"cannot draw: {exc}", cols, Style(color="red"))]
+            self.app.call_from_thread(self._drawn, key, job, _Picture(preview, cols, rows, lines))
+
+        self.run_worker(work, thread=True, group="stack-draw", exit_on_error=False)
+
+    def _drawn(self, key: tuple[str, str], job: tuple[int, int, int], picture: _Picture) -> None:
+        self._pending.discard(job)
+        self._pictures[key] = picture
+        self._invalidate()
+
+    def _panel(self, status: FilterStatus, cols: int, rows: int, selected: bool) -> list[list[Segment]]:
+        """Title row plus image rows for one filter, each exactly ``cols`` cells wide."""
         preview = status.stack_preview if self.mode == "stack" else status.raw_preview
         what = f"{status.n_stacked} stacked" if self.mode == "stack" else "last raw frame"
-        title = Text(f" {status.filter}: {what} ", style="bold reverse" if selected else "bold",
-                     no_wrap=True, end="")
-        title.truncate(cols, pad=True)
-        lines = [title]
+        lines = [_text_row(f" {status.filter}: {what} ", cols, TITLE_SELECTED if selected else TITLE)]
+        key = (status.filter, self.mode)
+        picture = self._pictures.get(key)
         if preview is None or preview.size == 0:
-            lines.append(Text("waiting for frames", style="dim", end=""))
+            lines.append(_text_row("waiting for frames", cols, DIM))
         else:
-            lines.extend(image_lines(self._grey(preview), cols, rows - 1))
-        for line in lines:
-            line.truncate(cols, pad=True)
-        lines.extend(Text(" " * cols, end="") for _ in range(rows - len(lines)))
+            if picture is None or picture.preview is not preview or (picture.cols, picture.rows) != (cols, rows - 1):
+                self._request(key, preview, cols, rows - 1)
+            if picture is None:
+                lines.append(_text_row("drawing ...", cols, DIM))
+            elif picture.cols == cols:
+                lines.extend(picture.lines[:rows - 1])
+            else:  # the old size while the new one is drawn: cut or pad each row to the panel
+                lines.extend(Segment.adjust_line_length(row, cols) for row in picture.lines[:rows - 1])
+        lines.extend(_text_row("", cols) for _ in range(rows - len(lines)))
         return lines
 
-    def render(self) -> Text:
-        width, height = self.size.width, self.size.height
+    def _layout(self, width: int, height: int) -> list[Strip]:
+        """The screen rows: the filters' panels side by side (only the selected one when narrow)."""
         target = self.target_state
         if target is None or not target.filters:
             self.drawn_filters = []
-            return Text("no target yet: waiting for science frames", style="dim")
+            return [Strip(_text_row("no target yet: waiting for science frames", width, DIM), width)]
         names = list(target.filters)
         selected = self.filter_name if self.filter_name in target.filters else names[0]
         if width // len(names) < MIN_PANEL_COLS:
             names = [selected]
         self.drawn_filters = names
-        statuses = [target.filters[n] for n in names]
-        self._forget_old_previews([p for s in target.filters.values()
-                                   for p in (s.stack_preview, s.raw_preview) if p is not None])
-        gap = 1
-        cols = (width - gap * (len(names) - 1)) // len(names)
-        panels = [self._panel(s, cols, height, s.filter == selected) for s in statuses]
-        out = Text(no_wrap=True, overflow="crop")
+        gap = [Segment(" ")]
+        cols = (width - len(gap) * (len(names) - 1)) // len(names)
+        panels = [self._panel(target.filters[n], cols, height, n == selected) for n in names]
+        strips = []
         for row in range(height):
-            if row:
-                out.append("\n")
+            segments: list[Segment] = []
             for index, panel in enumerate(panels):
-                if index:
-                    out.append(" " * gap)
-                out.append_text(panel[row])
-        return out
+                segments.extend((gap if index else []) + panel[row])
+            strips.append(Strip(segments).adjust_cell_length(width))
+        return strips
+
+    def render_line(self, y: int) -> Strip:
+        size = (self.size.width, self.size.height)
+        if self._strips is None or self._strips_size != size:
+            self._strips, self._strips_size = self._layout(*size), size
+        return self._strips[y] if y < len(self._strips) else Strip.blank(size[0])
+
+    def text(self) -> str:
+        """What the widget shows, as plain text (for tests and logs)."""
+        return "\n".join(self.render_line(y).text for y in range(self.size.height))

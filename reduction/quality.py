@@ -2,17 +2,19 @@
 
 Why not DAOStarFinder: it takes ~1.7 s on a 4096 x 4096 frame, most of the per-frame budget.  Here:
 
-1. the background-subtracted frame is smoothed with a small Gaussian (about the expected PSF: the
-   matched filter for faint stars), and pixels above ``sigma`` x the *smoothed* noise are candidates;
+1. the background-subtracted frame is smoothed with a box about the expected FWHM wide (nearly as
+   good a matched filter for faint stars as the PSF, and a few array additions), and pixels above
+   ``sigma`` x the *smoothed* noise are candidates;
 2. candidates that are the maximum of their 5 x 5 neighbourhood are peaks (checked only at the
    candidates, by indexing, instead of a full-frame maximum filter);
 3. single-pixel spikes (cosmic rays, hot pixels the map does not know yet) are dropped because a
    star's direct neighbours carry a good fraction of its peak; stars too close to the edge for a
    full cutout are dropped;
-4. every kept star gets an elliptical Moffat fit on a small cutout, all stars at once (a batched
+4. every kept peak gets an elliptical Moffat fit on a small cutout, all stars at once (a batched
    Levenberg-Marquardt in numpy, ~10 ms for 400 stars).  The Moffat profile matches real seeing
    wings, so the FWHM is the profile's true half-maximum width rather than a Gaussian-moment
    proxy (which is biased for Moffat stars by 10-20 %), and the fitted ellipse gives the elongation.
+   Peaks fitted as lines (elongation > 4: a satellite or aircraft trail) are dropped.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
-from scipy import ndimage
 
 from reduction.background import SkyModel
 
@@ -36,6 +37,9 @@ _LM_ITERS = 40
 #: FWHM^2 of a Gaussian with a square pixel's variance (1/12 px^2): what pixel sampling adds.
 _PIXEL_FWHM2 = 2.3548**2 / 12.0
 _BETA_RANGE = (1.2, 25.0)
+#: A fitted "star" more elongated than this is a piece of a line (satellite, aircraft), not a star;
+#: even a badly trailed frame's stars stay below ~2.5.
+_MAX_STAR_ELONGATION = 4.0
 #: measure_quality uses at most this many of the brightest well-fitted unsaturated stars...
 _QUALITY_STARS = 100
 #: ...with a peak at least this many sky sigmas high (noise biases faint stars' elongation upward),
@@ -56,25 +60,31 @@ class FrameQuality:
     nstars: int
 
 
-def _gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
-    radius = max(1, int(truncate * sigma + 0.5))
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+def _box_smooth(data: np.ndarray, size: int) -> np.ndarray:
+    """Mean over size x size boxes by separable shifted sums (edges are left as the raw data).
 
-
-def _smooth(data: np.ndarray, fwhm: float) -> tuple[np.ndarray, float]:
-    """Separable Gaussian smoothing (sigma = FWHM/2.355); returns the image and its noise factor."""
-    kernel = _gaussian_kernel(max(fwhm / 2.3548, 0.5), truncate=2.5)
-    sm = ndimage.correlate1d(data, kernel.astype(np.float32), axis=0, mode="nearest")
-    ndimage.correlate1d(sm, kernel.astype(np.float32), axis=1, mode="nearest", output=sm)
-    # white noise through the 2-D kernel outer(k, k): rms factor = sum(k^2)
-    return sm, float(np.sum(kernel**2))
+    A box about the FWHM wide is ~90 % as good a matched filter as the PSF itself and costs a few
+    array additions, where scipy's separable Gaussian takes ~40 ms per axis at 2048 x 2048.
+    """
+    r = size // 2
+    h, w = data.shape
+    rows = data[0:h - 2 * r].copy()
+    for k in range(1, size):
+        rows += data[k:h - 2 * r + k]
+    out = rows[:, 0:w - 2 * r].copy()
+    for k in range(1, size):
+        out += rows[:, k:w - 2 * r + k]
+    out *= np.float32(1.0 / (size * size))
+    full = data.copy()
+    full[r:h - r, r:w - r] = out
+    return full
 
 
 def _find_peaks(data: np.ndarray, rms: float, fwhm_guess: float, sigma: float, edge: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows, columns and smoothed heights of real (not single-pixel) peaks away from the edges."""
-    sm, factor = _smooth(data, fwhm_guess)
+    size = max(3, 2 * int(fwhm_guess / 2.0) + 1)  # odd box about the FWHM: 3 px for FWHM < 4
+    sm = _box_smooth(data, size)
+    factor = 1.0 / size  # white-noise rms of a size x size mean
     h, w = data.shape
     inner = sm[edge:h - edge, edge:w - edge]
     ys, xs = np.nonzero(inner > sigma * rms * factor)
@@ -89,6 +99,13 @@ def _find_peaks(data: np.ndarray, rms: float, fwhm_guess: float, sigma: float, e
         # strict on one half of the neighbours, >= on the other: a flat top yields exactly one peak
         is_peak &= (centre > other) if i < len(_PEAK_OFFSETS) // 2 else (centre >= other)
     ys, xs, centre = ys[is_peak], xs[is_peak], centre[is_peak]
+    # The box-smoothed top of a spike is a plateau the size of the box: test the brightest raw
+    # pixel under it.
+    r = size // 2
+    near = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    best = np.argmax(np.stack([data[ys + dy, xs + dx] for dy, dx in near]), axis=0)
+    ys = ys + np.array([o[0] for o in near])[best]
+    xs = xs + np.array([o[1] for o in near])[best]
     raw = data[ys, xs]
     n4 = 0.25 * (data[ys - 1, xs] + data[ys + 1, xs] + data[ys, xs - 1] + data[ys, xs + 1])
     real = n4 >= _MIN_NEIGHBOUR_FRACTION * raw
@@ -160,7 +177,7 @@ def _moffat_fit(cut: np.ndarray, weight: np.ndarray, fwhm_guess: float) -> tuple
         t_model, t_jac = model_and_jac(trial)
         t_cost = np.sum(wgt[active] * (z[active] - t_model) ** 2, axis=1)
         better = valid(trial) & np.isfinite(t_cost) & (t_cost < cost[active])
-        done = better & ((cost[active] - t_cost) < 1e-7 * cost[active])
+        done = better & ((cost[active] - t_cost) < 1e-5 * cost[active])
         idx = active[better]
         p[idx] = trial[better]
         model[idx] = t_model[better]
@@ -245,6 +262,7 @@ def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, si
     flux = np.sum(cut * window, axis=(1, 2))
     table = Table([x.astype(np.float64), y.astype(np.float64), flux.astype(np.float64),
                    peak.astype(np.float64), fwhm, elong, saturated], names=cols)
+    table = table[~(elong > _MAX_STAR_ELONGATION)]
     table.sort("flux", reverse=True)
     log.debug("detect_stars: %d stars (%d fitted)", n, int(ok.sum()))
     return table

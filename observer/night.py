@@ -57,6 +57,7 @@ class Night:
         self.version = 0
         self._products_at = 0.0
         self._catalog_dirty = False
+        self.age_worker = writers.AgeWorker(background=False)   # the service makes it a background one
         self.cmd_cache: dict = {}
         self.age_cache: dict = {}
         self._snapshot: Snapshot | None = None

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,20 +135,83 @@ def write_catalogs(night: "Night", fit_age: bool) -> list[Path]:
         written.append(path)
         cmd = cmd_data(catalog, color=color, magnitude=settings.cmd.magnitude)
         night.cmd_cache[tname] = cmd
+        written.append(write_cmd_figure(night, tname))
         if fit_age and settings.age.enabled:
-            written += _write_age(night, tname, catalog)
-        age = night.age_cache.get(tname)
-        png = night.outdir / tname / "cmd.png"
-        plot_cmd(cmd, png, isochrone=(age.isochrone_color, age.isochrone_mag) if age else None,
-                 turnoff=age.turnoff if age else None, title=tname,
-                 age_text=f"age {age.age_myr:.0f} Myr (log {age.log_age:.2f} "
-                          f"[{age.log_age_low:.2f}, {age.log_age_high:.2f}])" if age else None)
-        written.append(png)
+            night.age_worker.submit(night, tname, catalog)
         completion = completion_mag(night, tname)
         for fname, product in stacks.items():
             target.filters[fname].snr_at_mag = float(snr_at(product, completion)) if np.isfinite(completion) \
                 else float("nan")
     return written
+
+
+def write_cmd_figure(night: "Night", tname: str) -> Path:
+    """cmd.png from the cached diagram data, with the fitted isochrone and turn-off when there is a fit."""
+    age = night.age_cache.get(tname)
+    png = night.outdir / tname / "cmd.png"
+    plot_cmd(night.cmd_cache[tname], png,
+             isochrone=(age.isochrone_color, age.isochrone_mag) if age else None,
+             turnoff=age.turnoff if age else None, title=tname,
+             age_text=f"age {age.age_myr:.0f} Myr (log {age.log_age:.2f} "
+                      f"[{age.log_age_low:.2f}, {age.log_age_high:.2f}])" if age else None)
+    return png
+
+
+class AgeWorker:
+    """Fits the cluster's age from a catalogue, in the caller's thread or (live) in a background thread.
+
+    Live, the fit (a few seconds) must not hold back frame processing: it runs
+    on its own thread, at most every ``age.throttle_seconds``. A catalogue that
+    arrives while a fit runs replaces any older one waiting, so the newest
+    catalogue is always fitted in the end. ``observer reprocess`` fits
+    synchronously so that age.json exists when it exits.
+    """
+
+    def __init__(self, background: bool = False):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._pending: dict[str, tuple["Night", Table]] = {}
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+
+    def submit(self, night: "Night", tname: str, catalog: Table) -> None:
+        if not self.background:
+            fit_and_write_age(night, tname, catalog)
+            return
+        with self._lock:
+            self._pending[tname] = (night, catalog)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._drain, name="observer-age", daemon=True)
+                self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                throttle = next(iter(self._pending.values()))[0].settings.age.throttle_seconds
+            wait = self._last + throttle - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)   # newer catalogues arriving meanwhile replace the waiting one
+            with self._lock:
+                tname, (night, catalog) = self._pending.popitem()
+            self._last = time.monotonic()
+            fit_and_write_age(night, tname, catalog)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Let running and waiting fits finish (at shutdown, and in tests)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+
+def fit_and_write_age(night: "Night", tname: str, catalog: Table) -> list[Path]:
+    """Fit the age, write age.json and redraw cmd.png with the isochrone; never raises."""
+    try:
+        return _write_age(night, tname, catalog)
+    except Exception:  # noqa: BLE001 - an age fit failure must not stop the night
+        log.exception("%s: age fit failed", tname)
+        return []
 
 
 def _write_age(night: "Night", tname: str, catalog: Table) -> list[Path]:
@@ -178,6 +243,8 @@ def _write_age(night: "Night", tname: str, catalog: Table) -> list[Path]:
         turnoff=tuple(fit.turnoff))
     path = night.outdir / tname / "age.json"
     atomic_write_json(path, fit.to_json())
+    written = [path, write_cmd_figure(night, tname)]
+    night.version += 1
     log.info("%s: age %.0f Myr (log %.2f, %.2f-%.2f) from %d stars", tname, fit.age_myr, fit.log_age,
              fit.log_age_low, fit.log_age_high, fit.n_stars)
-    return [path]
+    return written

@@ -23,7 +23,7 @@ from observer.state import AgeEstimate, CmdData, FilterStatus, FrameRecord, Snap
 from tui.app import HelpScreen, ObserverApp
 from tui.frame_log import FrameDetailScreen, FrameLog
 from tui.hr_diagram import HRDiagram, age_text
-from tui.render import UPPER_HALF, fit_size, half_block_lines, image_lines, resample, stretch
+from tui.render import UPPER_HALF, fit_size, half_block_rows, image_rows, resample, stretch
 from tui.stack_view import StackView
 from tui.target_status import TargetStatus
 
@@ -134,6 +134,16 @@ class SimSource:
                         queue_length=2, busy=True)
 
 
+async def wait_drawn(app: ObserverApp, pilot) -> None:
+    """Wait until the stack panels drawn off the UI thread are in (drawing is requested by laying the widget out)."""
+    stacks = app.query_one(StackView)
+    stacks.text()
+    while stacks.pending:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+    stacks.text()
+
+
 def plain(renderable) -> str:
     """What a rich renderable shows, as plain text."""
     console = Console(width=100, record=True, file=io.StringIO())
@@ -177,13 +187,15 @@ def test_resample_block_mean_preserves_flux_and_shape():
 
 
 def test_half_block_colours_upper_and_lower_pixel():
-    grey = np.array([[0, 255], [255, 255]], dtype=np.uint8)
-    (line,) = half_block_lines(grey)
-    assert line.plain == UPPER_HALF * 2
-    first = line.spans[0].style
-    assert first.color.triplet == (0, 0, 0) and first.bgcolor.triplet == (255, 255, 255)
-    lines = image_lines(np.zeros((10, 10), np.uint8), cols=20, rows=5)
-    assert len(lines) == 5 and all(len(line.plain) <= 20 for line in lines)
+    grey = np.array([[0, 255, 255], [255, 255, 255]], dtype=np.uint8)
+    (row,) = half_block_rows(grey, cols=5)
+    assert "".join(seg.text for seg in row) == " " + UPPER_HALF * 3 + " "    # centred in 5 cells
+    first, rest = row[1], row[2]
+    assert first.style.color.triplet == (0, 0, 0) and first.style.bgcolor.triplet == (255, 255, 255)
+    assert rest.text == UPPER_HALF * 2                                       # equal cells share a segment
+    assert rest.style.color.triplet == (255, 255, 255)
+    rows = image_rows(np.zeros((10, 10), np.uint8), cols=20, rows=5)
+    assert len(rows) == 5 and all(sum(seg.cell_length for seg in r) == 20 for r in rows)
 
 
 def test_age_text_reads_like_the_brief():
@@ -279,7 +291,7 @@ def test_hr_diagram_grows_and_verdict_turns_done(tmp_path):
             table = plain(status.query_one("#filters", Static).content)
             blue_row = next(line for line in table.splitlines() if line.startswith("blue"))
             assert blue_row.split()[1:4] == ["3", "0", "135s"]
-            assert "SNR@18.5" in table
+            assert "SNR at mag 18.5" in table
             sparks = list(status.query(Sparkline))
             assert len(sparks) == 2 and len(sparks[0].data) == MIN_FRAMES
             assert "no offset frame for green" in str(status.query_one("#warnings", Static).render())
@@ -317,7 +329,9 @@ def test_keys_cycle_targets_filters_view_and_save(tmp_path):
             assert stacks.mode == "stack"
             await pilot.press("r")
             assert stacks.mode == "raw" and app.view_mode == "raw"
-            assert "last raw" in str(stacks.render())
+            await wait_drawn(app, pilot)
+            raw = stacks.text()
+            assert "last raw" in raw and UPPER_HALF in raw
             await pilot.press("r")
             assert stacks.mode == "stack"
             await pilot.press("s")
@@ -347,11 +361,11 @@ def test_stack_view_draws_half_blocks_and_fits_small_terminals(tmp_path):
     async def scenario(size):
         app = ObserverApp(source)
         async with app.run_test(size=size) as pilot:
-            await pilot.pause()
             stacks = app.query_one(StackView)
-            text = stacks.render()
-            assert UPPER_HALF in text.plain
-            assert all(len(line) <= stacks.size.width for line in text.plain.split("\n"))
+            await wait_drawn(app, pilot)
+            text = stacks.text()
+            assert UPPER_HALF in text
+            assert all(len(line) == stacks.size.width for line in text.split("\n"))
             log = app.query_one(FrameLog)
             hr = app.query_one(HRDiagram)
             return stacks.size, hr.size, log.table.size, log.compact, stacks.drawn_filters
@@ -391,3 +405,82 @@ def test_save_without_service_writes_previews_to_save_dir(tmp_path):
     paths = asyncio.run(scenario())
     assert sorted(p.name for p in paths) == ["M35_blue_stack.png", "M35_cmd.png", "M35_green_stack.png"]
     assert all(p.parent == tmp_path / "out" for p in paths)
+
+
+# --- the app on the real service, fed simulated frames one by one ---------------------------------
+
+async def wait_for(pilot, condition, timeout: float = 90.0) -> None:
+    """Let the app run until condition() holds (a generous cap so a broken pipeline fails, not hangs)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "the service did not get there"
+        await pilot.pause(0.1)
+
+
+def test_dashboard_on_real_service_and_simulated_night(tmp_path):
+    import os
+
+    from observer.config import Settings
+    from observer.service import Service
+    from observer.simulator import SimSettings, simulate_night
+
+    staging, camdir, outdir = tmp_path / "staging", tmp_path / "cam", tmp_path / "out"
+    camdir.mkdir()
+    truth = simulate_night(staging, SimSettings(size=256, frames=4, n_members=150, n_field=60, fill_seconds=0.0),
+                           truth_path=tmp_path / "truth.ecsv")
+    settings = Settings()
+    settings.completion.min_frames = 2
+    settings.completion.target_snr = 3.0
+    settings.service.stable_seconds = 0.2
+    settings.service.product_throttle_seconds = 0.0     # a catalogue after every frame: the CMD grows visibly
+    service = Service(camdir, outdir, settings)
+    seen: list[tuple[int, int, str]] = []               # (rows, HR points, verdict) after each file
+
+    async def scenario():
+        app = ObserverApp(service)
+        async with app.run_test(size=(160, 48)) as pilot:
+            table = app.query_one(FrameLog).table
+            hr = app.query_one(HRDiagram)
+            verdict = app.query_one("#verdict", Static)
+            service.start()
+            try:
+                for count, path in enumerate(truth.files, start=1):
+                    os.replace(path, camdir / path.name)    # the camera's file appears complete
+                    await wait_for(pilot, lambda: table.row_count >= count and app.snapshot is not None
+                                   and not app.snapshot.busy)
+                    seen.append((table.row_count, hr.n_points, str(verdict.render())))
+                rejected = [r for r in app.snapshot.frames if r.status == "rejected"]
+                assert rejected, "the simulated trailed / clouded frames should be rejected"
+                for rec in rejected:
+                    row = table.get_row_index(f"{rec.path}|{rec.sha256}")
+                    status = cell_text(table, row, "status")
+                    assert status.plain == f"rejected: {rec.reason}" and rec.reason
+                    assert "red" in str(status.style)
+                fwhm = cell_text(table, 0, "fwhm").plain
+                assert fwhm.endswith('"') or fwhm.endswith("px") or fwhm == "-"
+                await pilot.press("f")
+                assert app.filter_name == list(app.target.filters)[1]
+                await pilot.press("r")
+                assert app.query_one(StackView).mode == "raw"
+                await wait_drawn(app, pilot)
+                assert UPPER_HALF in app.query_one(StackView).text()
+                await pilot.press("s")
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+                assert app.saved_paths and all(p.exists() and p.suffix == ".png" for p in app.saved_paths)
+                await pilot.press("t")
+                assert app.target_name == "M35"             # the only target: t stays on it
+                await pilot.press("q")
+                await pilot.pause()
+                assert not app.is_running
+            finally:
+                service.stop()
+
+    asyncio.run(scenario())
+    rows = [s[0] for s in seen]
+    assert rows == list(range(1, len(truth.files) + 1))      # one new row per file, as it is processed
+    points = [s[1] for s in seen]
+    assert points == sorted(points) and points[-1] > 0 and len(set(p for p in points if p)) >= 2
+    assert "keep going" in seen[0][2]
+    assert "done" in seen[-1][2]

@@ -498,6 +498,7 @@ def _sky_rate(s: SimSettings, filt: str) -> float:
 
 
 def _exptimes(s: SimSettings, rng: np.random.Generator) -> dict[str, float]:
+    """One exposure time per filter, a round multiple of 5 s within the range (as observers pick them)."""
     lo, hi = s.exptime_range
     choices = np.arange(math.ceil(lo / 5) * 5, hi + 1e-9, 5.0)
     if choices.size == 0:

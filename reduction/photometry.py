@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Bit values of the ``flags`` column (OR-ed over filters in the catalogue).
 FLAG_SATURATED = 1      # a saturated pixel (in any frame) lies inside the aperture
-FLAG_BLENDED = 2        # a neighbour within BLEND_FWHM * FWHM, or one putting > BLEND_CONTAMINATION into the aperture
+FLAG_BLENDED = 2        # a neighbour within BLEND_FWHM * FWHM, or neighbours' light in the aperture above
+                        # BLEND_CONTAMINATION of the flux and above half the flux error (a bias that matters)
 FLAG_EDGE = 4           # aperture or annulus leaves the image or touches pixels no frame covered
 FLAG_LOW_COVERAGE = 8   # nframes at the star < min_coverage * max(nframes)
 FLAG_BITS = {FLAG_SATURATED: "saturated", FLAG_BLENDED: "blended", FLAG_EDGE: "edge",
@@ -395,6 +396,11 @@ def _find_peaks(fine: np.ndarray, inputs: list[_DetectionInput], weighted: np.nd
     px, py, snr, lab = px[keep], py[keep], snr[keep], lab[keep]
 
     x, y = windowed_centroids(weighted, px.astype(float), py.astype(float), fwhm)
+    # A saturated star's flat top is wider than the window; the centre of its (round) saturated
+    # region is where the star is.
+    if (lab > 0).any():
+        centres = np.array(ndimage.center_of_mass(np.ones(labels.shape), labels, lab[lab > 0]))
+        y[lab > 0], x[lab > 0] = centres[:, 0], centres[:, 1]
     ny, nx = fine.shape
     inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
     return x[inside], y[inside], snr[inside], lab[inside], int(sharp.sum())
@@ -678,7 +684,10 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
         log.warning("%s: no star fit for an aperture correction; using 1.0", stack.filter)
 
     contamination = _neighbour_contamination(xy, flux_aper, r_ap, cog_r, cog_ee)
-    flags[(nearest < BLEND_FWHM * fwhm) | (contamination > BLEND_CONTAMINATION)] |= FLAG_BLENDED
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative_error = np.where(flux_aper > 0, err_aper / flux_aper, np.inf)
+    contaminated = contamination > np.maximum(BLEND_CONTAMINATION, 0.5 * relative_error)
+    flags[(nearest < BLEND_FWHM * fwhm) | contaminated] |= FLAG_BLENDED
 
     rate = flux_aper * apcorr / stack.exptime
     rate_err = err_aper * apcorr / stack.exptime

@@ -213,3 +213,55 @@ def test_snr_at_limit_consistent(scene):
     lim = limiting_magnitude(st, sigma=5)
     assert snr_at(st, lim) == pytest.approx(5.0, rel=1e-6)
     assert snr_at(st, lim - 2.5) > 40
+
+
+@pytest.fixture(scope="module")
+def simulated_frame(tmp_path_factory):
+    """The first frame of a small simulated night (helper A's simulator), sky-subtracted, as a 1-frame stack."""
+    from astropy.table import Table
+
+    from observer.simulator import SimSettings, simulate_night
+    from reduction.background import sky_model
+    from reduction.frames import load_frame
+
+    root = tmp_path_factory.mktemp("simnight")
+    settings = SimSettings(size=512, frames=1, filters=("green",), n_members=150, n_field=60, seed=3,
+                           fill_seconds=0.0, bad_frames=False)
+    simulate_night(root / "cam", settings, truth_path=root / "truth.ecsv")
+    frame = load_frame(root / "cam" / "M35_green_001.fits")
+    log = Table.read(root / "truth_frames.ecsv")
+    first = log[(log["kind"] == "science")][0]
+    sky = sky_model(frame.data)
+    facts = frame.facts
+    stack = StackProduct(filter="green", image=(frame.data - sky.model).astype(np.float32),
+                         nframes=np.ones(frame.data.shape, np.uint16),
+                         variance=np.full(frame.data.shape, sky.rms ** 2, np.float32), variance_has_source=False,
+                         saturated=frame.data >= (facts.saturate or 65535) - 1, exptime=facts.exptime,
+                         gain=facts.gain, read_noise=facts.read_noise, n_combine=1, fwhm_px=float(first["fwhm_px"]),
+                         zeropoint=25.0, sky_level=sky.level)
+    return stack, Table.read(root / "truth.ecsv")
+
+
+def test_single_simulated_frame_against_truth(simulated_frame):
+    """Real-ish data: graded sky removed by helper B's model, hot pixels, cosmic rays, Moffat seeing."""
+    stack, truth = simulated_frame
+    sources = detect_sources(stack)
+    phot = forced_photometry(stack, sources)
+    x, y, mag = np.asarray(truth["x"]), np.asarray(truth["y"]), np.asarray(truth["mag_green"])
+    idx = match(phot["x"], phot["y"], x, y)
+    assert np.mean(idx < 0) <= 0.03                               # hot pixels and cosmic rays not detected
+    limit = limiting_magnitude(stack)
+    found = np.zeros(len(x), bool)
+    found[idx[idx >= 0]] = True
+    inside = (x > 15) & (x < 497) & (y > 15) & (y < 497)
+    assert found[inside & (mag < limit - 2)].mean() >= 0.95
+    ok = (idx >= 0) & (phot["flags"] == 0)
+    ok[ok] &= isolated(x, y, mag)[idx[ok]]
+    resid = np.asarray(phot["mag"][ok] - mag[idx[ok]])
+    bright = np.asarray(phot["snr"][ok] > 100)
+    assert bright.sum() >= 10
+    offset = np.median(resid[bright])
+    assert abs(offset) < 0.05
+    assert robust_std(resid[bright]) <= 0.01
+    usable = np.isfinite(resid) & np.asarray(phot["snr"][ok] > 5)
+    assert 0.7 <= robust_std((resid[usable] - offset) / np.asarray(phot["magerr"][ok])[usable]) <= 1.5

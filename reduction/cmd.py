@@ -60,32 +60,48 @@ def plot_cmd(cmd: CmdData, path: str | os.PathLike, isochrone: tuple[np.ndarray,
         ax.plot(cmd.color[~good], cmd.mag[~good], "o", ms=6, mfc="none", mec="tab:red", mew=1.2,
                 label=f"saturated ({int((~good).sum())}, magnitudes are limits)", zorder=3)
     if isochrone is not None:
-        ax.plot(np.asarray(isochrone[0]), np.asarray(isochrone[1]), "-", color="tab:blue", lw=1.4,
+        iso_color, iso_mag = _break_jumps(np.asarray(isochrone[0], float), np.asarray(isochrone[1], float))
+        ax.plot(iso_color, iso_mag, "-", color="tab:blue", lw=1.4,
                 label="isochrone" if age_text is None else f"isochrone, {age_text}", zorder=4)
     if turnoff is not None:
         ax.plot([turnoff[0]], [turnoff[1]], "*", ms=14, color="gold", mec="k", label="turn-off", zorder=5)
     if cmd.n:
-        _set_limits(ax, cmd)
+        _set_limits(ax, cmd, turnoff)
     ax.invert_yaxis()
     ax.set_xlabel(f"{cmd.color_label} [mag]")
     ax.set_ylabel(f"{cmd.mag_label} [mag]")
     heading = f"{title}: " if title else ""
     ax.set_title(f"{heading}{cmd.n} stars" + (f" ({age_text})" if age_text else ""))
     ax.grid(alpha=0.25)
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.85)
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
     fig.tight_layout()
     _atomic_savefig(fig, Path(path))
     return fig
 
 
-def _set_limits(ax, cmd: CmdData) -> None:
-    """Axis limits from the stars (robust to a few wild colours of faint stars); isochrones don't widen them."""
-    lo, hi = np.nanpercentile(cmd.color, [0.5, 99.5])
+def _set_limits(ax, cmd: CmdData, turnoff: tuple[float, float] | None) -> None:
+    """Axis limits from the stars (robust to a few wild colours of faint stars) and the turn-off;
+    the isochrone does not widen them."""
+    colors, mags = np.asarray(cmd.color, float), np.asarray(cmd.mag, float)
+    lo, hi = np.nanpercentile(colors, [0.5, 99.5])
+    mlo, mhi = np.nanmin(mags), np.nanmax(mags)
+    if turnoff is not None and np.all(np.isfinite(turnoff)):
+        lo, hi = min(lo, turnoff[0]), max(hi, turnoff[0])
+        mlo, mhi = min(mlo, turnoff[1]), max(mhi, turnoff[1])
     pad = 0.08 * max(hi - lo, 0.2)
     ax.set_xlim(lo - pad, hi + pad)
-    mlo, mhi = np.nanmin(cmd.mag), np.nanmax(cmd.mag)
     mpad = 0.04 * max(mhi - mlo, 0.5)
     ax.set_ylim(mlo - mpad, mhi + mpad)
+
+
+def _break_jumps(color: np.ndarray, mag: np.ndarray, max_step: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Insert gaps where consecutive isochrone points jump (between evolutionary phases),
+    so the line does not draw straight segments across the diagram."""
+    if len(color) < 2:
+        return color, mag
+    step = np.hypot(np.diff(color), np.diff(mag) / 4)     # a magnitude step counts less than a colour step
+    cut = np.nonzero(step > max_step)[0] + 1
+    return np.insert(color, cut, np.nan), np.insert(mag, cut, np.nan)
 
 
 def _atomic_savefig(fig: Figure, path: Path) -> None:

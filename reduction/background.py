@@ -53,7 +53,7 @@ class SkyModel:
     rms: float
 
 
-def pixel_noise(data: np.ndarray, max_rows: int = 256) -> float:
+def pixel_noise(data: np.ndarray, max_rows: int = 128) -> float:
     """Robust per-pixel noise (ADU) from differences of horizontally adjacent pixels.
 
     Differences cancel any smooth sky gradient, and the median absolute deviation ignores stars and
@@ -78,11 +78,21 @@ def _bin_factor(box: int) -> int:
 
 
 def _block_mean(data: np.ndarray, b: int) -> np.ndarray:
-    """Mean of b x b blocks (trailing rows/columns that do not fill a block are dropped)."""
+    """Mean of b x b blocks (trailing rows/columns that do not fill a block are dropped).
+
+    Sums of strided slices: ~5x faster than ``reshape(...).mean(axis=(1, 3))`` at 4096 x 4096.
+    """
     if b == 1:
         return np.asarray(data, dtype=np.float32)
     h, w = (data.shape[0] // b) * b, (data.shape[1] // b) * b
-    return data[:h, :w].reshape(h // b, b, w // b, b).mean(axis=(1, 3), dtype=np.float32)
+    rows = np.array(data[0:h:b, :w], dtype=np.float32)
+    for k in range(1, b):
+        rows += data[k:h:b, :w]
+    out = rows[:, 0::b].copy()
+    for k in range(1, b):
+        out += rows[:, k::b]
+    out *= np.float32(1.0 / (b * b))
+    return out
 
 
 def _mesh_medians(img: np.ndarray, mask: np.ndarray | None, mbox: int) -> tuple[np.ndarray, np.ndarray]:
@@ -288,9 +298,14 @@ def sky_model(data: np.ndarray, box: int = 64, filter_size: int = 3,
     else:
         if shape.shape != data.shape:
             raise ValueError(f"offset sky shape {shape.shape} differs from the frame's {data.shape}")
-        shape_mesh, _ = _mesh_medians(_block_mean(shape, mesh.bin), mesh.source_mask, mesh.box // mesh.bin)
+        # The shape is smooth: its value at the box centres stands for its box medians.
+        cy = np.round(_centres(data.shape[0], mesh.box, mesh.values.shape[0], mesh.covered[0])).astype(int)
+        cx = np.round(_centres(data.shape[1], mesh.box, mesh.values.shape[1], mesh.covered[1])).astype(int)
+        shape_mesh = shape[np.ix_(cy, cx)].astype(np.float64)
         a, off = _robust_line(shape_mesh.ravel(), mesh.values.ravel())
-        model = (np.float32(a) * shape + np.float32(off)).astype(np.float32)
+        model = shape * np.float32(a)
+        model += np.float32(off)
         log.debug("sky = %.2f * offset shape + %.2f", a, off)
     model = model.astype(np.float32, copy=False)
-    return SkyModel(model=model, level=float(np.median(model[::4, ::4])), rms=pixel_noise(data))
+    # the model is smooth: a sparse grid of it gives its median
+    return SkyModel(model=model, level=float(np.median(model[::16, ::16])), rms=pixel_noise(data))

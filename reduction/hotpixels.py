@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 #: sky reaches tens.
 SPIKE_RATIO = 2.0
 
+#: Rows per band in stage 1 (a band's temporaries, ~64 rows x 4096 x 4 bytes each, stay in cache).
+_BAND_ROWS = 64
+
 _NEIGHBOURS_8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
@@ -46,17 +49,30 @@ def _reflect(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(index > n - 1, 2 * (n - 1) - index, index)
 
 
-def _excess_over_neighbour_mean(data: np.ndarray) -> np.ndarray:
-    """value - mean of its 8 neighbours, with reflected (never zero) edges; a separable 3x3 sum."""
-    p = np.pad(data, 1, mode="reflect")
-    rows = p[:-2] + p[1:-1]
-    rows += p[2:]
-    box = rows[:, :-2] + rows[:, 1:-1]
-    box += rows[:, 2:]
-    # 9/8 v - box/8 = v - (box - v)/8
-    box *= np.float32(-1.0 / 8.0)
-    box += np.float32(9.0 / 8.0) * data
-    return box
+def _candidates(data: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels whose value exceeds the mean of their 8 neighbours by ``threshold`` (stage 1).
+
+    Edges are reflected (never zero-padded).  The frame is processed in bands of rows so that the
+    few temporaries stay in the CPU cache: the same arithmetic over whole 4096 x 4096 temporaries
+    is memory-bound and ~3x slower.
+    """
+    h, w = data.shape
+    ys_out, xs_out = [], []
+    limit = np.float32(8.0 * threshold)
+    for r0 in range(0, h, _BAND_ROWS):
+        r1 = min(h, r0 + _BAND_ROWS)
+        band = data[_reflect(np.arange(r0 - 1, r1 + 1), h)]
+        p = np.pad(band, ((0, 0), (1, 1)), mode="reflect")
+        rows = p[:-2] + p[1:-1]
+        rows += p[2:]
+        box = rows[:, :-2] + rows[:, 1:-1]
+        box += rows[:, 2:]
+        # value - (box - value) / 8 > threshold  <=>  9 value - box > 8 threshold
+        box -= np.float32(9.0) * band[1:-1]
+        ys, xs = np.nonzero(box < -limit)
+        ys_out.append(ys + r0)
+        xs_out.append(xs)
+    return np.concatenate(ys_out), np.concatenate(xs_out)
 
 
 def _gather(data: np.ndarray, ys: np.ndarray, xs: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
@@ -91,7 +107,7 @@ def find_hot_pixels(data: np.ndarray, sigma: float = 6.0, box: int = 5, *,
     noise = float(rms) if rms is not None else pixel_noise(data)
     g = float(gain) if gain else 1.0
 
-    ys, xs = np.nonzero(_excess_over_neighbour_mean(data) > sigma * noise)
+    ys, xs = _candidates(data, sigma * noise)
     mask = np.zeros(data.shape, dtype=bool)
     ring = _ring_offsets(min(box, 2 * (min(data.shape) - 1) + 1))
     hot = _spikes(data, mask, ys, xs, sigma, noise, g, ring)

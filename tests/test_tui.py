@@ -198,6 +198,16 @@ def test_half_block_colours_upper_and_lower_pixel():
     assert len(rows) == 5 and all(sum(seg.cell_length for seg in r) == 20 for r in rows)
 
 
+def test_hr_limits_ignore_outliers_but_keep_the_turnoff():
+    from tui.hr_diagram import _span
+
+    mags = np.concatenate([np.linspace(12, 20, 999), [35.0]])     # one wild magnitude
+    low, high = _span(mags, 0.0)
+    assert 11.9 < low and high < 21
+    low, high = _span(mags, 0.0, also=10.0)                          # turn-off above the stars
+    assert low == 10.0
+
+
 def test_age_text_reads_like_the_brief():
     age = AgeEstimate(8.1761, 8.0792, 8.2788, 150.0, 10.3, 0.2, 100, np.zeros(2), np.zeros(2), (0.0, 0.0))
     assert age_text(age) == "age 150 Myr (120-190)"

@@ -21,9 +21,15 @@ def age_text(age: AgeEstimate) -> str:
     return f"age {age.age_myr:.0f} Myr ({low:.0f}-{high:.0f})"
 
 
-def _span(values: np.ndarray, pad: float) -> tuple[float, float]:
-    """Robust data limits (1st-99th percentile) with a margin, so one outlier cannot squash the diagram."""
+def _span(values: np.ndarray, pad: float, also: float | None = None) -> tuple[float, float]:
+    """Robust data limits (0.5-99.5 percentile) with a margin, so one outlier cannot squash the diagram.
+
+    ``also`` (the turn-off) is always inside: the fitted turn-off can lie above
+    the saturated stars, and the observer must see it.
+    """
     low, high = np.percentile(values, [0.5, 99.5])
+    if also is not None and np.isfinite(also):
+        low, high = min(low, also), max(high, also)
     margin = max(high - low, 0.1) * pad
     return float(low - margin), float(high + margin)
 
@@ -79,8 +85,9 @@ class HRDiagram(PlotextPlot):
                         color="gray")
         if self.n_points >= 2:
             # Limits from the stars, not the isochrone, which runs far beyond the data.
-            plt.xlim(*_span(cmd.color[good], 0.05))
-            plt.ylim(*_span(cmd.mag[good], 0.03))
+            turn_color, turn_mag = self.age.turnoff if self.age is not None else (None, None)
+            plt.xlim(*_span(cmd.color[good], 0.05, turn_color))
+            plt.ylim(*_span(cmd.mag[good], 0.03, turn_mag))
         if self.age is not None:
             self._draw_age(self.age)
 

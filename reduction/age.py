@@ -106,25 +106,27 @@ class AgeFit:
     def to_json(self) -> dict:
         """Plain JSON-serialisable record (age.json)."""
         return {
-            "log_age": round(self.log_age, 4),
-            "log_age_low": round(self.log_age_low, 4),
-            "log_age_high": round(self.log_age_high, 4),
-            "age_myr": round(self.age_myr, 2),
-            "age_myr_low": round(self.age_myr_low, 2),
-            "age_myr_high": round(self.age_myr_high, 2),
-            "distance_modulus": round(self.distance_modulus, 3),
-            "ebv": round(self.ebv, 4),
-            "mh": self.mh,
+            "log_age": round(float(self.log_age), 4),
+            "log_age_low": round(float(self.log_age_low), 4),
+            "log_age_high": round(float(self.log_age_high), 4),
+            "age_myr": round(float(self.age_myr), 2),
+            "age_myr_low": round(float(self.age_myr_low), 2),
+            "age_myr_high": round(float(self.age_myr_high), 2),
+            "distance_modulus": round(float(self.distance_modulus), 3),
+            "ebv": round(float(self.ebv), 4),
+            "mh": float(self.mh),
             "n_stars": int(self.n_stars),
             "calibrated_zeropoints": bool(self.calibrated_zeropoints),
             "isochrone_set": self.isochrone_set,
             "bands": list(self.bands),
             "note": self.note,
             "turnoff": [round(float(self.turnoff[0]), 4), round(float(self.turnoff[1]), 4)],
-            "field_fraction": round(self.field_fraction, 3),
-            "binary_fraction": round(self.binary_fraction, 3),
-            "mag_limit": round(self.mag_limit, 3),
-            "fit_seconds": round(self.seconds, 2),
+            "magnitude_shift": round(float(self.dmag), 3),
+            "color_shift": round(float(self.dcolor), 4),
+            "field_fraction": round(float(self.field_fraction), 3),
+            "binary_fraction": round(float(self.binary_fraction), 3),
+            "mag_limit": round(float(self.mag_limit), 3),
+            "fit_seconds": round(float(self.seconds), 2),
         }
 
 
@@ -148,12 +150,17 @@ def _resample(color: np.ndarray, mag: np.ndarray, cum_weight: np.ndarray) -> _Tr
     """
     dw = np.clip(np.diff(cum_weight), 0.0, None)
     dc, dm = np.diff(color), np.diff(mag)
+    # Segments that would hold 1e-8 of the stars (thermal pulses, jumps between stages) are
+    # invisible in any catalogue; dropping them keeps the cached tracks small.
+    keep = dw > 1e-8 * dw.sum()
+    color, mag, dw, dc, dm = color[:-1][keep], mag[:-1][keep], dw[keep], dc[keep], dm[keep]
     length = np.hypot(dc / PIX_COLOR, dm / PIX_MAG)
     n = np.clip(np.ceil(length / 0.5).astype(int), 1, 4000)
     seg = np.repeat(np.arange(len(dw)), n)
     start = np.cumsum(n) - n
     frac = (np.arange(seg.size) - start[seg] + 0.5) / n[seg]
-    return _Track(color[seg] + frac * dc[seg], mag[seg] + frac * dm[seg], dw[seg] / n[seg])
+    return _Track((color[seg] + frac * dc[seg]).astype(np.float32), (mag[seg] + frac * dm[seg]).astype(np.float32),
+                  (dw[seg] / n[seg]).astype(np.float32))
 
 
 def _combine(m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
@@ -161,7 +168,7 @@ def _combine(m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
     return -2.5 * np.log10(10 ** (-0.4 * m1) + 10 ** (-0.4 * m2))
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=80)
 def _tracks(log_age: float, mh: float, bands: tuple[str, str]) -> tuple[_Track, _Track]:
     """Single-star and binary tracks for one isochrone (cached: they do not depend on the data)."""
     iso = get_isochrone(log_age, mh)
@@ -566,6 +573,27 @@ def _profile_interval(ages: np.ndarray, lnl: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
+def _as_float(values) -> np.ndarray:
+    """A float array with masked entries (astropy MaskedColumn, numpy masked array) as NaN."""
+    return np.ma.asarray(values, dtype=float).filled(np.nan)
+
+
+def _plot_isochrone(log_age: float, mh: float, bands: tuple[str, str], dcolor: float, dmag: float,
+                    mag: np.ndarray, turnoff_mag: float) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted isochrone on the observed axes, for drawing over the diagram.
+
+    Stages up to the early AGB (the thermal pulses are a scribble of negligible weight), and
+    only the magnitudes the diagram shows (its stars' range and the turn-off, a little beyond),
+    so that a plot scaled to the isochrone is scaled to the data.
+    """
+    iso = get_isochrone(log_age, mh)
+    c = iso.mags[bands[0]] - iso.mags[bands[1]] + dcolor
+    m = iso.mags[bands[1]] + dmag
+    finite = mag[np.isfinite(mag)]
+    keep = (iso.label <= 7) & (m >= min(finite.min(), turnoff_mag) - 1.0) & (m <= finite.max() + 0.5)
+    return c[keep], m[keep]
+
+
 def _turnoff(log_age: float, mh: float, bands: tuple[str, str], dcolor: float, dmag: float
              ) -> tuple[float, float]:
     """Bluest main-sequence point of the isochrone (the turn-off), on the observed axes."""
@@ -636,6 +664,8 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     t0 = time.perf_counter()
     rng = np.random.default_rng(rng)
     bands = (str(bands[0]), str(bands[1]))
+    color, mag, color_err, mag_err = (_as_float(v) for v in (color, mag, color_err, mag_err))
+    usable = np.ma.asarray(usable).filled(False).astype(bool)
     data = _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit)
     n = data.mag.size
     notes = []
@@ -686,15 +716,15 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     if calibrated:
         notes.insert(0, "calibrated zeropoints: distance modulus and E(B-V) are physical")
     else:
-        notes.insert(0, "instrumental magnitudes (zeropoints not calibrated): distance_modulus is the "
-                        "apparent distance modulus plus the magnitude zeropoint minus "
-                        f"{fixed.k_mag:.2f}*ebv, ebv is the reddening plus the colour zeropoint; "
-                        "the age comes from the shape of the sequence (turn-off, main-sequence "
-                        "curvature, giants)")
-    iso = get_isochrone(float(ages[i_best]), best_mh)
-    keep = iso.label < 9
-    iso_c = iso.mags[bands[0]][keep] - iso.mags[bands[1]][keep] + best.dcolor
-    iso_m = iso.mags[bands[1]][keep] + best.dmag
+        band_m, colour = bands[1], f"{bands[0]}-{bands[1]}"
+        notes.insert(0, f"instrumental magnitudes (zeropoints not calibrated): the fitted shifts are "
+                        f"{band_m} shift = apparent distance modulus + {band_m} zeropoint = {best.dmag:.3f} and "
+                        f"{colour} shift = colour excess + colour zeropoint = {best.dcolor:.3f}; distance_modulus "
+                        f"(= {band_m} shift - {fixed.k_mag:.2f} ebv) and ebv (from the {colour} shift) include "
+                        "the unknown zeropoints and are not physical; the age comes from the shape of the "
+                        "sequence (turn-off, main-sequence curvature, giants)")
+    turnoff = _turnoff(float(ages[i_best]), best_mh, bands, best.dcolor, best.dmag)
+    iso_c, iso_m = _plot_isochrone(float(ages[i_best]), best_mh, bands, best.dcolor, best.dmag, mag, turnoff[1])
     seconds = time.perf_counter() - t0
     log.info("age fit: log age %.3f (%.3f..%.3f) from %d stars in %.2f s", log_age, low, high, n, seconds)
     return AgeFit(
@@ -702,7 +732,7 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
         age_myr=10 ** log_age / 1e6, age_myr_low=10 ** low / 1e6, age_myr_high=10 ** high / 1e6,
         distance_modulus=mu, ebv=ebv_fit, mh=best_mh, n_stars=n, calibrated_zeropoints=bool(calibrated),
         isochrone_set=ISOCHRONE_SET, iso_color=iso_c, iso_mag=iso_m,
-        turnoff=_turnoff(float(ages[i_best]), best_mh, bands, best.dcolor, best.dmag),
+        turnoff=turnoff,
         bands=bands, note="; ".join(notes), dmag=best.dmag, dcolor=best.dcolor,
         field_fraction=best.f_field, binary_fraction=best.f_binary, mag_limit=data.box[3],
         seconds=seconds, profile_log_age=np.asarray(ages, float), profile_lnl=best_curve)

@@ -70,6 +70,8 @@ class NightLike(Protocol):
 
 
 NightFactory = Callable[[Settings, Path], NightLike]
+#: A record taken and how to commit its outcome to the ledger (after the checkpoint).
+_Outcome = tuple[FrameRecord, Callable[[], None]]
 
 
 def _restore_night(settings: Settings, outdir: Path) -> NightLike:
@@ -192,6 +194,11 @@ class Service:
     def queue_length(self) -> int:
         return self._queue.qsize() + int(self._in_hand)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, in hand or filling, and the products (catalogue and CMD too) are current."""
+        return self.queue_length == 0 and self.tracker.waiting == 0 and not self._products_stale
+
     def snapshot(self) -> Snapshot:
         """The state as of the last finished file, with the live queue length (cheap: no science)."""
         n = self.queue_length + self.tracker.waiting
@@ -303,43 +310,59 @@ class Service:
             return str(path)
 
     def handle(self, job: Job) -> FrameRecord | None:
-        """Take one job through the per-frame path; never raises. Returns the new record, or None if done before."""
+        """Take one job through the per-frame path; never raises. Returns the new record, or None if done before.
+
+        Order: (ledger ``processing``) -> process -> products (stack, frames.ecsv)
+        and subscribers -> checkpoint -> ledger outcome. Products come before
+        the checkpoint so the observer sees the frame without waiting for the
+        state to be saved; a crash between the two leaves products one frame
+        ahead of the checkpoint, and the restart redoes that frame and rewrites
+        them: the end state is the same, every frame counted once.
+        """
         with self._night_lock:
+            queued = time.monotonic() - job.ready_at if job.ready_at else 0.0
             try:
-                record = self._handle(job)
+                outcome = self._handle(job)
             except Exception as exc:  # noqa: BLE001 - one bad file must never stop the worker
                 log.exception("%s: unexpected failure", job.path)
-                try:
-                    record = self._skip(job, "", "rejected", f"internal error: {type(exc).__name__}: {exc}")
-                except Exception:  # noqa: BLE001 - e.g. the disk is full: logged above, the night goes on
-                    log.exception("%s: cannot record the failure", job.path)
-                    record = None
-            if record is None:
+                outcome = self._skip(job, "", "rejected", f"internal error: {type(exc).__name__}: {exc}")
+            if outcome is None:
                 return None
+            record, commit = outcome
+            record.step_seconds["queue"] = queued
             self._products_stale = True
+            step = time.perf_counter()
             products = self._write_products(force=False)
+            record.step_seconds["products"] = time.perf_counter() - step
             self._publish(record, products)
+            step = time.perf_counter()
+            try:
+                self.night.checkpoint()
+                commit()
+            except Exception:  # noqa: BLE001 - e.g. disk full: the ledger stays 'processing', a restart redoes it
+                log.exception("%s: saving the state failed", job.path)
+            record.step_seconds["checkpoint"] = time.perf_counter() - step
             return record
 
     def _recorded(self, path: Path, sha256: str, status: str) -> bool:
         """Already recorded so? (The reason may differ: a quarantine's says how long it waited.)"""
         return any(r.path == str(path) and r.sha256 == sha256 and r.status == status for r in self.night.records)
 
-    def _skip(self, job: Job, sha256: str, status: str, reason: str) -> FrameRecord | None:
+    def _skip(self, job: Job, sha256: str, status: str, reason: str) -> _Outcome | None:
         """Record a file the per-frame path does not take (once: a restart does not record it again)."""
         if self._recorded(job.path, sha256, status):
             return None
-        self.ledger.record(job.path, sha256, status, reason, job.size, job.mtime_ns)
         record = self.night.record_skipped(job.path, sha256, status, reason)
-        self.night.checkpoint()
-        return record
+        return record, lambda: self.ledger.record(job.path, sha256, status, reason, job.size, job.mtime_ns)
 
-    def _handle(self, job: Job) -> FrameRecord | None:
+    def _handle(self, job: Job) -> _Outcome | None:
+        """Decide what the job is and do the science part; the caller writes products and commits."""
         path = job.path
         if job.quarantine:
             return self._skip(job, "", "quarantined", job.quarantine)
         if job.error:
             return self._skip(job, "", "rejected", job.error)
+        started = time.perf_counter()
         try:
             sha = sha256_of(path)
         except FileNotFoundError:
@@ -354,11 +377,11 @@ class Service:
             return None
         if same:
             return self._skip(job, sha, "ignored", f"duplicate of {self._display(same[0].path)}")
+        hashed = time.perf_counter()
         self.ledger.begin(path, sha, job.size, job.mtime_ns)
         record = self.night.process(path, sha)
-        self.night.checkpoint()
-        self.ledger.finish(record, job.size, job.mtime_ns)
-        return record
+        record.step_seconds["hash"] = hashed - started
+        return record, lambda: self.ledger.finish(record, job.size, job.mtime_ns)
 
 
 # --------------------------------------------------------------------- reprocess: the same worker, synchronously

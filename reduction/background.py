@@ -95,8 +95,8 @@ def _block_mean(data: np.ndarray, b: int) -> np.ndarray:
     return out
 
 
-def _mesh_medians(img: np.ndarray, mask: np.ndarray | None, mbox: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sigma-clipped median of each mbox x mbox box of ``img`` ignoring ``mask``; and the good fraction.
+def _mesh_medians(img: np.ndarray, mask: np.ndarray | None, mbox: int) -> np.ndarray:
+    """Sigma-clipped median of each mbox x mbox box of ``img`` ignoring ``mask`` (NaN: too few values).
 
     Each box's values are sorted once; clipping then only moves two indices per box, so all boxes
     are clipped together with a handful of vectorised comparisons.
@@ -132,13 +132,11 @@ def _mesh_medians(img: np.ndarray, mask: np.ndarray | None, mbox: int) -> tuple[
         if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
             break
         lo, hi = new_lo, new_hi
-    # Fraction of the box that was real, unmasked image (the last row/column of boxes may be partial).
+    # A box needs enough real, unmasked pixels (the last row/column of boxes may be partial).
     full = np.zeros((ny * mbox, nx * mbox), dtype=np.float32)
     full[:h, :w] = 1.0
     area = full.reshape(ny, mbox, nx, mbox).sum(axis=(1, 3))
-    good = n / np.maximum(area, 1.0)
-    med = np.where(good >= _MIN_GOOD_FRACTION, med, np.nan)
-    return med, area / (mbox * mbox)
+    return np.where(n / np.maximum(area, 1.0) >= _MIN_GOOD_FRACTION, med, np.nan)
 
 
 def _fill_missing(mesh: np.ndarray) -> np.ndarray:
@@ -196,7 +194,7 @@ def _spline_matrix(centres: tuple[float, ...], n: int) -> np.ndarray:
     return np.ascontiguousarray(spline(np.arange(n)), dtype=np.float32)
 
 
-def _centres(length: int, box: int, nboxes: int, covered: int) -> tuple[float, ...]:
+def _centres(box: int, nboxes: int, covered: int) -> tuple[float, ...]:
     """Centres (original pixels) of the boxes along one axis; the last one may be partial."""
     out = []
     for j in range(nboxes):
@@ -206,8 +204,8 @@ def _centres(length: int, box: int, nboxes: int, covered: int) -> tuple[float, .
 
 
 def _upsample(mesh: np.ndarray, shape: tuple[int, int], box: int, covered: tuple[int, int]) -> np.ndarray:
-    wy = _spline_matrix(_centres(shape[0], box, mesh.shape[0], covered[0]), shape[0])
-    wx = _spline_matrix(_centres(shape[1], box, mesh.shape[1], covered[1]), shape[1])
+    wy = _spline_matrix(_centres(box, mesh.shape[0], covered[0]), shape[0])
+    wx = _spline_matrix(_centres(box, mesh.shape[1], covered[1]), shape[1])
     return (wy @ mesh.astype(np.float32)) @ wx.T
 
 
@@ -217,11 +215,8 @@ class _Mesh:
 
     values: np.ndarray  # (ny, nx) box medians, gaps filled, median-filtered
     box: int
-    bin: int
     covered: tuple[int, int]  # original pixels covered by whole blocks
     shape: tuple[int, int]
-    binned: np.ndarray
-    source_mask: np.ndarray  # on the binned grid
 
 
 def _masked_mesh(data: np.ndarray, box: int, filter_size: int) -> _Mesh:
@@ -233,7 +228,7 @@ def _masked_mesh(data: np.ndarray, box: int, filter_size: int) -> _Mesh:
     img = _block_mean(data, b)
     mbox = box // b
     covered = (img.shape[0] * b, img.shape[1] * b)
-    first, _ = _mesh_medians(img, None, mbox)
+    first = _mesh_medians(img, None, mbox)
     first = _fill_missing(first)
     coarse = _upsample(first, img.shape, mbox, img.shape)
     resid = img - coarse
@@ -241,9 +236,9 @@ def _masked_mesh(data: np.ndarray, box: int, filter_size: int) -> _Mesh:
     mask = resid > _MASK_SIGMA * noise
     if _MASK_DILATE:
         mask = ndimage.binary_dilation(mask, iterations=_MASK_DILATE)
-    values, _ = _mesh_medians(img, mask, mbox)
+    values = _mesh_medians(img, mask, mbox)
     values = _median_filter_mesh(_fill_missing(values), filter_size)
-    return _Mesh(values, box, b, covered, data.shape, img, mask)
+    return _Mesh(values, box, covered, data.shape)
 
 
 def _smooth_from_mesh(mesh: _Mesh) -> np.ndarray:
@@ -299,8 +294,8 @@ def sky_model(data: np.ndarray, box: int = 64, filter_size: int = 3,
         if shape.shape != data.shape:
             raise ValueError(f"offset sky shape {shape.shape} differs from the frame's {data.shape}")
         # The shape is smooth: its value at the box centres stands for its box medians.
-        cy = np.round(_centres(data.shape[0], mesh.box, mesh.values.shape[0], mesh.covered[0])).astype(int)
-        cx = np.round(_centres(data.shape[1], mesh.box, mesh.values.shape[1], mesh.covered[1])).astype(int)
+        cy = np.round(_centres(mesh.box, mesh.values.shape[0], mesh.covered[0])).astype(int)
+        cx = np.round(_centres(mesh.box, mesh.values.shape[1], mesh.covered[1])).astype(int)
         shape_mesh = shape[np.ix_(cy, cx)].astype(np.float64)
         a, off = _robust_line(shape_mesh.ravel(), mesh.values.ravel())
         model = shape * np.float32(a)

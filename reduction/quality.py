@@ -309,18 +309,19 @@ def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, n
 
     Limits are relative to the target's running baseline (``baseline_fwhm``: the night's median
     FWHM so far; ``transparency`` relative to the best frame) so a soft night or a bright moon does
-    not reject everything.  ``max_fwhm_px`` is an optional absolute limit (the caller converts the
+    not reject everything.  Elongation is checked before FWHM: trailing also widens the mean FWHM,
+    and "trailed" is the diagnosis the observer can act on.  ``max_fwhm_px`` is an optional absolute limit (the caller converts the
     config's arcsec limit with the plate scale, when one is known).
     """
     if nstars < min_stars:
         return f"only {nstars} stars (< {min_stars})"
     if not (fwhm_px is not None and np.isfinite(fwhm_px)):
         return "no measurable stars (FWHM unknown)"
+    if elongation is not None and np.isfinite(elongation) and elongation > max_elongation:
+        return f"elongation {elongation:.2f} > {max_elongation:.2f} (trailed?)"
     if baseline_fwhm and np.isfinite(baseline_fwhm) and fwhm_px > max_fwhm_ratio * baseline_fwhm:
         return (f"FWHM {fwhm_px:.1f} px is {fwhm_px / baseline_fwhm:.1f}x the night's median "
                 f"{baseline_fwhm:.1f} px")
-    if elongation is not None and np.isfinite(elongation) and elongation > max_elongation:
-        return f"elongation {elongation:.2f} > {max_elongation:.2f} (trailed?)"
     if transparency is not None and np.isfinite(transparency) and transparency < min_transparency:
         return f"transparency {transparency:.2f} < {min_transparency:.2f} (cloud?)"
     if max_fwhm_px is not None and fwhm_px > max_fwhm_px:

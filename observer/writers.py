@@ -118,30 +118,34 @@ def write_catalogs(night: "Night", fit_age: bool) -> list[Path]:
     color = settings.cmd.color_filters
     for tname, target in night.targets.items():
         stacks = {f: stack_product(night, target, s) for f, s in target.filters.items() if s.n_stacked > 0}
+        phot = settings.photometry
+        apcorr: dict[str, float] = {}
+        if all(f in stacks for f in color):
+            catalog = build_catalog(stacks, color=color, detect_sigma=phot.detect_sigma,
+                                    aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
+                                    min_coverage=phot.min_coverage)
+            apcorr = dict(catalog.meta["aperture_correction"])
+            target.catalog_rows = len(catalog)
+            path = night.outdir / tname / "catalog.ecsv"
+            atomic_write_table(path, catalog)
+            written.append(path)
+            night.cmd_cache[tname] = cmd_data(catalog, color=color, magnitude=settings.cmd.magnitude)
+            written.append(write_cmd_figure(night, tname))
+            if fit_age and settings.age.enabled:
+                night.age_worker.submit(night, tname, catalog)
+        # Depth and SNR of every stack (aperture-corrected once a catalogue has measured the correction).
         for fname, product in stacks.items():
             session = target.filters[fname]
-            limit = limiting_magnitude(product)
+            limit = float(limiting_magnitude(product, aperture_fwhm=phot.aperture_fwhm,
+                                             annulus_fwhm=tuple(phot.annulus_fwhm),
+                                             aperture_correction=apcorr.get(fname, 1.0)))
             if not session.limiting_mag_history or session.limiting_mag_history[-1] != limit:
-                session.limiting_mag_history.append(float(limit))
-        if not all(f in stacks for f in color):
-            continue
-        phot = settings.photometry
-        catalog = build_catalog(stacks, color=color, detect_sigma=phot.detect_sigma,
-                                aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
-                                min_coverage=phot.min_coverage)
-        target.catalog_rows = len(catalog)
-        path = night.outdir / tname / "catalog.ecsv"
-        atomic_write_table(path, catalog)
-        written.append(path)
-        cmd = cmd_data(catalog, color=color, magnitude=settings.cmd.magnitude)
-        night.cmd_cache[tname] = cmd
-        written.append(write_cmd_figure(night, tname))
-        if fit_age and settings.age.enabled:
-            night.age_worker.submit(night, tname, catalog)
+                session.limiting_mag_history.append(limit)
         completion = completion_mag(night, tname)
         for fname, product in stacks.items():
-            target.filters[fname].snr_at_mag = float(snr_at(product, completion)) if np.isfinite(completion) \
-                else float("nan")
+            target.filters[fname].snr_at_mag = float(snr_at(
+                product, completion, aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
+                aperture_correction=apcorr.get(fname, 1.0))) if np.isfinite(completion) else float("nan")
     return written
 
 

@@ -494,3 +494,38 @@ def test_dashboard_on_real_service_and_simulated_night(tmp_path):
     assert points == sorted(points) and points[-1] > 0 and len(set(p for p in points if p)) >= 2
     assert "keep going" in seen[0][2]
     assert "done" in seen[-1][2]
+
+
+def test_service_messages_and_snapshot_errors_are_shown_once(tmp_path):
+    source = SimSource(tmp_path)
+    source.add_frame("M35", "blue")
+    good = source.snapshot()
+    source._snapshot = Snapshot(**{**good.__dict__, "version": good.version + 1,
+                                   "messages": ("disk space low in the output folder",)})
+    failing = {"on": False}
+    real_snapshot = source.snapshot
+
+    def snapshot() -> Snapshot:
+        if failing["on"]:
+            raise OSError("ledger locked")
+        return real_snapshot()
+
+    source.snapshot = snapshot
+    notes: list[tuple[str, str]] = []
+
+    class RecordingApp(ObserverApp):
+        def notify(self, message, *, severity="information", **kwargs):
+            notes.append((message, severity))
+            super().notify(message, severity=severity, **kwargs)
+
+    async def scenario():
+        app = RecordingApp(source)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause(1.2)                          # a few polls: the message is not repeated
+            failing["on"] = True
+            await pilot.pause(1.2)
+            assert app.is_running and app.query_one(FrameLog).table.row_count == 1
+
+    asyncio.run(scenario())
+    assert notes.count(("disk space low in the output folder", "warning")) == 1
+    assert notes.count(("cannot read the service state: ledger locked", "error")) == 1

@@ -172,7 +172,12 @@ class ObserverApp(App[None]):
 
     def refresh_snapshot(self) -> None:
         """Read the published state and update the widgets if it changed."""
-        snap = self.source.snapshot()
+        try:
+            snap = self.source.snapshot()
+        except Exception as exc:  # keep showing the last state; the observer must still be able to quit
+            if self._notify_once(f"cannot read the service state: {exc}", severity="error"):
+                log.exception("reading the service's snapshot failed")
+            return
         old = self.snapshot
         if old is not None and (snap.version, snap.queue_length, snap.busy) == (
                 old.version, old.queue_length, old.busy):
@@ -182,9 +187,15 @@ class ObserverApp(App[None]):
         self._follow_target(snap)
         self._show_target()
         for message in snap.messages:
-            if message not in self._messages_seen:
-                self._messages_seen.add(message)
-                self.notify(message, severity="warning", timeout=10)
+            self._notify_once(message)
+
+    def _notify_once(self, message: str, severity: str = "warning") -> bool:
+        """Toast a service message the first time it appears (the poll would repeat it every 0.5 s)."""
+        if message in self._messages_seen:
+            return False
+        self._messages_seen.add(message)
+        self.notify(message, severity=severity, timeout=10)
+        return True
 
     def _follow_target(self, snap: Snapshot) -> None:
         """Show the target being observed (newest science frame) until the observer picks one with t."""

@@ -315,20 +315,24 @@ _DATE_ONLY = re.compile(r"^\s*\d{4}-\d{2}-\d{2}\s*$")
 
 
 def _parse_date_obs(date: str, time_obs: str | None) -> Time:
-    """DATE-OBS as ISO ('YYYY-MM-DD[THH:MM:SS.sss]') or the old 'dd/mm/yy' form, plus TIME-OBS.
+    """DATE-OBS as ISO ('YYYY-MM-DD[THH:MM:SS.sss]', a trailing 'Z' allowed) or the old 'dd/mm/yy'
+    form; a date without a time takes TIME-OBS (or UT) when that is readable.
 
     The old form is read by the FITS standard's rule: 'dd/mm/yy' always means 19yy (it was
     deprecated in 1997, before any 20yy date could be written that way).
     """
-    text = date.strip()
+    text = date.strip().removesuffix("Z")
     m = _DMY.match(text)
     if m:
         day, month, yy = (int(g) for g in m.groups())
         text = f"{1900 + yy:04d}-{month:02d}-{day:02d}"
     if m or _DATE_ONLY.match(text):
         if time_obs:
-            text = f"{text}T{time_obs.strip()}"
-        return Time(text, format="isot" if "T" in text else "iso", scale="utc")
+            try:
+                return Time(f"{text}T{time_obs.strip().removesuffix('Z')}", format="isot", scale="utc")
+            except ValueError as exc:
+                log.debug("TIME-OBS %r skipped: %s", time_obs, exc)
+        return Time(text, format="iso", scale="utc")
     return Time(text.replace(" ", "T", 1) if "T" not in text and " " in text else text,
                 scale="utc")
 

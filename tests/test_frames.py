@@ -149,6 +149,9 @@ def test_header_fallbacks_for_old_and_odd_headers():
 def test_header_dates_and_kinds():
     assert header_facts(_header(DATE_OBS="2026-01-15T20:30:00.123")).date_obs.isot == "2026-01-15T20:30:00.123"
     assert header_facts(_header(DATE_OBS="2026-01-15", TIME_OBS="20:30:00")).date_obs.isot == "2026-01-15T20:30:00.000"
+    assert header_facts(_header(DATE_OBS="2026-01-15T20:30:00Z")).date_obs.isot == "2026-01-15T20:30:00.000"
+    assert header_facts(_header(DATE_OBS="2026-01-15", TIME_OBS="junk")).date_obs.isot == "2026-01-15T00:00:00.000"
+    assert header_facts(_header(DATE_OBS="not a date", MJD_OBS=61055.5)).date_obs.isot == "2026-01-15T12:00:00.000"
     assert header_facts(_header(MJD_OBS=61055.5)).date_obs.isot == "2026-01-15T12:00:00.000"
     assert header_facts(_header(JD=2461056.0)).date_obs.isot == "2026-01-15T12:00:00.000"
     assert header_facts(_header(FRAMETYP="Dark")).imagetyp == "Dark"

@@ -81,3 +81,33 @@ def test_shape_mismatch_is_refused(night):
     science, _, _, _, _ = night
     with pytest.raises(ValueError, match="shape"):
         sky_model(science, shape=np.ones((10, 10), dtype=np.float32))
+
+
+def test_simulated_night_sky_level_and_flat_residual(tmp_path):
+    from astropy.table import Table
+    from scipy import ndimage
+
+    from observer.simulator import SimSettings, simulate_night
+    from reduction.frames import load_frame
+    from reduction.hotpixels import find_hot_pixels, repair_pixels
+
+    settings = SimSettings(size=512, frames=2, filters=("green",), n_members=150, n_field=60,
+                           fill_seconds=0.0, seed=4, bad_frames=False, satellite=False)
+    simulate_night(tmp_path / "cam", settings, truth_path=tmp_path / "truth.ecsv")
+    log = Table.read(tmp_path / "truth_frames.ecsv")
+
+    def clean(name: str) -> np.ndarray:
+        frame = load_frame(tmp_path / "cam" / name)
+        return repair_pixels(frame.data, find_hot_pixels(frame.data, gain=frame.facts.gain))
+
+    shape = offset_sky_shape(clean("M35_offset_green.fits"))
+    for row in log[log["kind"] == "science"]:
+        data = clean(row["file"])
+        for model in (sky_model(data), sky_model(data, shape=shape)):
+            sky = row["sky_adu"]
+            assert model.level - settings.bias_level == pytest.approx(sky, rel=0.01)
+            resid = data - model.model
+            masked = np.where(ndimage.binary_dilation(resid > 3 * model.rms, iterations=6), np.nan, resid)
+            n = 512 // BOX
+            boxes = masked.reshape(n, BOX, n, BOX).transpose(0, 2, 1, 3).reshape(n, n, -1)
+            assert np.nanmax(np.abs(np.nanmedian(boxes, axis=-1))) < 0.01 * sky

@@ -146,6 +146,16 @@ def test_header_fallbacks_for_old_and_odd_headers():
     assert f.saturate == 65535 and f.instrument == "ST-8"
 
 
+def test_odd_header_values_are_skipped_not_fatal():
+    h = _header(EXPTIME=True, EXPOSURE=-5, EXP_TIME="12.5", GAIN=-1.0, CCDGAIN=0, XBINNING="x",
+                BINNING="abc", RA="garbage", DEC=95.0, OBJCTRA="06 08 54", OBJCTDEC="+24 20",
+                CTYPE1="RA---XYZ", CTYPE2="nonsense", PIXSCALE="n/a", SATURATE="", DATE_OBS="32/13/99")
+    f = header_facts(h)
+    assert f.exptime == 12.5 and f.gain is None and (f.xbin, f.ybin) == (1, 1)
+    assert f.ra_deg == pytest.approx(92.225) and f.dec_deg == pytest.approx(24 + 20 / 60)
+    assert f.plate_scale_arcsec is None and f.saturate is None and f.date_obs is None and f.wcs is None
+
+
 def test_header_dates_and_kinds():
     assert header_facts(_header(DATE_OBS="2026-01-15T20:30:00.123")).date_obs.isot == "2026-01-15T20:30:00.123"
     assert header_facts(_header(DATE_OBS="2026-01-15", TIME_OBS="20:30:00")).date_obs.isot == "2026-01-15T20:30:00.000"

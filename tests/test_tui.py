@@ -211,6 +211,8 @@ def test_hr_limits_ignore_outliers_but_keep_the_turnoff():
 def test_age_text_reads_like_the_brief():
     age = AgeEstimate(8.1761, 8.0792, 8.2788, 150.0, 10.3, 0.2, 100, np.zeros(2), np.zeros(2), (0.0, 0.0))
     assert age_text(age) == "age 150 Myr (120-190)"
+    old = AgeEstimate(9.0, 8.95, 9.05, 1000.0, 10.3, 0.2, 100, np.zeros(2), np.zeros(2), (0.0, 0.0))
+    assert age_text(old) == "age 1.0 Gyr (0.9-1.1)"
 
 
 # --- the app ----------------------------------------------------------------------------------

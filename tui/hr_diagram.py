@@ -17,7 +17,7 @@ def age_text(age: AgeEstimate) -> str:
     """'age 150 Myr (120-190)': the best age with its interval, in the unit that reads best."""
     low, high = 10 ** (age.log_age_low - 6), 10 ** (age.log_age_high - 6)
     if age.age_myr >= 1000:
-        return f"age {age.age_myr / 1000:.2g} Gyr ({low / 1000:.2g}-{high / 1000:.2g})"
+        return f"age {age.age_myr / 1000:.1f} Gyr ({low / 1000:.1f}-{high / 1000:.1f})"
     return f"age {age.age_myr:.0f} Myr ({low:.0f}-{high:.0f})"
 
 

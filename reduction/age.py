@@ -551,8 +551,9 @@ def _profile(ages: np.ndarray, lnl: np.ndarray) -> float:
         a, b, c = lnl[i - 1], lnl[i], lnl[i + 1]
         denom = a - 2 * b + c
         if denom < 0:
-            step = ages[i + 1] - ages[i]
-            return float(ages[i] + np.clip(0.5 * step * (a - c) / denom, -0.5, 0.5) * step)
+            # Vertex of the parabola through the three points, in grid steps from the best one.
+            offset = float(np.clip(0.5 * (a - c) / denom, -0.5, 0.5))
+            return float(ages[i] + offset * (ages[i + 1] - ages[i]))
     return float(ages[i])
 
 
@@ -560,7 +561,6 @@ def _profile_interval(ages: np.ndarray, lnl: np.ndarray) -> tuple[float, float]:
     """Ages where the profile likelihood is within 0.5 of its maximum (linear interpolation)."""
     i = int(np.argmax(lnl))
     cut = lnl[i] - 0.5
-    lo = hi = float(ages[i])
     j = i
     while j > 0 and lnl[j - 1] >= cut:
         j -= 1

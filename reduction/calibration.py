@@ -111,7 +111,8 @@ def combine_flat(frames: Sequence[np.ndarray], exptimes: Sequence[float] | None 
     return flat
 
 
-def _arrays_and_times(items: Sequence[Any], exptimes: Sequence[float] | None) -> tuple[list[np.ndarray], list[float | None]]:
+def _arrays_and_times(items: Sequence[Any], exptimes: Sequence[float] | None
+                      ) -> tuple[list[np.ndarray], list[float | None]]:
     """Frames (``reduction.frames.Frame``: data and header exposure) or plain arrays (with ``exptimes``)."""
     arrays = [np.asarray(getattr(it, "data", it)) for it in items]
     if exptimes is not None:

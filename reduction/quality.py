@@ -80,7 +80,8 @@ def _box_smooth(data: np.ndarray, size: int) -> np.ndarray:
     return full
 
 
-def _find_peaks(data: np.ndarray, rms: float, fwhm_guess: float, sigma: float, edge: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _find_peaks(data: np.ndarray, rms: float, fwhm_guess: float, sigma: float,
+                edge: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows, columns and smoothed heights of real (not single-pixel) peaks away from the edges."""
     size = max(3, 2 * int(fwhm_guess / 2.0) + 1)  # odd box about the FWHM: 3 px for FWHM < 4
     sm = _box_smooth(data, size)
@@ -310,8 +311,9 @@ def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, n
     Limits are relative to the target's running baseline (``baseline_fwhm``: the night's median
     FWHM so far; ``transparency`` relative to the best frame) so a soft night or a bright moon does
     not reject everything.  Elongation is checked before FWHM: trailing also widens the mean FWHM,
-    and "trailed" is the diagnosis the observer can act on.  ``max_fwhm_px`` is an optional absolute limit (the caller converts the
-    config's arcsec limit with the plate scale, when one is known).
+    and "trailed" is the diagnosis the observer can act on.  ``max_fwhm_px`` is an optional
+    absolute limit (the caller converts the config's arcsec limit with the plate scale, when one
+    is known).
     """
     if nstars < min_stars:
         return f"only {nstars} stars (< {min_stars})"

@@ -169,7 +169,8 @@ def test_header_dates_and_kinds():
     # FRAME is also written for the celestial reference frame: that is not an image type
     assert header_facts(_header(FRAME="FK5")).imagetyp is None
     empty = header_facts(fits.Header())
-    assert empty.exptime is None and empty.date_obs is None and empty.gain is None and (empty.xbin, empty.ybin) == (1, 1)
+    assert empty.exptime is None and empty.date_obs is None and empty.gain is None
+    assert (empty.xbin, empty.ybin) == (1, 1)
 
 
 def test_pointing_and_plate_scale():

@@ -21,14 +21,19 @@ Method (in the spirit of astroalign, Beroiz et al. 2020):
    agree within a tolerance (``scipy.spatial.cKDTree``).  The sorted-side
    order fixes which vertex corresponds to which, so each matched pair is a
    complete similarity-transform hypothesis.
-4. Score every hypothesis at once (vectorised): transform the brightest
-   reference points and count how many land within ``_SCORE_RADIUS`` px of
-   a frame point.  This is RANSAC with deterministic hypotheses.
+4. Vote: chance triangle matches scatter over all rotations and shifts while
+   every triangle of stars common to both lists lands in one (rotation,
+   shift) cell, so only the hypotheses of the most-voted cells go on.  Score
+   those at once (vectorised): transform the brightest reference points and
+   count how many land within ``_SCORE_RADIUS`` px of a frame point.  This is
+   RANSAC with deterministic hypotheses.
 5. Refine the best few hypotheses by least squares on *all* points matched
-   within a shrinking radius, with sigma clipping, and keep the one with most
-   matches.
-6. Accept only a transform with enough matches (``min_matches`` and
-   clearly more than chance coincidences for the point densities), a scale
+   within a shrinking radius (one frame point per reference point), clipping
+   at 3 sigma estimated from the median residual (robust to the chance matches
+   of spurious points), and keep the one with most matches.
+6. Accept only a transform with enough matches (``min_matches``, and more than
+   an unrelated field reaches by chance for these point densities with 1e-3
+   probability over all the transforms the search can try), a scale
    within ``_MAX_SCALE_DEV`` of 1 and a residual below ``max_rms``.  Chance
    matches of an unrelated field (the offset frame) have an rms near
    ``radius / sqrt(2)`` ~ 1 px and few members, so they are refused with
@@ -337,11 +342,39 @@ def _refine(m: np.ndarray, frame_xy: np.ndarray, ref_xy: np.ndarray, tree: cKDTr
     return m, nmatch, rms
 
 
-def _chance_matches(frame_xy: np.ndarray, ref_xy: np.ndarray, radius: float) -> float:
-    """Expected number of coincidental matches within ``radius`` for uniformly scattered points."""
+def _needed_matches(frame_xy: np.ndarray, ref_xy: np.ndarray, radius: float) -> int:
+    """Fewest matches that an unrelated field reaches with probability below 1e-3.
+
+    For uniformly scattered points a given transform collects Poisson(``chance``) coincidences
+    within ``radius``; the search effectively tries every distinguishable transform (shifts on
+    a ``radius`` grid over the field, rotations on a ``radius / field size`` grid), so the
+    threshold is the Poisson tail that stays below 1e-3 after that many trials.
+    """
     lo, hi = frame_xy.min(axis=0), frame_xy.max(axis=0)
+    size = max(float(np.max(hi - lo)), 1.0)
     area = max(float(np.prod(hi - lo)), 1.0)
-    return len(ref_xy) * len(frame_xy) * math.pi * radius ** 2 / area
+    chance = len(ref_xy) * len(frame_xy) * math.pi * radius ** 2 / area
+    trials = area / (math.pi * radius ** 2) * (2 * math.pi * size / radius)
+    k, term = 0, math.exp(-chance)
+    tail = 1.0                                      # P(X >= k)
+    while tail * trials > 1e-3:
+        tail -= term
+        k += 1
+        term *= chance / k
+    return k
+
+
+def _finite(xy: np.ndarray, flux: np.ndarray | None, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, 2) float positions and fluxes with non-finite rows dropped."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    ok = np.isfinite(xy).all(axis=1)
+    if flux is not None:
+        flux = np.asarray(flux, dtype=np.float64).ravel()
+        if len(flux) != len(xy):
+            raise ValueError(f"{name}_flux and {name}_xy differ in length")
+        ok &= np.isfinite(flux)
+        flux = flux[ok]
+    return xy[ok], flux
 
 
 def find_transform(frame_xy: np.ndarray, ref_xy: np.ndarray, frame_flux: np.ndarray | None = None,
@@ -364,19 +397,14 @@ def find_transform(frame_xy: np.ndarray, ref_xy: np.ndarray, frame_flux: np.ndar
         When no star pattern is shared with enough matches, a scale near 1 and a low residual
         (e.g. an unrelated field): never a wrong transform.
     """
-    frame_xy = np.asarray(frame_xy, dtype=np.float64).reshape(-1, 2)
-    ref_xy = np.asarray(ref_xy, dtype=np.float64).reshape(-1, 2)
-    if frame_flux is not None and len(frame_flux) != len(frame_xy):
-        raise ValueError("frame_flux and frame_xy differ in length")
-    if ref_flux is not None and len(ref_flux) != len(ref_xy):
-        raise ValueError("ref_flux and ref_xy differ in length")
+    frame_xy, frame_flux = _finite(frame_xy, frame_flux, "frame")
+    ref_xy, ref_flux = _finite(ref_xy, ref_flux, "ref")
     if len(frame_xy) < min_matches or len(ref_xy) < min_matches:
         raise RegistrationError(f"no consistent star pattern match (only {len(frame_xy)} stars in the "
                                 f"frame and {len(ref_xy)} on the reference, need {min_matches})")
     tree_all = cKDTree(frame_xy)
     # the final radius decides how many coincidences an unrelated field gets
-    chance = _chance_matches(frame_xy, ref_xy, _REFINE_RADII[-1])
-    need = max(min_matches, int(math.ceil(chance + 5.0 * math.sqrt(chance) + 3)))
+    need = max(min_matches, _needed_matches(frame_xy, ref_xy, _REFINE_RADII[-1]))
     best: tuple[int, float, np.ndarray] = (0, math.inf, np.eye(2, 3))
     searches = [lambda n=n: _triangle_candidates(frame_xy, ref_xy, frame_flux, ref_flux, n, tree_all)
                 for n in _N_BRIGHT if n <= max(len(frame_xy), len(ref_xy)) or n == _N_BRIGHT[0]]

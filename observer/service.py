@@ -294,7 +294,10 @@ class Service:
         return products
 
     def _publish(self, record: FrameRecord | None, products: list[Path]) -> None:
+        started = time.perf_counter()
         self._snapshot = self.night.snapshot()
+        if record is not None:
+            record.step_seconds["publish"] = time.perf_counter() - started
         event = ServiceEvent(record, tuple(products), self._snapshot)
         for callback in list(self._subscribers):
             try:
@@ -494,10 +497,16 @@ def run_watch(camdir: str | Path, outdir: str | Path, settings: Settings, headle
         finally:
             service.stop()
         return 0
-    return _run_headless(service)
+    return run_headless_until(service)
 
 
-def _run_headless(service: Service) -> int:
+def run_headless_until(service: Service, until: Callable[[], bool] = lambda: False) -> int:
+    """Run the (not yet started) service headless until ``until()`` or SIGINT/SIGTERM; returns the exit code.
+
+    A signal only sets a flag: the worker finishes the frame in hand, the night
+    is checkpointed and the products written, then 0 is returned. A dead
+    service thread returns 1.
+    """
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -509,14 +518,15 @@ def _run_headless(service: Service) -> int:
     try:
         service.start()
         print(f"observer: watching {service.camdir} -> {service.outdir} (Ctrl-C stops)", flush=True)
-        while not stop.wait(0.5):
+        code = 0
+        while not stop.wait(0.5) and not until():
             if not service.alive:
                 log.error("a service thread died; stopping")
-                service.stop()
-                return 1
+                code = 1
+                break
         service.stop()
         print("observer: stopped; starting again resumes", flush=True)
-        return 0
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -117,6 +117,18 @@ def assert_same_stacks(outdir: Path, refdir: Path) -> None:
                                    err_msg=key)
 
 
+def assert_same_catalogues(outdir: Path, refdir: Path) -> None:
+    """Same stars, magnitudes within 1e-6 (when the reference run wrote a catalogue)."""
+    for ref_path in refdir.glob("*/catalog.ecsv"):
+        ref = Table.read(ref_path, format="ascii.ecsv")
+        got = Table.read(outdir / ref_path.parent.name / "catalog.ecsv", format="ascii.ecsv")
+        assert len(got) == len(ref) > 0
+        np.testing.assert_allclose(got["x"], ref["x"], atol=1e-6)
+        np.testing.assert_allclose(got["y"], ref["y"], atol=1e-6)
+        for name in (c for c in ref.colnames if c.startswith("mag_")):
+            np.testing.assert_allclose(got[name], ref[name], atol=1e-6, equal_nan=True)
+
+
 def test_camera_at_a_cadence_every_frame_once_none_early(folders, night):
     camdir, outdir = folders
     svc = start(camdir, outdir)
@@ -127,7 +139,7 @@ def test_camera_at_a_cadence_every_frame_once_none_early(folders, night):
         for name in night["order"]:
             write_slowly(camdir / name, (night["src"] / name).read_bytes(), seconds=0.8)
         wait_until(lambda: len(svc.night.records) == len(night["order"]))
-        wait_until(lambda: not svc.snapshot().busy)
+        wait_until(lambda: svc.idle)                              # the end-of-burst catalogue is written too
         snap = svc.snapshot()
     finally:
         svc.stop()
@@ -142,6 +154,7 @@ def test_camera_at_a_cadence_every_frame_once_none_early(folders, night):
     assert "preview.jpg" not in Table.read(outdir / "frames.ecsv")["path"].tolist()
     assert [Path(e.record.path).name for e in events if e.record] == night["order"]
     assert_same_stacks(outdir, night["ref"])                      # watch == reprocess
+    assert_same_catalogues(outdir, night["ref"])
 
 
 def test_duplicate_ignored_and_replaced_file_is_a_new_frame(folders, night, tmp_path):

@@ -9,7 +9,9 @@ what lets a restart skip re-hashing the files it has already handled.
 
 Rows are keyed by (path, sha256): the same name with different bytes (a file
 replaced by the camera software) is a different frame. Files whose bytes
-cannot be read (or are not yet whole) have an empty sha256.
+cannot be read (or are not yet whole) have an empty sha256. ``size`` is in
+bytes and ``mtime`` in integer nanoseconds (``st_mtime_ns``): exact, so a
+restart can tell a file it has already handled from one changed since.
 
 WAL mode lets the dashboard or a script read the ledger while the worker
 writes; one connection per thread keeps sqlite3 happy across threads.
@@ -38,7 +40,7 @@ CREATE TABLE IF NOT EXISTS files (
     path TEXT NOT NULL,
     sha256 TEXT NOT NULL DEFAULT '',
     size INTEGER,
-    mtime REAL,
+    mtime INTEGER,
     status TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
     kind TEXT NOT NULL DEFAULT '',
@@ -64,7 +66,7 @@ class LedgerRow:
     path: str
     sha256: str
     size: int | None
-    mtime: float | None
+    mtime: int | None
     status: str
     reason: str
     kind: str
@@ -127,12 +129,12 @@ class Ledger:
                     f"ON CONFLICT (path, sha256) DO UPDATE SET {updates}",
                     (path, sha256, now, *fields.values()))
 
-    def begin(self, path: str | Path, sha256: str, size: int | None, mtime: float | None,
+    def begin(self, path: str | Path, sha256: str, size: int | None, mtime: int | None,
               status: str = "processing") -> None:
         """Record a file before work on it starts."""
         self._upsert(str(path), sha256, {"size": size, "mtime": mtime, "status": status})
 
-    def finish(self, record: Any, size: int | None = None, mtime: float | None = None) -> None:
+    def finish(self, record: Any, size: int | None = None, mtime: int | None = None) -> None:
         """Record a file's outcome from its ``FrameRecord`` (after the night's checkpoint)."""
         quality = {name: _json_safe(getattr(record, name)) for name in QUALITY_FIELDS if hasattr(record, name)}
         fields: dict[str, Any] = {"status": record.status, "reason": record.reason or "", "kind": record.kind or "",
@@ -143,7 +145,7 @@ class Ledger:
         self._upsert(str(record.path), record.sha256 or "", fields)
 
     def record(self, path: str | Path, sha256: str, status: str, reason: str, size: int | None = None,
-               mtime: float | None = None) -> None:
+               mtime: int | None = None) -> None:
         """Record a file decided on without the per-frame path (ignored, quarantined, unreadable)."""
         self._upsert(str(path), sha256, {"status": status, "reason": reason, "size": size, "mtime": mtime})
 

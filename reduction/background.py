@@ -185,13 +185,25 @@ def _median_filter_mesh(mesh: np.ndarray, size: int) -> np.ndarray:
 @lru_cache(maxsize=32)
 def _spline_matrix(centres: tuple[float, ...], n: int) -> np.ndarray:
     """(n, len(centres)) matrix W such that W @ values is the cubic spline through (centres, values)
-    evaluated at 0..n-1 (extrapolated beyond the outermost centres)."""
+    evaluated at 0..n-1.
+
+    Beyond the outermost box centres (half a box at each edge) the spline is continued as a straight
+    line through the last two centres: a cubic's own extrapolation weights the last boxes by up to
+    +2.2/-2.5 and turns their 0.3 % noise into a several-percent error in the frame's corners.
+    """
     m = len(centres)
     if m == 1:
         return np.ones((n, 1), dtype=np.float32)
-    k = min(3, m - 1)
-    spline = make_interp_spline(np.asarray(centres), np.eye(m), k=k)
-    return np.ascontiguousarray(spline(np.arange(n)), dtype=np.float32)
+    c = np.asarray(centres)
+    x = np.arange(n, dtype=np.float64)
+    spline = make_interp_spline(c, np.eye(m), k=min(3, m - 1))
+    weights = spline(np.clip(x, c[0], c[-1]))
+    low, high = x < c[0], x > c[-1]
+    lo_slope = (np.eye(m)[1] - np.eye(m)[0]) / (c[1] - c[0])
+    hi_slope = (np.eye(m)[-1] - np.eye(m)[-2]) / (c[-1] - c[-2])
+    weights[low] += (x[low] - c[0])[:, None] * lo_slope[None, :]
+    weights[high] += (x[high] - c[-1])[:, None] * hi_slope[None, :]
+    return np.ascontiguousarray(weights, dtype=np.float32)
 
 
 def _centres(box: int, nboxes: int, covered: int) -> tuple[float, ...]:

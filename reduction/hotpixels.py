@@ -162,7 +162,8 @@ def repair_pixels(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """A float32 copy of ``data`` with masked pixels replaced by the median of their unmasked neighbours.
 
     The 8 neighbours are used first; a pixel whose neighbours are all masked (a cluster) takes the
-    median of the unmasked pixels of its 5 x 5, then 9 x 9 box, and as a last resort the frame's median.
+    median of the unmasked pixels of a growing box (5, 9, 17, 33 px), and as a last resort the
+    frame's median.
     """
     if mask.shape != data.shape:
         raise ValueError(f"mask shape {mask.shape} differs from data shape {data.shape}")
@@ -171,7 +172,7 @@ def repair_pixels(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if ys.size == 0:
         return out
     todo = np.arange(ys.size)
-    for box in (3, 5, 9):
+    for box in (3, 5, 9, 17, 33):
         if todo.size == 0:
             break
         offsets = _ring_offsets(box)
@@ -219,17 +220,15 @@ class HotPixelMap:
         self.n_frames += 1
 
     def add_dark(self, dark: np.ndarray, sigma: float = 5.0) -> int:
-        """Mark pixels more than ``sigma`` robust standard deviations above a master dark's median.
+        """Mark the spikes of a master dark (in ADU or ADU/s): pixels ``sigma`` x its noise above their
+        neighbours, found by :func:`find_hot_pixels`.
 
-        Returns the number of newly marked pixels.  Works on a dark in ADU or ADU/s alike.
+        Spikes, not everything above the dark's median: amplifier glow makes whole corners bright
+        but smooth, and the dark subtraction handles it; flagging it would replace real sky.
+        Returns the number of newly marked pixels.
         """
         self._check(dark)
-        sample = dark[:: max(1, dark.shape[0] // 512), :: max(1, dark.shape[1] // 512)]
-        med = float(np.median(sample))
-        std = 1.4826 * float(np.median(np.abs(sample - med)))
-        if std <= 0:
-            std = float(np.std(sample)) or 1e-12
-        hot = dark > med + sigma * std
+        hot = find_hot_pixels(np.asarray(dark, dtype=np.float32), sigma=sigma)
         new = int(np.count_nonzero(hot & ~self.dark_mask))
         self.dark_mask |= hot
         log.info("hot-pixel map: %d pixels hot in the master dark (%d new)", int(hot.sum()), new)

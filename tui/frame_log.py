@@ -80,22 +80,22 @@ def row_key(rec: FrameRecord) -> str:
     return f"{rec.path}|{rec.sha256}"
 
 
-def frame_details(rec: FrameRecord) -> str:
-    """Every published figure of one frame, for the detail panel and the modal."""
+def frame_details(rec: FrameRecord) -> list[str]:
+    """Every published figure of one frame, most important first (the panel under the table
+    shows as many lines as fit: the status with its reason, then the quality, then the rest)."""
     steps = ", ".join(f"{k} {v:.2f}s" for k, v in rec.step_seconds.items())
     arcsec = _fmt(rec.fwhm_arcsec, ".2f", '"')
-    return "\n".join([
-        f"{rec.path}",
-        f"{rec.kind or '-'} · target {rec.target or '-'} · filter {rec.filter or '-'} · "
-        f"{_fmt(rec.exptime, '.1f', ' s')} · {rec.date_obs or '-'}",
-        f"status {status_text(rec)}",
+    return [
+        f"{Path(rec.path).name}: {status_text(rec)}",
         f"FWHM {_fmt(rec.fwhm, '.2f', ' px')} ({arcsec}) · "
         f"elongation {_fmt(rec.elongation, '.2f')} · sky {_fmt(rec.sky, '.1f', ' ADU')} · "
         f"stars {rec.nstars} · transparency {_fmt(rec.transparency, '.2f')}",
         f"shift dx {_fmt(rec.dx, '.2f')} dy {_fmt(rec.dy, '.2f')} px · rotation "
         f"{_fmt(rec.rotation, '.3f', ' deg')} · registration rms {_fmt(rec.reg_rms, '.2f', ' px')}",
-        f"sha256 {rec.sha256[:16] or '-'}" + (f" · steps: {steps}" if steps else ""),
-    ])
+        f"{rec.kind or '-'} · target {rec.target or '-'} · filter {rec.filter or '-'} · "
+        f"{_fmt(rec.exptime, '.1f', ' s')} · {rec.date_obs or '-'}",
+        f"{rec.path} · sha256 {rec.sha256[:16] or '-'}",
+    ] + ([f"time per step: {steps}"] if steps else [])
 
 
 class FrameDetailScreen(ModalScreen[None]):
@@ -115,7 +115,7 @@ class FrameDetailScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         style = ROW_STYLES.get(self.record.status, "")
         with VerticalScroll():
-            yield Static(Text(frame_details(self.record), style=style), id="detail-text")
+            yield Static(Text("\n".join(frame_details(self.record)), style=style), id="detail-text")
 
 
 class FrameLog(Vertical):
@@ -226,7 +226,7 @@ class FrameLog(Vertical):
         key = self._cursor_key()
         rec = self.records.get(key) if key else None
         self.query_one("#frame-detail", Static).update(
-            Text(frame_details(rec).split("\n", 1)[1], style=ROW_STYLES.get(rec.status, "")) if rec else "")
+            Text("\n".join(frame_details(rec)), style=ROW_STYLES.get(rec.status, "")) if rec else "")
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_detail()

@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 #: Free space below which the observer is warned (bytes).
 LOW_DISK_BYTES = 2 * 1024 ** 3
-#: Without a configured magnitude or a turn-off, SNR is judged this far above the 5-sigma limit.
-MAG_ABOVE_LIMIT = 2.0
 #: Side of the downsampled previews the dashboard draws.
 PREVIEW_SIDE = 192
 
@@ -38,16 +36,20 @@ def preview_of(image: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
 
 
 def completion_mag(night: "Night", tname: str) -> float:
-    """The magnitude at which the stack's SNR is judged: config, else the fitted turn-off, else limit - 2."""
+    """The magnitude at which the stack's SNR is judged (nan: not known yet).
+
+    The config's ``snr_at_mag`` when given; otherwise ``depth_below_turnoff``
+    below the fitted turn-off, since the age rests on the main sequence below
+    it. Before the first age fit there is no such magnitude and only the frame
+    count and offsets are judged.
+    """
     completion = night.settings.completion
     if completion.snr_at_mag is not None:
         return completion.snr_at_mag
     age = night.age_cache.get(tname)
     if age is not None:
-        return float(age.turnoff[1])
-    limits = [s.limiting_mag_history[-1] for s in night.targets[tname].filters.values()
-              if s.limiting_mag_history and math.isfinite(s.limiting_mag_history[-1])]
-    return min(limits) - MAG_ABOVE_LIMIT if limits else float("nan")
+        return float(age.turnoff[1]) + completion.depth_below_turnoff
+    return float("nan")
 
 
 def frames_still_needed(session: "FilterSession", settings) -> int:

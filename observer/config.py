@@ -148,6 +148,7 @@ class CompletionSettings:
     min_frames: int = field(default=8, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
     target_snr: float = _num(20.0)
     snr_at_mag: float | None = None
+    depth_below_turnoff: float = _num(5.0, expected="a number > 0 (magnitudes below the turn-off)")
     limiting_mag: float | None = None
     require_offset: bool = True
 

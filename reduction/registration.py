@@ -52,6 +52,7 @@ reference grid.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -189,6 +190,15 @@ def _brightest(xy: np.ndarray, flux: np.ndarray | None, n: int) -> np.ndarray:
     return xy[order[:n]]
 
 
+@functools.lru_cache(maxsize=8)
+def _triplets(n: int) -> np.ndarray:
+    """Index triples of all triangles of n points (cached: built once per n, not per frame)."""
+    idx = np.fromiter(itertools.chain.from_iterable(itertools.combinations(range(n), 3)), dtype=np.intp)
+    idx = idx.reshape(-1, 3)
+    idx.flags.writeable = False
+    return idx
+
+
 def _triangles(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All triangles of ``pts``: invariants (T, 2) and vertex indices (T, 3) in canonical order.
 
@@ -198,7 +208,7 @@ def _triangles(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(pts)
     if n < 3:
         return np.empty((0, 2)), np.empty((0, 3), dtype=np.intp)
-    idx = np.array(list(itertools.combinations(range(n), 3)), dtype=np.intp)
+    idx = _triplets(n)
     p = pts[idx]                                    # (T, 3, 2)
     # side k is opposite vertex k
     sides = np.stack([np.hypot(*(p[:, 1] - p[:, 2]).T),

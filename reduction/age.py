@@ -69,8 +69,8 @@ MAX_COLOR_ERR = 0.1
 #: Systematic floor of the reported interval (dex): the isochrone grid step; ages between grid
 #: points come from interpolating the likelihood, not from interpolated isochrones.
 AGE_FLOOR_DEX = 0.05
-#: Half-width (grid steps) of the age window refitted for each bootstrap resample.
-BOOT_HALF_WINDOW = 4
+#: Half-width (grid steps) of the window around the best age where every grid age is fitted.
+FINE_HALF_WINDOW = 4
 
 
 @dataclass
@@ -458,11 +458,15 @@ def _fft_start(log_age: float, mh: float, bands: tuple[str, str], data: _Data) -
 
 @dataclass
 class _AgeResult:
+    """Best fit at one age; ``single``/``binary`` are the stars' model densities there (for the bootstrap)."""
+
     lnl: float
     dcolor: float
     dmag: float
     f_field: float
     f_binary: float
+    single: np.ndarray
+    binary: np.ndarray
 
 
 def _fit_shifts(model: _AgeModel, data: _Data, weights: np.ndarray, starts: list[tuple[float, float]],
@@ -484,7 +488,7 @@ def _fit_shifts(model: _AgeModel, data: _Data, weights: np.ndarray, starts: list
         if best is None or -nll > best.lnl:
             s, b = _component_densities(model, data, dc, dm)
             lnl, ff, fb = _mixture_lnl(s, b, data.field, weights)
-            best = _AgeResult(lnl, dc, dm, ff, fb)
+            best = _AgeResult(lnl, dc, dm, ff, fb, s, b)
     assert best is not None
     return best
 
@@ -630,7 +634,7 @@ def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data,
         results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, weights, prev)
     while True:
         best = max(results, key=lambda k: results[k].lnl)
-        todo = [i for i in range(max(best - BOOT_HALF_WINDOW, 0), min(best + BOOT_HALF_WINDOW + 1, len(ages)))
+        todo = [i for i in range(max(best - FINE_HALF_WINDOW, 0), min(best + FINE_HALF_WINDOW + 1, len(ages)))
                 if i not in results]
         if not todo:
             return results
@@ -690,26 +694,21 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     p_lo, p_hi = _profile_interval(ages, best_curve)
     best = best_results[i_best]
 
-    # Bootstrap: resample stars (multinomial weights) and re-maximise over the ages around the best
-    # one.  The shifts stay at each age's full-data optimum (re-optimising them changes the
-    # maximum only to second order) while the fractions are refitted: this makes the bootstrap
-    # cheap; the profile likelihood, which does re-optimise the shifts, is folded in below.
+    # Bootstrap: resample stars (multinomial weights) and re-maximise over all the ages fitted.
+    # The shifts stay at each age's full-data optimum (re-optimising them changes the maximum
+    # only to second order) while the fractions are refitted; this makes a resample cost a few
+    # milliseconds, so it can roam the whole grid: when the data hold little age information
+    # (e.g. a saturated turn-off) the likelihood is a plateau and the interval must show it.
     boot = []
-    if bootstrap > 0:
-        lo_i, hi_i = max(i_best - BOOT_HALF_WINDOW, 0), min(i_best + BOOT_HALF_WINDOW + 1, len(ages))
-        window = ages[lo_i:hi_i]
-        dens = []
-        for i in range(lo_i, hi_i):
-            r = best_results[i]
-            model = _age_model(float(ages[i]), best_mh, bands, data, [(r.dcolor, r.dmag)])
-            dens.append(_component_densities(model, data, r.dcolor, r.dmag))
-        for _ in range(bootstrap):
-            w = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
-            curve = np.array([_mixture_lnl(s, b, data.field, w)[0] for s, b in dens])
-            boot.append(_profile(window, curve))
+    fitted = np.array(sorted(best_results))
+    for _ in range(bootstrap):
+        w = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
+        lnl = [_mixture_lnl(best_results[i].single, best_results[i].binary, data.field, w)[0] for i in fitted]
+        boot.append(_profile(ages, np.interp(np.arange(len(ages)), fitted, lnl)))
     low, high = min(p_lo, log_age - AGE_FLOOR_DEX), max(p_hi, log_age + AGE_FLOOR_DEX)
     if boot:
         b16, b84 = np.percentile(boot, [16, 84])
+        log.debug("bootstrap log ages: %s", np.round(np.sort(boot), 3))
         low, high = min(low, float(b16)), max(high, float(b84))
 
     mu, ebv_fit = fixed.physical(best.dcolor, best.dmag)

@@ -113,22 +113,24 @@ def _mesh_medians(img: np.ndarray, mask: np.ndarray | None, mbox: int) -> np.nda
     lo = np.zeros_like(n)
     hi = n.copy()
     med = np.full((ny, nx), np.nan, dtype=np.float64)
+
+    def take(idx: np.ndarray) -> np.ndarray:
+        """The idx-th sorted value of each box (as float64)."""
+        idx = np.clip(idx, 0, vals.shape[-1] - 1)[..., None]
+        return np.take_along_axis(vals, idx, -1)[..., 0].astype(np.float64)
+
     for _ in range(_CLIP_ITERS):
         k = hi - lo
         ok = k > 0
-        take = lambda idx: np.take_along_axis(vals, np.clip(idx, 0, vals.shape[-1] - 1)[..., None], -1)[..., 0]
-        mid_lo = lo + (k - 1) // 2
-        mid_hi = lo + k // 2
-        med = np.where(ok, 0.5 * (take(mid_lo).astype(np.float64) + take(mid_hi)), np.nan)
-        p16 = take(lo + (0.1587 * k).astype(n.dtype))
-        p84 = take(lo + np.maximum((0.8413 * k).astype(n.dtype), 0))
-        std = 0.5 * (p84.astype(np.float64) - p16)
+        safe_lo = np.where(ok, lo, 0)  # empty boxes read index 0 and are discarded below
+        med = np.where(ok, 0.5 * (take(safe_lo + (k - 1) // 2) + take(safe_lo + k // 2)), np.nan)
+        with np.errstate(invalid="ignore"):  # inf - inf in fully masked boxes, discarded by ``ok``
+            spread = take(safe_lo + (0.8413 * k).astype(n.dtype)) - take(safe_lo + (0.1587 * k).astype(n.dtype))
+        std = np.where(ok & np.isfinite(spread), 0.5 * spread, 0.0)
         lo_val = (med - _CLIP_SIGMA * std)[..., None]
         hi_val = (med + _CLIP_SIGMA * std)[..., None]
-        new_lo = np.sum(vals < lo_val, axis=-1)
-        new_hi = np.sum(vals <= hi_val, axis=-1)
-        new_lo = np.where(ok, new_lo, lo)
-        new_hi = np.where(ok, np.minimum(new_hi, n), hi)
+        new_lo = np.where(ok, np.sum(vals < lo_val, axis=-1), lo)
+        new_hi = np.where(ok, np.minimum(np.sum(vals <= hi_val, axis=-1), n), hi)
         if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
             break
         lo, hi = new_lo, new_hi

@@ -28,8 +28,8 @@ Model (per PARSEC isochrone of log age ``a`` and metallicity ``[M/H]``):
 * Per age, a global FFT cross-correlation finds the shifts roughly, Nelder-Mead
   refines them; the age is the maximum of the profile likelihood, interpolated
   by a parabola between grid ages.  The interval is the union of a bootstrap over
-  stars (16-84 %), the profile likelihood (delta lnL = 0.5) and a systematic floor
-  of one grid step (0.05 dex).
+  stars (16-84 %), the ages whose profile likelihood is within 2 of the best
+  (about 95 %) and a systematic floor of one grid step (0.05 dex).
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ MAX_COLOR_ERR = 0.1
 #: Systematic floor of the reported interval (dex): the isochrone grid step; ages between grid
 #: points come from interpolating the likelihood, not from interpolated isochrones.
 AGE_FLOOR_DEX = 0.05
+#: Profile-likelihood drop defining the interval (2: about 95 % for one parameter; conservative
+#: because the profile is bumpy by a unit or so between neighbouring grid isochrones).
+PROFILE_DELTA_LNL = 2.0
 #: Half-width (grid steps) of the window around the best age where every grid age is fitted.
 FINE_HALF_WINDOW = 4
 
@@ -561,19 +564,21 @@ def _profile(ages: np.ndarray, lnl: np.ndarray) -> float:
     return float(ages[i])
 
 
-def _profile_interval(ages: np.ndarray, lnl: np.ndarray) -> tuple[float, float]:
-    """Ages where the profile likelihood is within 0.5 of its maximum (linear interpolation)."""
-    i = int(np.argmax(lnl))
-    cut = lnl[i] - 0.5
-    j = i
-    while j > 0 and lnl[j - 1] >= cut:
-        j -= 1
+def _profile_interval(ages: np.ndarray, lnl: np.ndarray, delta: float) -> tuple[float, float]:
+    """Youngest and oldest ages whose profile likelihood is within ``delta`` of the maximum.
+
+    Not only the contiguous run around the maximum: neighbouring grid isochrones
+    differ in details (pre-main-sequence, hook) that make the profile bumpy by a
+    unit or two, and when the data hold little age information (a saturated
+    turn-off) the profile is a bumpy plateau; every age on it must be in the interval.
+    The ends are interpolated linearly to where the profile crosses the cut.
+    """
+    cut = lnl.max() - delta
+    inside = np.flatnonzero(lnl >= cut)
+    j, k = inside[0], inside[-1]
     lo = float(ages[j]) if j == 0 else float(np.interp(cut, [lnl[j - 1], lnl[j]], [ages[j - 1], ages[j]]))
-    j = i
-    while j < len(ages) - 1 and lnl[j + 1] >= cut:
-        j += 1
-    hi = float(ages[j]) if j == len(ages) - 1 else float(
-        np.interp(cut, [lnl[j + 1], lnl[j]], [ages[j + 1], ages[j]]))
+    hi = float(ages[k]) if k == len(ages) - 1 else float(
+        np.interp(cut, [lnl[k + 1], lnl[k]], [ages[k + 1], ages[k]]))
     return lo, hi
 
 
@@ -691,7 +696,7 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     assert best_curve is not None and best_results is not None and best_mh is not None
     i_best = int(np.argmax(best_curve))
     log_age = _profile(ages, best_curve)
-    p_lo, p_hi = _profile_interval(ages, best_curve)
+    p_lo, p_hi = _profile_interval(ages, best_curve, PROFILE_DELTA_LNL)
     best = best_results[i_best]
 
     # Bootstrap: resample stars (multinomial weights) and re-maximise over all the ages fitted.

@@ -152,6 +152,10 @@ class Night:
         filters = {k.split(":", 1)[1] for k in self.calibration_files if k.startswith("flat:")}
         base = combine_masters(bias=bias, darks=darks, flats=[])
         self.masters = {"": base}
+        if base.dark_per_s is not None:
+            # Hot pixels are hottest in a dark: they join the camera's persistent map at once.
+            hot_map = self.hot_maps.setdefault(base.dark_per_s.shape, HotPixelMap(base.dark_per_s.shape))
+            hot_map.add_dark(base.dark_per_s)
         for name in filters:
             self.masters[name] = combine_masters(bias=bias, darks=darks, flats=stack_of(f"flat:{name}"))
 
@@ -168,7 +172,8 @@ class Night:
         steps["calibrate"] = time.perf_counter() - start
         start = time.perf_counter()
         red = self.settings.reduction
-        spikes = find_hot_pixels(data, sigma=red.hot_pixel_sigma, box=red.hot_pixel_box)
+        spikes = find_hot_pixels(data, sigma=red.hot_pixel_sigma, box=red.hot_pixel_box,
+                                 gain=frame.facts.gain or self.settings.camera.gain)
         hot_map = self.hot_maps.setdefault(data.shape, HotPixelMap(data.shape))
         hot_map.update(spikes)
         data = repair_pixels(data, spikes | hot_map.mask)
@@ -209,7 +214,8 @@ class Night:
         steps["sky"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        stars = detect_stars(data, sky.rms, fwhm_guess=red.fwhm_guess_px, sigma=red.detect_sigma,
+        seeing = session.baseline_fwhm() if session else None
+        stars = detect_stars(data, sky.rms, fwhm_guess=seeing or red.fwhm_guess_px, sigma=red.detect_sigma,
                              max_stars=REFERENCE_STARS, saturation=saturation, sky=sky.model)
         quality = measure_quality(data, sky, stars)
         steps["detect"] = time.perf_counter() - start

@@ -345,6 +345,16 @@ class Night:
             self.version += 1
         return written
 
+    def save_pngs(self, target: str) -> list[Path]:
+        """Snapshot figures for the observer: every stack of ``target`` as PNG, and its current CMD."""
+        if target not in self.targets:
+            return []
+        self.write_products(force=True)
+        written = writers.write_stack_pngs(self, target)
+        if target in self.cmd_cache:
+            written.append(writers.write_cmd_figure(self, target))
+        return written
+
     def checkpoint(self) -> None:
         """Save everything needed to resume, atomically (see observer.checkpoint)."""
         checkpoint.save(self)

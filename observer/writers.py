@@ -100,6 +100,34 @@ def write_stacks(night: "Night") -> list[Path]:
     return written
 
 
+def write_stack_pngs(night: "Night", tname: str) -> list[Path]:
+    """``<target>/<filter>/stack.png``: each stack with a zscale stretch, north as on the grid (row 0 at the bottom)."""
+    from astropy.visualization import AsinhStretch, ImageNormalize, ZScaleInterval
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from observer.products import atomic_savefig
+
+    written = []
+    target = night.targets[tname]
+    for fname, session in target.filters.items():
+        if not session.n_stacked:
+            continue
+        image, _ = stack_image(session)
+        fig = Figure(figsize=(7, 7), dpi=120)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        norm = ImageNormalize(image, interval=ZScaleInterval(), stretch=AsinhStretch(0.3))
+        ax.imshow(image, origin="lower", cmap="gray", norm=norm, interpolation="nearest")
+        ax.set_title(f"{tname} {fname}: {session.n_stacked} frames x {session.exptime:g} s")
+        ax.set_xlabel("x [px]")
+        ax.set_ylabel("y [px]")
+        path = night.outdir / tname / fname / "stack.png"
+        atomic_savefig(fig, path)
+        written.append(path)
+    return written
+
+
 def stack_product(night: "Night", target: "TargetSession", session: "FilterSession") -> StackProduct:
     """What the photometry needs of one filter's stack (units: ADU per frame of ``exptime``)."""
     image, variance = stack_image(session)

@@ -135,7 +135,7 @@ class Service:
         self._ignored_names: set[Path] = set()     # non-FITS names already in the ledger
         self._subscribers: list[Callable[[ServiceEvent], None]] = []
         self._threads: list[threading.Thread] = []
-        self._in_hand = False
+        self._ingest_lock = threading.Lock()       # held while ready files go from the tracker to the queue
         self._products_stale = False               # frames since the last forced (catalogue) product write
         self._snapshot = self.night.snapshot()
         self._resume_from_ledger()
@@ -192,12 +192,23 @@ class Service:
 
     @property
     def queue_length(self) -> int:
-        return self._queue.qsize() + int(self._in_hand)
+        """Files queued or in hand (``unfinished_tasks`` counts from ``put`` to ``task_done``)."""
+        return self._queue.unfinished_tasks
 
     @property
     def idle(self) -> bool:
-        """Nothing queued, in hand or filling, and the products (catalogue and CMD too) are current."""
-        return self.queue_length == 0 and self.tracker.waiting == 0 and not self._products_stale
+        """Nothing filling, queued or in hand, and the products (catalogue and CMD too) are current.
+
+        A file between the tracker and the queue is counted as busy: the ingest
+        thread holds ``_ingest_lock`` across that hand-over, so this never
+        reports idle in the gap (the demo stops on it).
+        """
+        if not self._ingest_lock.acquire(blocking=False):
+            return False
+        try:
+            return self.queue_length == 0 and self.tracker.waiting == 0 and not self._products_stale
+        finally:
+            self._ingest_lock.release()
 
     def snapshot(self) -> Snapshot:
         """The state as of the last finished file, with the live queue length (cheap: no science)."""
@@ -245,12 +256,13 @@ class Service:
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
-                ready, quarantined = self.tracker.poll(now)
-                for q in quarantined:
-                    log.warning("%s: %s", q.path, q.reason)
-                    self._put(Job(q.path, quarantine=q.reason, ready_at=now))
-                for r in ready:
-                    self._put(Job(r.path, r.size, r.mtime_ns, error=r.error, ready_at=now))
+                with self._ingest_lock:
+                    ready, quarantined = self.tracker.poll(now)
+                    for q in quarantined:
+                        log.warning("%s: %s", q.path, q.reason)
+                        self._put(Job(q.path, quarantine=q.reason, ready_at=now))
+                    for r in ready:
+                        self._put(Job(r.path, r.size, r.mtime_ns, error=r.error, ready_at=now))
                 self._record_other_names()
                 if now >= next_rescan:
                     self.watcher.scan()
@@ -269,16 +281,15 @@ class Service:
                 continue
             if self._stop.is_set():
                 break          # not started: the file is taken again at the next start
-            self._in_hand = True
             try:
                 self.handle(job)
             finally:
-                self._in_hand = False
+                self._queue.task_done()
             self._end_of_burst()
 
     def _end_of_burst(self) -> None:
         """With nothing queued or filling, bring the throttled products (catalogue, CMD) up to date."""
-        if self._products_stale and self._queue.empty() and self.tracker.waiting == 0:
+        if self._products_stale and self.queue_length == 0 and self.tracker.waiting == 0:
             with self._night_lock:
                 products = self._write_products(force=True)
                 self._publish(None, products)

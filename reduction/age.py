@@ -60,8 +60,10 @@ COLOR_RANGE = (-0.8, 3.2)
 MAG_RANGE = (-9.0, 18.0)
 #: Secondary-to-primary mass ratios of the binary track (midpoints of 10 equal bins in 0..1).
 BINARY_Q = (np.arange(10) + 0.5) / 10.0
-#: At most this many error classes (each costs one blurred image per track and age).
-MAX_ERROR_CLASSES = 3
+#: Error classes: stars grouped by total colour blur in steps of this factor, at most
+#: MAX_ERROR_CLASSES groups (each costs one blurred image per track and age).
+ERROR_CLASS_RATIO = 1.5
+MAX_ERROR_CLASSES = 5
 #: Broad smoothing (colour, mag) of the field-star density estimated from the diagram itself.
 FIELD_SMOOTH = (0.15, 0.6)
 #: Median colour error (mag) beyond which faint stars are not used by default.
@@ -342,16 +344,18 @@ def _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit) ->
     ce, me = np.abs(color_err[use]), np.abs(mag_err[use])
     box = (float(c.min()) - 0.1, float(c.max()) + 0.1, float(bright_limit), float(mag_limit))
 
-    # Error classes by quantiles of the colour error (the dominant blur for faint stars).
+    # Error classes: total colour blur in steps of ERROR_CLASS_RATIO, so that no star is
+    # modelled with a blur far from its own (a too-narrow model for the faintest, noisiest
+    # stars drags the fit towards isochrones whose lower sequence is broader or redder).
     sig_c = np.hypot(ce, INTRINSIC_WIDTH)
-    n_classes = MAX_ERROR_CLASSES if np.percentile(sig_c, 90) > 1.3 * np.percentile(sig_c, 10) else 1
-    edges = np.percentile(sig_c, np.linspace(0, 100, n_classes + 1)[1:-1])
-    present, klass = np.unique(np.searchsorted(edges, sig_c), return_inverse=True)
+    steps = np.floor(np.log(sig_c / sig_c.min()) / np.log(ERROR_CLASS_RATIO)).astype(int)
+    present, klass = np.unique(np.minimum(steps, MAX_ERROR_CLASSES - 1), return_inverse=True)
     class_sigma = []
     for k in range(len(present)):
         sel = klass == k
-        class_sigma.append((float(np.hypot(np.median(ce[sel]), INTRINSIC_WIDTH)),
-                            float(np.hypot(np.median(me[sel]), INTRINSIC_WIDTH))))
+        # RMS, not median: the blur must cover the class's larger errors too.
+        class_sigma.append((float(np.sqrt(np.mean(ce[sel] ** 2) + INTRINSIC_WIDTH ** 2)),
+                            float(np.sqrt(np.mean(me[sel] ** 2) + INTRINSIC_WIDTH ** 2))))
 
     # Field density: the diagram itself, broadly smoothed, plus a uniform floor.
     nx = max(int((box[1] - box[0]) / 0.02), 1)

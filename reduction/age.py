@@ -245,25 +245,35 @@ class _ImageStack:
     cumulative table instead of one per error class halves the cost of a model.
     """
 
-    def __init__(self, counts: np.ndarray, sigmas: list[tuple[float, float]], g: _Grid):
-        # Each class's blur: intrinsic width and that class's typical photometric errors.
+    def __init__(self, counts: np.ndarray, sigmas: list[tuple[float, float]], rows: list[tuple[int, int]],
+                 g: _Grid):
+        # Each class's blur: intrinsic width and that class's photometric errors, computed only
+        # over the band of rows where that class's stars can fall (error grows with magnitude,
+        # so the bands are narrow and the blurs several times cheaper than whole images).
         counts32 = counts.astype(np.float32)
-        stack = np.stack([gaussian_filter(counts32, (sm / g.dy, sc / g.dx), mode="constant", truncate=3.0)
-                          for sc, sm in sigmas])
+        height = max(r1 - r0 for r0, r1 in rows)
+        self.density = np.zeros((len(sigmas), height, g.nx), np.float32)
+        for k, ((sc, sm), (r0, r1)) in enumerate(zip(sigmas, rows)):
+            pad = int(np.ceil(3.0 * sm / g.dy)) + 1
+            p0, p1 = max(r0 - pad, 0), min(r1 + pad, g.ny)
+            band = gaussian_filter(counts32[p0:p1], (sm / g.dy, sc / g.dx), mode="constant", truncate=3.0)
+            self.density[k, : r1 - r0] = band[r0 - p0: r1 - p0]
+        self.density /= np.float32(g.dx * g.dy)
+        self.row0 = np.array([r0 for r0, _ in rows])
+        self.rows = np.array([r1 - r0 for r0, r1 in rows])
         self.grid = g
-        self.density = stack / np.float32(g.dx * g.dy)
         self.cum = np.zeros((g.ny + 1, g.nx + 1))
         self.cum[1:, 1:] = counts.cumsum(0).cumsum(1)
 
     def at(self, klass: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Bilinear interpolation of each star's class image at (x, y); 0 outside the grid."""
+        """Bilinear interpolation of each star's class image at (x, y); 0 outside its band."""
         g = self.grid
         fx = (x - g.x0) / g.dx - 0.5
-        fy = (y - g.y0) / g.dy - 0.5
+        fy = (y - g.y0) / g.dy - 0.5 - self.row0[klass]
         ix = np.floor(fx).astype(int)
         iy = np.floor(fy).astype(int)
         tx, ty = fx - ix, fy - iy
-        ok = (ix >= 0) & (ix < g.nx - 1) & (iy >= 0) & (iy < g.ny - 1)
+        ok = (ix >= 0) & (ix < g.nx - 1) & (iy >= 0) & (iy < self.rows[klass] - 1)
         ix, iy = np.where(ok, ix, 0), np.where(ok, iy, 0)
         d = self.density
         val = ((1 - ty) * ((1 - tx) * d[klass, iy, ix] + tx * d[klass, iy, ix + 1])
@@ -392,9 +402,16 @@ def _age_model(log_age: float, mh: float, bands: tuple[str, str], data: _Data,
     dms = [s[1] for s in starts]
     g = _window(lo_c - max(dcs) - WINDOW_MARGIN[0], hi_c - min(dcs) + WINDOW_MARGIN[0],
                 lo_m - max(dms) - WINDOW_MARGIN[1], hi_m - min(dms) + WINDOW_MARGIN[1])
+    rows = []
+    for k in range(len(data.class_sigma)):
+        mags = data.mag[data.klass == k]
+        r0 = int(np.floor((mags.min() - max(dms) - WINDOW_MARGIN[1] - g.y0) / g.dy))
+        r1 = int(np.ceil((mags.max() - min(dms) + WINDOW_MARGIN[1] - g.y0) / g.dy)) + 1
+        r0 = min(max(r0, 0), g.ny - 2)
+        rows.append((r0, max(min(r1, g.ny), r0 + 2)))
     single_t, binary_t = _tracks(log_age, mh, bands)
-    return _AgeModel(_ImageStack(_render(single_t, g), data.class_sigma, g),
-                     _ImageStack(_render(binary_t, g), data.class_sigma, g))
+    return _AgeModel(_ImageStack(_render(single_t, g), data.class_sigma, rows, g),
+                     _ImageStack(_render(binary_t, g), data.class_sigma, rows, g))
 
 
 def _component_densities(model: _AgeModel, data: _Data, dcolor: float, dmag: float

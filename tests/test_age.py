@@ -76,7 +76,7 @@ def test_too_few_stars():
         fit_age(np.zeros(5), np.zeros(5), np.ones(5), np.ones(5), np.ones(5, bool))
 
 
-@pytest.mark.parametrize("age_myr", [150.0])
+@pytest.mark.parametrize("age_myr", [150.0, 2000.0])
 def test_simulator_truth_catalogue(age_myr):
     """The simulator's own cluster + realistic field (old populations along the line of sight)."""
     simulator = pytest.importorskip("observer.simulator")

@@ -448,6 +448,7 @@ def _mixture_lnl(s: np.ndarray, b: np.ndarray, f: np.ndarray, weights: np.ndarra
 
 
 def _neg_lnl(shift: np.ndarray, model: _AgeModel, data: _Data, weights: np.ndarray) -> float:
+    """Minus the log-likelihood at the given shifts, the fractions maximised."""
     s, b = _component_densities(model, data, shift[0], shift[1])
     return -_mixture_lnl(s, b, data.field, weights)[0]
 
@@ -493,9 +494,9 @@ class _AgeResult:
     binary: np.ndarray
 
 
-def _fit_shifts(model: _AgeModel, data: _Data, weights: np.ndarray, starts: list[tuple[float, float]],
-                fixed: "_Fixed") -> _AgeResult:
+def _fit_shifts(model: _AgeModel, data: _Data, starts: list[tuple[float, float]], fixed: "_Fixed") -> _AgeResult:
     """Best shifts for one age: Nelder-Mead from each start, keep the best."""
+    weights = np.ones(data.mag.size)
     best: _AgeResult | None = None
     for start in starts:
         p0 = fixed.to_params(*start)
@@ -637,18 +638,18 @@ def _turnoff(log_age: float, mh: float, bands: tuple[str, str], dcolor: float, d
 
 
 def _fit_one_age(log_age: float, mh: float, bands: tuple[str, str], data: _Data, fixed: _Fixed,
-                 weights: np.ndarray, neighbours: list[_AgeResult]) -> _AgeResult:
+                 neighbours: list[_AgeResult]) -> _AgeResult:
     """Best shifts at one age, started from the FFT search and from neighbouring ages' solutions."""
     starts = [_fft_start(log_age, mh, bands, data)]
     for r in neighbours:
         if abs(r.dcolor - starts[0][0]) > 0.05 or abs(r.dmag - starts[0][1]) > 0.2:
             starts.append((r.dcolor, r.dmag))
     model = _age_model(log_age, mh, bands, data, starts)
-    return _fit_shifts(model, data, weights, starts, fixed)
+    return _fit_shifts(model, data, starts, fixed)
 
 
-def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data, fixed: _Fixed,
-               weights: np.ndarray) -> dict[int, _AgeResult]:
+def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data,
+               fixed: _Fixed) -> dict[int, _AgeResult]:
     """Fits on every other grid age, then on every grid age near the best one.
 
     Why coarse to fine: the likelihood varies smoothly on 0.1 dex scales away from
@@ -657,7 +658,7 @@ def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data,
     results: dict[int, _AgeResult] = {}
     for i in range(0, len(ages), 2):
         prev = [results[i - 2]] if i >= 2 else []
-        results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, weights, prev)
+        results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, prev)
     while True:
         best = max(results, key=lambda k: results[k].lnl)
         todo = [i for i in range(max(best - FINE_HALF_WINDOW, 0), min(best + FINE_HALF_WINDOW + 1, len(ages)))
@@ -666,7 +667,7 @@ def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data,
             return results
         for i in todo:
             near = [results[k] for k in (i - 1, i + 1) if k in results]
-            results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, weights, near)
+            results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, near)
 
 
 def _filled_curve(ages: np.ndarray, results: dict[int, _AgeResult]) -> np.ndarray:
@@ -683,13 +684,18 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     """Fit a PARSEC isochrone to a colour-magnitude diagram; see the module docstring.
 
     color = mag(bands[0]) - mag(bands[1]), mag = mag(bands[1]), with their errors;
-    ``usable`` is False for stars to ignore (saturated, flagged).  With
+    ``usable`` is False for stars to ignore (saturated, blended, flagged).  With
     ``calibrated`` False the magnitudes may carry any zeropoint: the fitted shifts
     then mix distance, reddening and zeropoints, and only the age (from the
     shape) is physical.  ``distance_modulus``/``ebv`` fix those quantities
-    (only meaningful when calibrated).  ``mag_limit``/``bright_limit`` bound the
-    magnitudes used (default: the 90th percentile, and the saturation limit if
-    excluded bright stars show one).
+    (only used when calibrated).  ``mag_limit`` is the faint limit of the stars
+    used (default: the 90th percentile, brighter if the median colour error
+    exceeds 0.1 mag before); the model is renormalised to it, so it must not be
+    fainter than where the catalogue is complete.  ``bright_limit`` (default:
+    the brightest usable star if excluded stars brighter than it show
+    saturation, else 1 mag above it) truncates the model at the bright end.
+    ``fit_mh`` scans the five [M/H] of the grid (five times the cost).
+    Raises ValueError with fewer than 20 usable stars.
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(rng)
@@ -706,11 +712,10 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
                    distance_modulus, ebv)
     ages, mhs = grid()
     mh_values = [float(v) for v in mhs] if fit_mh else [float(mhs[np.argmin(np.abs(mhs - mh))])]
-    weights = np.ones(n)
 
     best_mh, best_curve, best_results = None, None, None
     for met in mh_values:
-        results = _scan_ages(ages, met, bands, data, fixed, weights)
+        results = _scan_ages(ages, met, bands, data, fixed)
         curve = _filled_curve(ages, results)
         if best_curve is None or curve.max() > best_curve.max():
             best_mh, best_curve, best_results = met, curve, results

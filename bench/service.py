@@ -1,4 +1,4 @@
-"""Benchmark of the service: latency from "file complete on disk" to "stack and frames.ecsv updated", and burst throughput.
+"""Benchmark of the service: latency "file complete on disk" -> "stack and frames.ecsv updated"; burst throughput.
 
 Latency: a camera stand-in writes each simulated frame into the watched folder
 over ``--fill`` seconds (created, then filled) and closes it; the clock starts
@@ -100,7 +100,8 @@ def latency_run(files: list[Path], root: Path, size: int, fill: float, gap: floa
           f"checkpoint comes after the products, outside the latency; notice = complete on disk -> taken)")
     for name, latency, reduce, steps, status in rows:
         in_latency = sum(steps.get(k, 0.0) for k in SERVICE_STEPS if k != "checkpoint")
-        own = f"notice {latency - reduce - in_latency:.3f} " + " ".join(f"{k} {steps.get(k, 0):.3f}" for k in SERVICE_STEPS)
+        own = f"notice {latency - reduce - in_latency:.3f} " + " ".join(
+            f"{k} {steps.get(k, 0):.3f}" for k in SERVICE_STEPS)
         print(f"{name:24s} {status:9s} {latency:8.3f} {reduce:7.3f} {latency - reduce:8.3f}  {own}")
     quick = [r for r in rows if r[3].get("products", 0.0) < 1.0]
     if quick and len(quick) < len(rows):

@@ -96,11 +96,6 @@ def test_sha256_streams_the_bytes(tmp_path):
     assert sha256_of(path) == hashlib.sha256(data).hexdigest()
 
 
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-
 def test_tracker_waits_for_stability_and_completeness(tmp_path):
     data = fits_bytes()
     path = tmp_path / "f.fits"

@@ -48,8 +48,9 @@ def catalogue(args: argparse.Namespace) -> tuple[dict, float | None, str]:
         t = Table.read(args.catalog)
         b, v = np.asarray(t["mag_blue"], float), np.asarray(t["mag_green"], float)
         eb, ev = np.asarray(t["magerr_blue"], float), np.asarray(t["magerr_green"], float)
-        flags = np.asarray(t["flags"]) if "flags" in t.colnames else np.zeros(len(t), int)
-        usable = np.isfinite(b) & np.isfinite(v) & ((flags == 0) if flags.dtype.kind in "iub" else (flags == ""))
+        flags = np.asarray(t["flags"], int) if "flags" in t.colnames else np.zeros(len(t), int)
+        # As observer/writers.py does: saturated (1) and blended (2) stars out; edge and low coverage kept.
+        usable = np.isfinite(b) & np.isfinite(v) & ((flags & 3) == 0)
         truth = None
         if args.truth:
             truth = float(Table.read(args.truth).meta["log_age"])

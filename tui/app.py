@@ -125,6 +125,7 @@ class ObserverApp(App[None]):
     Screen.-narrow.-tall #main { grid-rows: 3fr 9 2fr; }
     Screen.-narrow #status { column-span: 2; }
     Screen.-narrow #status #histories { display: none; }
+    Screen.-narrow FooterKey.-command-palette { display: none; }  /* ctrl+p still works; our keys fit 80 */
     Screen.-short #frame-detail { max-height: 1; }
     Screen.-tall #stacks, Screen.-tall #hr, Screen.-tall #status, Screen.-tall #log {
         border: round $panel; border-title-color: $text-muted;

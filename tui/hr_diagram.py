@@ -8,9 +8,13 @@ catalogue update), not on every snapshot.
 from __future__ import annotations
 
 import numpy as np
+from textual.app import RenderResult
 from textual_plotext import PlotextPlot
 
 from observer.state import AgeEstimate, CmdData, TargetState
+
+#: Columns of a plot beside its title's: y tick labels (~4), the frame (2) and a margin.
+TITLE_MARGIN = 8
 
 
 def age_text(age: AgeEstimate) -> str:
@@ -44,6 +48,7 @@ class HRDiagram(PlotextPlot):
         self.target_name: str | None = None
         self.n_points = 0             # stars drawn (tests and the title use it)
         self.title_text = ""
+        self.short_title = ""         # without the age: plotext drops a title wider than its canvas
         self._draw()
 
     def show(self, target: TargetState | None) -> None:
@@ -57,6 +62,12 @@ class HRDiagram(PlotextPlot):
         self._draw()
         self.refresh()
 
+    def render(self) -> RenderResult:
+        """Draw with the title that fits: at 80 x 24 the star count stays (the target panel has the age)."""
+        fits = len(self.title_text) + TITLE_MARGIN <= self.size.width
+        self.plt.title(self.title_text if fits else self.short_title)
+        return super().render()
+
     def _draw(self) -> None:
         plt = self.plt
         plt.clear_figure()
@@ -64,14 +75,14 @@ class HRDiagram(PlotextPlot):
         cmd = self.cmd
         if cmd is None or cmd.n == 0:
             self.n_points = 0
-            self.title_text = f"{self.target_name or 'HR diagram'}: no catalogue yet"
+            self.title_text = self.short_title = f"{self.target_name or 'HR diagram'}: no catalogue yet"
             plt.title(self.title_text)
             return
         good = np.isfinite(cmd.color) & np.isfinite(cmd.mag)
         saturated = good & np.asarray(cmd.saturated, dtype=bool)
         usable = good & ~saturated
         self.n_points = int(good.sum())
-        title = f"{self.target_name}: {self.n_points} stars"
+        title = self.short_title = f"{self.target_name}: {self.n_points} stars"
         if self.age is not None:
             title += f", {age_text(self.age)}"
         self.title_text = title

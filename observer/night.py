@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from photutils.aperture import CircularAperture
 from scipy.spatial import cKDTree
 
 from observer import advice, checkpoint, writers
@@ -33,8 +34,40 @@ log = logging.getLogger(__name__)
 
 #: Stars used as the registration pattern and the flux reference.
 REFERENCE_STARS = 300
+#: Unsaturated stars (brightest first) measured for the transparency.
+FLUX_STARS = 150
+#: Aperture radius for the transparency, in units of the frame's own FWHM: scaled with the seeing,
+#: so that the enclosed fraction (and hence the flux ratio) does not change when the seeing does.
+FLUX_APERTURE_FWHM = 2.5
 #: Matching radius (px) between a frame's stars and the flux reference, after registration.
 FLUX_MATCH_RADIUS = 2.0
+
+
+def total_aperture_flux(data: np.ndarray, xy: np.ndarray, fwhm: float) -> np.ndarray:
+    """Star fluxes in apertures of FLUX_APERTURE_FWHM x the frame's FWHM (seeing-independent ratios)."""
+    if len(xy) == 0:
+        return np.empty(0)
+    return np.asarray(CircularAperture(xy, r=FLUX_APERTURE_FWHM * fwhm).do_photometry(data)[0], float)
+
+
+def saturated_on_grid(saturated: np.ndarray, transform: Transform, shape: tuple[int, int]) -> np.ndarray:
+    """A frame's saturated pixels carried onto the reference grid (with a 1 px margin for the resampling).
+
+    Saturated pixels are a few thousand at most: mapping their coordinates costs
+    far less than resampling a whole mask plane.
+    """
+    out = np.zeros(shape, bool)
+    ys, xs = np.nonzero(saturated)
+    if ys.size == 0:
+        return out
+    ref = transform.inverse_apply(np.column_stack([xs, ys]).astype(float))
+    rx, ry = np.rint(ref[:, 0]).astype(int), np.rint(ref[:, 1]).astype(int)
+    for oy in (-1, 0, 1):
+        for ox in (-1, 0, 1):
+            x, y = rx + ox, ry + oy
+            ok = (x >= 0) & (y >= 0) & (x < shape[1]) & (y < shape[0])
+            out[y[ok], x[ok]] = True
+    return out
 
 
 class FrameRejected(Exception):
@@ -249,8 +282,10 @@ class Night:
         record.rotation, record.reg_rms = transform.rotation_deg, transform.rms_px
 
         session = self._filter_session(target, tags.filter, facts)
-        throughput = self._throughput(session, transform, frame_xy[unsaturated], frame_flux[unsaturated],
-                                      facts.exptime)
+        bright = np.flatnonzero(unsaturated)[:FLUX_STARS]
+        fwhm = quality.fwhm_px if np.isfinite(quality.fwhm_px) else red.fwhm_guess_px
+        total_flux = total_aperture_flux(data, frame_xy[bright], fwhm)
+        throughput = self._throughput(session, transform, frame_xy[bright], total_flux, facts.exptime)
         transparency = throughput / max(session.best_throughput, throughput)
         record.transparency = transparency
         q = settings.quality
@@ -267,13 +302,13 @@ class Night:
 
         start = time.perf_counter()
         warped, valid = warp_to_reference(data, transform, target.shape)
-        sat_warped, _ = warp_to_reference(saturated.astype(np.float32), transform, target.shape)
         gain = facts.gain or settings.camera.gain or 1.0
-        noise_var = sky.rms ** 2 + np.clip(np.nan_to_num(warped), 0, None) / gain
+        noise_var = sky.rms ** 2 + np.clip(warped, 0, None) / gain
         scale = (session.exptime / facts.exptime) / throughput
         weight = 1.0 / (sky.rms ** 2 * scale ** 2)
-        session.accumulator.add(record.sha256 or str(frame.path), np.nan_to_num(warped), noise_var=noise_var,
-                                valid=valid, scale=scale, weight=weight, saturated=sat_warped > 0.25)
+        session.accumulator.add(record.sha256 or str(frame.path), warped, noise_var=noise_var,
+                                valid=valid, scale=scale, weight=weight,
+                                saturated=saturated_on_grid(saturated, transform, target.shape))
         session.stack_preview = advice.preview_of(session.accumulator.image())
         steps["stack"] = time.perf_counter() - start
         session.best_throughput = max(session.best_throughput, throughput)

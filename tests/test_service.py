@@ -50,6 +50,17 @@ def night(tmp_path_factory):
             "status": {Path(r.path).name: r.status for r in reference.records}}
 
 
+@pytest.fixture(scope="module")
+def longer_night(tmp_path_factory):
+    """12 files at 512 px: enough work (a few seconds) for kills to land mid-night."""
+    root = tmp_path_factory.mktemp("longer")
+    simulate_night(root / "src", SimSettings(size=512, frames=5, fill_seconds=0.0, cadence=0.0),
+                   truth_path=root / "truth.ecsv")
+    reference = process_existing(root / "src", root / "ref", fast_settings())
+    return {"src": root / "src", "ref": root / "ref", "order": [Path(r.path).name for r in reference.records],
+            "status": {Path(r.path).name: r.status for r in reference.records}}
+
+
 def junk_frame(seed: int, shape=(32, 32), date: str = "2026-11-26T22:00:00") -> bytes:
     """A small frame the per-frame path rejects quickly (no usable tags): for tests of the machinery."""
     data = np.random.default_rng(seed).integers(0, 60000, shape).astype(np.uint16)
@@ -347,7 +358,8 @@ def _started(log_path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_counts_each_frame_once(folders, night, tmp_path):
+def test_sigkill_at_random_moments_then_resume_counts_each_frame_once(folders, longer_night, tmp_path):
+    night = longer_night
     camdir, outdir = folders
     for name in night["order"]:                  # the night lands in DATE-OBS order, as in the reference run
         shutil.copy(night["src"] / name, camdir / name)
@@ -361,7 +373,7 @@ def test_sigkill_at_random_moments_then_resume_counts_each_frame_once(folders, n
             done = _frames_done(outdir)
             proc = _watch(camdir, outdir, log)
             wait_until(lambda: _frames_done(outdir) > done, timeout=120)
-            time.sleep(rng.uniform(0.0, 0.8))
+            time.sleep(rng.uniform(0.0, 0.25))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from observer.config import ConfigError, Settings
 from observer.ingest import FileTracker, fits_completeness, is_fits_name, sha256_of
 from observer.ledger import FINAL_STATUSES, Ledger
@@ -216,10 +218,17 @@ class Service:
         return dataclasses.replace(self._snapshot, busy=n > 0, queue_length=n)
 
     def save_pngs(self, target: str) -> list[Path]:
-        """Bring the target's figures up to date (a forced product write) and return its PNG files."""
+        """The dashboard's "save PNGs": bring the target's products up to date and return its PNG files.
+
+        The CMD is a product already (``cmd.png``); each stack gets a
+        ``stack.png`` beside its ``stack.fits`` (zscale, north up as in DS9),
+        so an observer can send a picture without a FITS viewer.
+        """
         with self._night_lock:
             self._write_products(force=True)
-        return sorted((self.outdir / target).glob("*.png"))
+            for stack in sorted((self.outdir / target).glob("*/stack.fits")):
+                _stack_png(stack, stack.with_suffix(".png"))
+        return sorted((self.outdir / target).rglob("*.png"))
 
     # ----------------------------------------------------------------- watcher and ingest threads
     def _on_path(self, path: Path, closed: bool) -> None:
@@ -396,6 +405,26 @@ class Service:
         record = self.night.process(path, sha)
         record.step_seconds["hash"] = hashed - started
         return record, lambda: self.ledger.finish(record, job.size, job.mtime_ns)
+
+
+def _stack_png(stack: Path, png: Path) -> None:
+    """A zscale picture of a stack product, origin at the bottom left (FITS convention)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from astropy.io import fits
+    from astropy.visualization import ZScaleInterval
+    from matplotlib.figure import Figure
+
+    from observer.products import atomic_savefig
+
+    image = fits.getdata(stack, 0)
+    low, high = ZScaleInterval().get_limits(image[np.isfinite(image)])
+    fig = Figure(figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(image, cmap="gray", origin="lower", vmin=low, vmax=high, interpolation="nearest")
+    ax.set_axis_off()
+    atomic_savefig(fig, png)
 
 
 # --------------------------------------------------------------------- reprocess: the same worker, synchronously

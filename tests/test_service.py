@@ -151,11 +151,14 @@ def test_camera_at_a_cadence_every_frame_once_none_early(folders, night):
         wait_until(lambda: len(svc.night.records) == len(night["order"]))
         wait_until(lambda: svc.idle)                              # the end-of-burst catalogue is written too
         snap = svc.snapshot()
+        pngs = {p.relative_to(outdir).as_posix() for p in svc.save_pngs("M35")}
     finally:
         svc.stop()
     assert names(svc) == night["order"]                           # once each, in order
     assert {Path(r.path).name: r.status for r in svc.night.records} == night["status"]
     assert snap.queue_length == 0 and len(snap.frames) == len(night["order"])
+    assert {"M35/blue/stack.png", "M35/green/stack.png"} <= pngs
+    assert all((outdir / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     rows = {Path(r.path).name: r for r in Ledger(outdir / "ledger.sqlite").all()}
     for name in night["order"]:                                   # taken only when whole
         assert rows[name].sha256 == sha(camdir / name) and rows[name].size == (camdir / name).stat().st_size

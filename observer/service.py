@@ -450,7 +450,8 @@ def process_existing(nightdir: str | Path, outdir: str | Path, settings: Setting
                      night_factory: NightFactory | None = None) -> NightLike:
     """Run every file of ``nightdir`` through the service's worker logic, in DATE-OBS order; write all products.
 
-    ``progress(done, total, record)`` is called after each FITS file. The night
+    ``progress(done, total, record)`` is called after each FITS file (``record``
+    None when the file was already in the resumed night). The night
     resumes from ``outdir``'s checkpoint if there is one (an interrupted
     reprocess continues); use a fresh ``outdir`` for a fresh reduction.
     """
@@ -463,9 +464,9 @@ def process_existing(nightdir: str | Path, outdir: str | Path, settings: Setting
                 service._on_path(path, False)
         service._record_other_names()
         for done, path in enumerate(fits_paths, start=1):
-            service.handle(_existing_job(path))
+            record = service.handle(_existing_job(path))
             if progress is not None:
-                progress(done, len(fits_paths), service.night.records[-1] if service.night.records else None)
+                progress(done, len(fits_paths), record)
         with service._night_lock:
             service._write_products(force=True)
             service.night.checkpoint()
@@ -564,6 +565,7 @@ def run_headless_until(service: Service, until: Callable[[], bool] = lambda: Fal
                 log.error("a service thread died; stopping")
                 code = 1
                 break
+        print("observer: stopping: finishing the frame in hand, then the final products", flush=True)
         service.stop()
         print("observer: stopped; starting again resumes", flush=True)
         return code

@@ -44,17 +44,17 @@ the faint edges of a rejected feature go too.  Two guards keep star light in:
 only groups of at least ``grow_min_pixels`` 8-connected rejected pixels seed a
 grow (a lone borderline pixel, a single cosmic-ray hit or a 5-sigma noise
 spike does not), and neither the seeds nor the grown pixels may lie where the
-structure allowance above exceeds the pixel's noise variance ("quiet" sky: far
-from stars, where a seeing change cannot make frames differ).  Grown pixels are
+clean mean or its gradient stands out of the noise (``_QUIET_SIGMA``: blank
+sky, far enough from stars that a seeing change cannot make frames differ).  Grown pixels are
 rejected whatever their own value, so the grow does not bias the noise.  The
 same grow applies to the dropped max candidates of step 2 (a trail in frame 1
 or 2): around a group of dropped pixels, a neighbour's max candidate is dropped
-too when it comes from the same frame and stands 2 sigma above the others
+too when it comes from the same frame and stands 2.25 sigma above the others
 (``_GROW_DROP_SIGMA``).  Only the max candidate is kept, so there a wing pixel
-where another frame happens to be higher, or where the wing is below 2 sigma,
+where another frame happens to be higher, or where the wing is fainter,
 stays in: the grow removes most, not all, of the wings of a trail in the first
-two frames (tested: a residual of ~2-3.5 instead of ~12-13 sigma of the line
-mean, against < 1.5 for a trail in a later frame).
+two frames (tested: a residual of ~3-4 instead of ~12-13 sigma of the line
+mean, against < 0.5 for a trail in a later frame).
 
 Cost: both tests first apply a cheap full-frame bound (the deviation against
 the noise alone, a necessary condition) and evaluate the full tolerance,
@@ -76,7 +76,7 @@ only per-frame state: a few hundred to a few thousand int32 per frame, some
 tens of thousands for a frame crossed by a satellite) and clears the max candidate
 where the frame held it.  The result equals never having added the frame to
 float32 rounding (a few 1e-7 relative), except in rare pixels (tested: at most
-1e-4 of them, in practice 0-4 of 65536) where a decision sat on the 5-sigma
+1e-4 of them, in practice 0-2 of 65536) where a decision sat on the 5-sigma
 boundary and the removed frame tipped it: a later frame's accept/reject
 decision made while it was in the mean, or a max candidate the removed frame
 held (cleared, not replaced by the second largest, which is not kept); the
@@ -112,11 +112,23 @@ _FORMAT_VERSION = 2
 #: kept, so where a removed frame held it the state cannot know that the trail frame would have
 #: been the max (and dropped) had the removed frame never been added; requiring a clear excess
 #: makes such pixels rare enough for remove() to stay within its bound (measured on the test's
-#: trail in frame 1: 18-25 differing pixels of 65536 unconditioned, 3-4 at 2 sigma), at the
-#: price of the faintest wings of a trail in the first two frames.
-_GROW_DROP_SIGMA = 2.0
+#: trail in frame 1: 18-25 differing pixels of 65536 unconditioned, 3-5 at 2 sigma, 1-2 at 2.25),
+#: at the price of the faintest wings of a trail in the first two frames.
+_GROW_DROP_SIGMA = 2.25
+#: ... and lies within this radius (px, at most grow_radius): beyond it the wings are mostly below
+#: 2 sigma, and a wider ring only adds such remove() mismatches.
+_GROW_DROP_RADIUS = 2.0
+#: Where the grow may act: clean mean and its gradient within this many sigma of zero (blank sky).
+_QUIET_SIGMA = 2.0
 #: 8-connectivity half-neighbourhood (dy, dx): each edge of the pixel graph once.
 _HALF_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def _disk_offsets(radius: float) -> list[tuple[int, int]]:
+    """Offsets (dy, dx) with 0 < dy**2 + dx**2 <= radius**2: the grow's disk, centre excluded."""
+    r = int(math.floor(radius))
+    return [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+            if 0 < dy * dy + dx * dx <= radius ** 2]
 
 
 class StackAccumulator:
@@ -124,17 +136,15 @@ class StackAccumulator:
 
     def __init__(self, shape: tuple[int, int], reject_sigma: float = 5.0,
                  signal_tolerance: float = 0.25, gradient_tolerance: float = 0.2,
-                 grow_radius: float = 2.0, grow_min_pixels: int = 3) -> None:
+                 grow_radius: float = 3.0, grow_min_pixels: int = 3) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.reject_sigma = float(reject_sigma)
         self.signal_tolerance = float(signal_tolerance)
         self.gradient_tolerance = float(gradient_tolerance)
         self.grow_radius = float(grow_radius)
         self.grow_min_pixels = int(grow_min_pixels)
-        r = int(math.floor(self.grow_radius))
-        #: the grow's disk offsets (dy, dx), 0 < dy**2 + dx**2 <= grow_radius**2
-        self._disk = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
-                      if 0 < dy * dy + dx * dx <= self.grow_radius ** 2]
+        self._disk = _disk_offsets(self.grow_radius)
+        self._drop_disk = _disk_offsets(min(self.grow_radius, _GROW_DROP_RADIUS))
         self._sw = np.zeros(self.shape, np.float32)
         self._swx = np.zeros(self.shape, np.float32)
         self._swwv = np.zeros(self.shape, np.float32)
@@ -385,6 +395,12 @@ class StackAccumulator:
         sky, so there the rejection is set by the noise alone.  ``m`` is the mean without
         the max candidate, so an outlier does not widen its own tolerance.
         """
+        m, g2 = self._signal_at(idx)
+        g = np.float32(0.5 * self.gradient_tolerance) * g2
+        return (np.float32(self.signal_tolerance) * m) ** 2 + g * g
+
+    def _signal_at(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """At ``idx``: the mean without the max candidate m, and |dm/dx| + |dm/dy| times 2."""
         ny, nx = self.shape
         last = ny * nx - 1
         yy, xx = np.divmod(idx, nx)
@@ -395,8 +411,7 @@ class StackAccumulator:
         m = ref(idx)
         gx = np.where((xx > 0) & (xx < nx - 1), np.abs(ref(idx + 1) - ref(idx - 1)), np.float32(0.0))
         gy = np.where((yy > 0) & (yy < ny - 1), np.abs(ref(idx + nx) - ref(idx - nx)), np.float32(0.0))
-        g = np.float32(0.5 * self.gradient_tolerance) * (gx + gy)
-        return (np.float32(self.signal_tolerance) * m) ** 2 + g * g
+        return m, gx + gy
 
     def _reject(self, data: np.ndarray, noise_var: float | np.ndarray, valid: np.ndarray | None,
                 scale: float) -> np.ndarray:
@@ -470,8 +485,16 @@ class StackAccumulator:
         return v, ok
 
     def _quiet(self, idx: np.ndarray, var: np.ndarray) -> np.ndarray:
-        """Pixels where the allowance for real structure is below the noise: no star to eat into."""
-        return self._structure_at(idx) < var
+        """Blank sky, where a grow cannot eat star light: the clean mean and its gradient (per px)
+        within ``_QUIET_SIGMA`` of the noise of the frame's pixel and of the mean.
+
+        Deliberately not the rejection's structure allowance: that allowance shrinks with
+        smaller tolerances, and the grow must stay off star wings whatever they are set to.
+        """
+        m, g2 = self._signal_at(idx)
+        var_r = self._stats_at(idx)[1]
+        g = np.float32(0.5) * g2
+        return m * m + g * g < np.float32(_QUIET_SIGMA ** 2) * (var + var_r)
 
     def _group_size(self, idx: np.ndarray) -> np.ndarray:
         """For sorted flat indices: the size of the 8-connected group of ``idx`` each one belongs to.
@@ -498,12 +521,13 @@ class StackAccumulator:
         seeds = idx[self._group_size(idx) >= self.grow_min_pixels]
         return seeds[self._quiet(seeds, var[np.searchsorted(idx, seeds)])]
 
-    def _neighbourhood(self, seeds: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-        """Sorted flat indices within ``grow_radius`` of the seeds, less ``exclude``."""
+    def _neighbourhood(self, seeds: np.ndarray, exclude: np.ndarray, disk: list[tuple[int, int]]
+                       ) -> np.ndarray:
+        """Sorted flat indices at the ``disk`` offsets from the seeds, less ``exclude``."""
         ny, nx = self.shape
         ys, xs = np.divmod(seeds, nx)
         mark = np.zeros(ny * nx, bool)
-        for dy, dx in self._disk:
+        for dy, dx in disk:
             inside = (ys + dy >= 0) & (ys + dy < ny) & (xs + dx >= 0) & (xs + dx < nx)
             mark[seeds[inside] + (dy * nx + dx)] = True
         mark[exclude] = False
@@ -518,7 +542,7 @@ class StackAccumulator:
         seeds = self._grow_seeds(rejected, self._frame_at(rejected, data, noise_var, valid, scale)[0])
         if len(seeds) == 0:
             return rejected
-        cand = self._neighbourhood(seeds, exclude=rejected)
+        cand = self._neighbourhood(seeds, exclude=rejected, disk=self._disk)
         v, ok = self._frame_at(cand, data, noise_var, valid, scale)
         judged = ok & (self._count.ravel()[cand] >= 2)
         cand, v = cand[judged], v[judged]
@@ -526,9 +550,9 @@ class StackAccumulator:
 
     def _grow_drops(self, dropped: np.ndarray) -> np.ndarray:
         """The dropped max candidates plus their grow: around each frame's group of dropped pixels,
-        the quiet neighbours whose max candidate comes from that same frame and stands
-        ``_GROW_DROP_SIGMA`` above the others (see that constant for why)."""
-        if not self._disk or len(dropped) < self.grow_min_pixels:
+        the quiet neighbours within ``_GROW_DROP_RADIUS`` whose max candidate comes from that same
+        frame and stands ``_GROW_DROP_SIGMA`` above the others (see those constants for why)."""
+        if not self._drop_disk or len(dropped) < self.grow_min_pixels:
             return dropped
         slots, vmax, mslot = self._mslot.ravel()[dropped], self._vmax.ravel(), self._mslot.ravel()
         grown = [dropped]
@@ -537,7 +561,7 @@ class StackAccumulator:
             seeds = self._grow_seeds(mine, vmax[mine])
             if len(seeds) == 0:
                 continue
-            cand = self._neighbourhood(seeds, exclude=dropped)
+            cand = self._neighbourhood(seeds, exclude=dropped, disk=self._drop_disk)
             cand = cand[(mslot[cand] == slot) & (self._count.ravel()[cand] >= 2)]
             cand = cand[self._quiet(cand, vmax[cand])]
             mean_r, var_r, _, _ = self._stats_at(cand)

@@ -134,12 +134,14 @@ def test_trail_and_cosmic_rays_in_one_frame_leave_no_trace(night: dict, bad: int
     away = footprint & ~night["stars"]
     assert away.sum() > 1000
     assert float(z[away].max()) < 5.0
-    # it is the outlier pixels (and their 2 px grow around the aircraft's lights) that went, not whole frames
-    grown = ndimage.binary_dilation(footprint, iterations=2)        # = the disk of radius 2
+    # it is the outlier pixels (and their grow around the aircraft's lights) that went, not whole frames
+    r = int(acc.grow_radius)
+    oy, ox = np.mgrid[-r:r + 1, -r:r + 1]
+    grown = ndimage.binary_dilation(footprint, structure=ox ** 2 + oy ** 2 <= acc.grow_radius ** 2)
     assert (acc.nframes()[~grown] == 10).mean() > 0.999
 
 
-def _line_residual(bad: int, grow_radius: float = 2.0, n: int = 512) -> float:
+def _line_residual(bad: int, grow_radius: float = 3.0, n: int = 512) -> float:
     """Stack of 10 pure-noise frames, one crossed by a PSF-broadened trail (Gaussian across,
     sigma 1.3 px, peak 30 sigma); the stack's mean over the trail's pixels (within 5 px of its
     centre line, ~500 px long) in units of sigma_line = pixel stack noise / sqrt(pixels)."""
@@ -160,7 +162,7 @@ def _line_residual(bad: int, grow_radius: float = 2.0, n: int = 512) -> float:
 @pytest.mark.parametrize("bad", [2, 5])
 def test_trail_wings_leave_no_line(bad: int) -> None:
     """The trail's core is rejected at 5 sigma; its wings, below the per-pixel threshold, go with
-    the 2 px grow of the rejection (without it they leave a line at ~12 sigma_line)."""
+    the 3 px grow of the rejection (measured: -0.3 and -0.15 sigma_line; without it ~12)."""
     assert abs(_line_residual(bad)) < 3.0
     assert _line_residual(bad, grow_radius=0.0) > 10.0
 
@@ -168,9 +170,9 @@ def test_trail_wings_leave_no_line(bad: int) -> None:
 @pytest.mark.parametrize("bad", [0, 1])
 def test_trail_wings_in_the_first_frames_mostly_go(bad: int) -> None:
     """A trail in frame 1 or 2 is cleaned through the max candidate, the only value kept of a
-    pixel's contributions: the grow drops it where that frame is the max and stands 2 sigma above
-    the others, so the faintest wings stay (measured: 3.3 and 2.4 sigma_line, 13 and 12 without)."""
-    assert abs(_line_residual(bad)) < 4.5
+    pixel's contributions: the grow drops it where that frame is the max and stands 2.25 sigma
+    above the others, so the faintest wings stay (measured: 3.9 and 3.1 sigma_line, 13 and 12 without)."""
+    assert abs(_line_residual(bad)) < 5.0
     assert _line_residual(bad, grow_radius=0.0) > 10.0
 
 
@@ -189,6 +191,25 @@ def test_clouded_frame_scaled_does_not_dim_the_stars(night: dict) -> None:
     assert np.median(unscaled / without) < 0.97          # the test can see a dimming
     # truth: aperture of 9 px holds ~99% of a Moffat beta=3 star of FWHM <= 4.5 px
     assert np.median(with_cloud / flux[bright]) == pytest.approx(0.985, abs=0.015)
+
+
+def test_grow_leaves_star_wings_alone(night: dict) -> None:
+    """With tolerances cut so far that seeing changes get star cores rejected (groups of pixels,
+    the grow's seeds), the grow still adds no rejection and star fluxes do not move: it acts
+    on blank sky only."""
+    frames, xy, bright = night["frames"], night["xy"], night["flux"] > 3e4
+    accs = []
+    for grow in (0.0, 3.0):
+        acc = StackAccumulator((N, N), signal_tolerance=0.05, gradient_tolerance=0.04, grow_radius=grow)
+        for i, frame in enumerate(frames):
+            acc.add(f"f{i}", frame, noise_var=_noise_var(frame), valid=None, scale=1 / 0.6 if i == 6 else 1.0)
+        accs.append(acc)
+    rejected = [sum(a.rejected_pixels(f"f{i}") for i in range(10)) for a in accs]
+    assert rejected[0] > 1000                       # the cores do get rejected here
+    assert rejected[1] == rejected[0]
+    assert np.array_equal(accs[1].nframes(), accs[0].nframes())
+    fluxes = [_aperture_fluxes(a.image(), xy[bright]) for a in accs]
+    assert np.abs(fluxes[1] / fluxes[0] - 1).max() < 1e-6
 
 
 def test_save_load_round_trip_is_byte_identical(night: dict, tmp_path) -> None:
@@ -311,7 +332,7 @@ def _satellite_line(settings, frames_log) -> tuple[float, float, float, str]:
 def test_simulated_night_stack_has_no_satellite_line(tmp_path) -> None:
     """A 1024 px simulated night through observer.night.Night: the green stack's mean over the
     satellite trail's pixels (within 2 FWHM of its centre line, stars masked) is within
-    3 sigma_line of zero (measured 2.7 with the grow, 37.5 without)."""
+    3 sigma_line of zero (measured 1.9 with the grow, 37.5 without)."""
     from astropy.io import fits
 
     from observer import simulator
@@ -329,7 +350,8 @@ def test_simulated_night_stack_has_no_satellite_line(tmp_path) -> None:
     # the line found is the one drawn: bright along it in the raw frame (peak 1500-3000 ADU)
     row = truth.frames[truth.frames["file"] == name][0]
     raw = fits.getdata(tmp_path / "cam" / name).astype(float)
-    fx, fy = simulator.transform_xy(np.array([x0]), np.array([y0]), n, row["dx"], row["dy"], row["rotation_deg"])
+    fx, fy = simulator.transform_xy(np.array([x0]), np.array([y0]), n, row["dx"], row["dy"],
+                                    row["rotation_deg"])
     d_frame = (xx - fx[0]) * math.sin(angle + math.radians(row["rotation_deg"])) \
         - (yy - fy[0]) * math.cos(angle + math.radians(row["rotation_deg"]))
     assert np.median(raw[np.abs(d_frame) < 0.5]) - np.median(raw[np.abs(np.abs(d_frame) - 15) < 5]) > 1000

@@ -39,18 +39,20 @@ for the first frames and cheap for all of them:
 Growing the rejection: a satellite trail is PSF-broadened, so its core is rejected
 but its wings, below the per-pixel threshold, would be averaged in and leave a
 faint line.  As IRAF imcombine's ``grow`` does, the rejected pixels of a frame
-are grown by ``grow_radius`` px before the frame's contribution is accepted, so
-the faint edges of a rejected feature go too.  Two guards keep star light in:
+are grown by ``grow_radius`` px (default 3, about one FWHM of usual seeing)
+before the frame's contribution is accepted, so the faint edges of a rejected
+feature go too.  Two guards keep star light in:
 only groups of at least ``grow_min_pixels`` 8-connected rejected pixels seed a
 grow (a lone borderline pixel, a single cosmic-ray hit or a 5-sigma noise
 spike does not), and neither the seeds nor the grown pixels may lie where the
 clean mean or its gradient stands out of the noise (``_QUIET_SIGMA``: blank
-sky, far enough from stars that a seeing change cannot make frames differ).  Grown pixels are
-rejected whatever their own value, so the grow does not bias the noise.  The
+sky, far enough from stars that a seeing change cannot make frames differ).
+Grown pixels are rejected whatever their own value, so the grow does not bias
+the noise.  The
 same grow applies to the dropped max candidates of step 2 (a trail in frame 1
 or 2): around a group of dropped pixels, a neighbour's max candidate is dropped
-too when it comes from the same frame and stands 2.25 sigma above the others
-(``_GROW_DROP_SIGMA``).  Only the max candidate is kept, so there a wing pixel
+too when it comes from the same frame, lies within 2 px and stands 2.25 sigma
+above the others (``_GROW_DROP_RADIUS``, ``_GROW_DROP_SIGMA``).  Only the max candidate is kept, so there a wing pixel
 where another frame happens to be higher, or where the wing is fainter,
 stays in: the grow removes most, not all, of the wings of a trail in the first
 two frames (tested: a residual of ~3-4 instead of ~12-13 sigma of the line

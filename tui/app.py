@@ -156,8 +156,8 @@ class ObserverApp(App[None]):
 
     #: Freeze the objects alive at start-up (imports, the service, the app) out of the garbage collector. A full
     #: collection holds the GIL while it walks every tracked object: measured during a burst (bench/dashboard.py),
-    #: 130-220 ms stalls of the whole UI, which missed the 100 ms key target; with the start-up objects frozen,
-    #: 30-60 ms.
+    #: 100-220 ms stalls of the whole UI, which missed the 100 ms key target; with the start-up objects frozen,
+    #: median ~30 ms (max 55-140 ms).
     FREEZE_GC_ON_MOUNT = True
 
     def on_mount(self) -> None:

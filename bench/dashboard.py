@@ -37,7 +37,7 @@ target (key -> screen ~5-10 ms), but the tail was not: full (generation 2)
 garbage collections, 130-220 ms each with ~300k tracked objects, ran during the
 burst (in the worker or the UI thread) and, holding the GIL, stopped the UI;
 ``--switch-interval 0.001`` did not help. ``ObserverApp`` now freezes the
-start-up objects (``gc.freeze()`` at mount): collections 20-80 ms. What is
+start-up objects (``gc.freeze()`` at mount): collections median 25-35 ms, max 55-140 ms. What is
 left of the tail is the layout pass each new snapshot asks for (Static
 ``update()`` and the header's sub-title, 30-70 ms CPU for the whole screen)
 stretched by sharing the GIL with the reduction.

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import optimize
-from scipy.ndimage import gaussian_filter
-from scipy.signal import fftconvolve
+from scipy import fft as sp_fft
+from scipy.ndimage import gaussian_filter, maximum_filter
 
 from reduction.isochrones import A_OVER_EBV, LABEL_MAIN_SEQUENCE, get_isochrone, grid
 
@@ -76,6 +76,17 @@ AGE_FLOOR_DEX = 0.05
 PROFILE_DELTA_LNL = 2.0
 #: Half-width (grid steps) of the window around the best age where every grid age is fitted.
 FINE_HALF_WINDOW = 4
+#: Global shift search (FFT): field fraction assumed in the approximate likelihood, ladder of
+#: log10 box-normalisation levels (first, last, step), neighbourhood of a candidate peak (pixels of
+#: the coarse grid: 0.6 mag x 0.2 colour), at most this many candidates, and only those whose
+#: approximate lnL is within FFT_SCORE_WINDOW of the best.
+FFT_FIELD = 0.2
+FFT_LOG_Z = (-3.0, 0.0, 1.0)
+FFT_PEAK_SEPARATION_PX = (15, 10)
+FFT_MAX_STARTS = 3
+FFT_SCORE_WINDOW = 20.0
+#: An age is refitted from its neighbour's shifts when the neighbour's lnL is higher by this much.
+PROPAGATE_DLNL = 3.0
 
 
 @dataclass
@@ -306,6 +317,8 @@ class _Data:
     class_sigma: list[tuple[float, float]]   # total blur (colour, mag) per class
     field: np.ndarray                        # field-star density at each star (normalised on the box)
     box: tuple[float, float, float, float]   # colour lo, hi, mag bright, faint
+    #: Spectra of the data histogram and of the box for the global shift search (the same at every age).
+    fft_cache: dict = field(default_factory=dict)
 
 
 def _default_mag_limit(mag: np.ndarray, color_err: np.ndarray) -> float:
@@ -453,32 +466,78 @@ def _neg_lnl(shift: np.ndarray, model: _AgeModel, data: _Data, weights: np.ndarr
     return -_mixture_lnl(s, b, data.field, weights)[0]
 
 
-def _fft_start(log_age: float, mh: float, bands: tuple[str, str], data: _Data) -> tuple[float, float]:
-    """Rough (dcolor, dmag) maximising the correlation of the stars with the log model density.
+def _fft_starts(log_age: float, mh: float, bands: tuple[str, str], data: _Data) -> list[tuple[float, float]]:
+    """Rough (dcolor, dmag) candidates: the best peaks of an approximate likelihood over all shifts.
 
     Why: with instrumental magnitudes the shifts can be anything; a local optimiser
-    started far away would lock onto a wrong part of the sequence.  One FFT on a
-    coarse grid scores every shift at once; Nelder-Mead with the full likelihood
-    (box normalisation, binaries, field) refines the best one.
+    started far away would lock onto a wrong part of the sequence.  FFTs on a
+    coarse grid score every shift at once; Nelder-Mead with the full likelihood
+    (binaries, error classes, fitted fractions) refines the candidates.
+
+    The score is the likelihood's own form, sum_i log(rho(x_i - s) / Z(s) + c), with
+    Z(s) the model weight inside the shifted observed box and c a field-star floor.
+    Why the normalisation matters: without it the stars are simply pulled onto the
+    densest part of the model, the IMF-heavy lower main sequence, and a cluster's
+    near-vertical upper main sequence lands on the near-vertical M-dwarf sequence
+    (shifts off by ten magnitudes; seen on pipeline catalogues).  Z(s) is one more
+    correlation (model with the box); the floor cZ(s) inside the logarithm depends
+    on the shift, so the correlation is done for a ladder of Z levels and each shift
+    takes the level nearest its own Z.
     """
     g = _full_grid(scale=2)
     single_t, binary_t = _tracks(log_age, mh, bands)
     sc, sm = data.class_sigma[0]
     mix = gaussian_filter(0.7 * _render(single_t, g) + 0.3 * _render(binary_t, g),
                           (max(sm / g.dy, 0.7), max(sc / g.dx, 0.7)), mode="constant")
-    # log(1 + density / floor): zero where the model is empty, like the FFT's zero padding.
-    coarse = np.log1p(mix / mix.sum() / (g.dx * g.dy) / 1e-2)
+    rho = mix / mix.sum() / (g.dx * g.dy)
     lo_c, hi_c, lo_m, hi_m = data.box
     nx = int(np.ceil((hi_c - lo_c) / g.dx))
     ny = int(np.ceil((hi_m - lo_m) / g.dy))
     hist, _, _ = np.histogram2d(data.mag, data.color, bins=(ny, nx),
                                 range=((lo_m, lo_m + ny * g.dy), (lo_c, lo_c + nx * g.dx)))
-    corr = fftconvolve(coarse, hist[::-1, ::-1], mode="full")
-    # corr[i, j] pairs data pixel (p, q) with model pixel (p + i - ny + 1, q + j - nx + 1).
-    i, j = np.unravel_index(np.argmax(corr), corr.shape)
-    dmag = lo_m - g.y0 - (i - ny + 1) * g.dy
-    dcolor = lo_c - g.x0 - (j - nx + 1) * g.dx
-    return float(dcolor), float(dmag)
+    n = float(hist.sum())
+    shape = (g.ny + ny - 1, g.nx + nx - 1)
+    fshape = [sp_fft.next_fast_len(s, real=True) for s in shape]
+
+    def spectrum(img: np.ndarray) -> np.ndarray:
+        return sp_fft.rfft2(img, fshape)
+
+    def correlate(model_spec: np.ndarray, data_spec: np.ndarray) -> np.ndarray:
+        # corr[i, j] pairs data pixel (p, q) with model pixel (p + i - ny + 1, q + j - nx + 1).
+        return sp_fft.irfft2(model_spec * data_spec, fshape)[: shape[0], : shape[1]]
+
+    if not data.fft_cache:
+        data.fft_cache.update(hist=spectrum(hist[::-1, ::-1]), box=spectrum(np.ones((ny, nx))))
+    hist_spec = data.fft_cache["hist"]
+    rho_spec = spectrum(rho)
+    levels = np.arange(FFT_LOG_Z[0], FFT_LOG_Z[1] + 1e-9, FFT_LOG_Z[2])
+    # Z below the ladder is treated as its lowest level: the score then tends to that of field
+    # stars only instead of growing without bound as the box loses the model.
+    z = np.clip(correlate(rho_spec, data.fft_cache["box"]) * g.dx * g.dy, 10 ** levels[0], None)
+    # Field floor: a fraction FFT_FIELD of the stars spread evenly over the box.
+    c = FFT_FIELD / (1 - FFT_FIELD) / ((hi_c - lo_c) * (hi_m - lo_m))
+    nearest = np.clip(np.rint((np.log10(z) - levels[0]) / FFT_LOG_Z[2]), 0, len(levels) - 1).astype(int)
+    score = np.full(shape, -np.inf)
+    for k, lz in enumerate(levels):
+        sel = nearest == k
+        if not sel.any():
+            continue
+        floor = c * 10 ** lz
+        # log(rho + floor) - log(floor) is zero where the model is empty, like the FFT's zero padding.
+        corr = correlate(spectrum(np.log1p(rho / floor)), hist_spec)
+        score[sel] = corr[sel] + n * (np.log(floor) - np.log(z[sel]))
+    # Candidates: local maxima of the score (one per sequence-sized neighbourhood), best first.
+    peaks = (score == maximum_filter(score, size=FFT_PEAK_SEPARATION_PX)) & np.isfinite(score)
+    idx = np.flatnonzero(peaks)
+    idx = idx[np.argsort(score.ravel()[idx])[::-1]]
+    best = score.ravel()[idx[0]]
+    out = []
+    for flat in idx[:FFT_MAX_STARTS]:
+        if score.ravel()[flat] < best - FFT_SCORE_WINDOW:
+            break
+        i, j = np.unravel_index(flat, shape)
+        out.append((float(lo_c - g.x0 - (j - nx + 1) * g.dx), float(lo_m - g.y0 - (i - ny + 1) * g.dy)))
+    return out
 
 
 @dataclass
@@ -637,15 +696,55 @@ def _turnoff(log_age: float, mh: float, bands: tuple[str, str], dcolor: float, d
     return float(c[idx] + dcolor), float(iso.mags[bands[1]][idx] + dmag)
 
 
+def _distinct(start: tuple[float, float], others: list[tuple[float, float]]) -> bool:
+    """True if a start is not within a sequence width of any of the others (it would find the same optimum)."""
+    return all(abs(start[0] - o[0]) > 0.05 or abs(start[1] - o[1]) > 0.2 for o in others)
+
+
 def _fit_one_age(log_age: float, mh: float, bands: tuple[str, str], data: _Data, fixed: _Fixed,
-                 neighbours: list[_AgeResult]) -> _AgeResult:
-    """Best shifts at one age, started from the FFT search and from neighbouring ages' solutions."""
-    starts = [_fft_start(log_age, mh, bands, data)]
+                 neighbours: list[_AgeResult], search: bool = True) -> _AgeResult:
+    """Best shifts at one age, started from the FFT candidates (if ``search``) and neighbouring ages' solutions.
+
+    Each start gets its own model window: candidates can be magnitudes apart, and one
+    window spanning them all would cost many times more to blur.
+    """
+    starts: list[tuple[float, float]] = _fft_starts(log_age, mh, bands, data) if search else []
     for r in neighbours:
-        if abs(r.dcolor - starts[0][0]) > 0.05 or abs(r.dmag - starts[0][1]) > 0.2:
+        if _distinct((r.dcolor, r.dmag), starts):
             starts.append((r.dcolor, r.dmag))
-    model = _age_model(log_age, mh, bands, data, starts)
-    return _fit_shifts(model, data, starts, fixed)
+    best: _AgeResult | None = None
+    for start in starts:
+        result = _fit_shifts(_age_model(log_age, mh, bands, data, [start]), data, [start], fixed)
+        if best is None or result.lnl > best.lnl:
+            best = result
+    assert best is not None
+    return best
+
+
+def _propagate(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data, fixed: _Fixed,
+               results: dict[int, _AgeResult]) -> None:
+    """Refit ages from a fitted neighbour's shifts where that neighbour fits much better.
+
+    Why: the profile likelihood is smooth between neighbouring grid ages, so an age
+    fitting far worse than its neighbour with quite different shifts has been caught
+    in a secondary optimum (the global search is approximate); the neighbour's
+    solution is a start that reaches the right one.  Sweeps repeat until nothing
+    improves, so a good solution spreads in both directions along the grid.
+    """
+    for _ in range(len(ages)):
+        changed = False
+        fitted = sorted(results)
+        for a, b in list(zip(fitted[:-1], fitted[1:])) + list(zip(fitted[1:], fitted[:-1])):
+            good, poor = results[a], results[b]
+            if good.lnl < poor.lnl + PROPAGATE_DLNL or not _distinct((good.dcolor, good.dmag),
+                                                                    [(poor.dcolor, poor.dmag)]):
+                continue
+            refit = _fit_one_age(float(ages[b]), mh, bands, data, fixed, [good], search=False)
+            if refit.lnl > poor.lnl + 1e-6:
+                results[b] = refit
+                changed = True
+        if not changed:
+            return
 
 
 def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data,
@@ -660,14 +759,16 @@ def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data,
         prev = [results[i - 2]] if i >= 2 else []
         results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, prev)
     while True:
+        _propagate(ages, mh, bands, data, fixed, results)
         best = max(results, key=lambda k: results[k].lnl)
         todo = [i for i in range(max(best - FINE_HALF_WINDOW, 0), min(best + FINE_HALF_WINDOW + 1, len(ages)))
                 if i not in results]
         if not todo:
             return results
         for i in todo:
+            # Between two fitted ages: their solutions are the starts (the global search ran there).
             near = [results[k] for k in (i - 1, i + 1) if k in results]
-            results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, near)
+            results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, near, search=not near)
 
 
 def _filled_curve(ages: np.ndarray, results: dict[int, _AgeResult]) -> np.ndarray:

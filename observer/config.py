@@ -73,6 +73,13 @@ class FilterSettings:
         lowered = {k.lower(): v for k, v in self.aliases.items()}
         return lowered.get(raw.lower(), raw.lower() or None)
 
+    def known(self, name: str | None) -> str | None:
+        """Canonical name only when ``name`` is in the alias table (for guesses from file names)."""
+        if name is None:
+            return None
+        lowered = {k.lower(): v for k, v in self.aliases.items()}
+        return lowered.get(str(name).strip().lower())
+
     def zeropoint(self, name: str) -> float:
         return self.zeropoints.get(name, self.default_zeropoint)
 

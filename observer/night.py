@@ -88,9 +88,8 @@ class Night:
         self.masters: dict[str, Masters] = {}     # by filter ("" for bias/dark only)
         self.pending_offsets: dict[tuple[str, str], np.ndarray] = {}
         self.version = 0
-        self._products_at = 0.0
         self._catalog_dirty = False
-        self.age_worker = writers.AgeWorker(background=False)   # the service makes it a background one
+        self.measurements = writers.Measurements(background=False)   # the live service measures in the background
         self.cmd_cache: dict = {}
         self.age_cache: dict = {}
         self._snapshot: Snapshot | None = None
@@ -114,6 +113,9 @@ class Night:
         self._catalog_dirty = True
 
     def _append(self, record: FrameRecord) -> None:
+        """Add a record; a file quarantined earlier and taken now replaces its quarantine row."""
+        if record.status != "quarantined":
+            self.records = [r for r in self.records if not (r.path == record.path and r.status == "quarantined")]
         self.records.append(record)
         self.version += 1
 
@@ -369,15 +371,18 @@ class Night:
 
     # ----------------------------------------------------------------- products and state
     def write_products(self, force: bool = False) -> list[Path]:
-        """Stacks and frames.ecsv every call; catalogue, CMD and age when forced or past the throttle."""
+        """Stacks and frames.ecsv now; the catalogue, CMD and age when forced, or always when measuring live.
+
+        Live (``measurements.background``) the stacks are handed to the
+        background measurer after every change, which throttles itself; offline
+        they are measured only when forced (at the end of ``reprocess``).
+        """
         written = writers.write_frames_table(self)
         written += writers.write_stacks(self)
-        throttle = self.settings.service.product_throttle_seconds
-        if self._catalog_dirty and (force or time.time() - self._products_at >= throttle):
-            written += writers.write_catalogs(self, fit_age=force)
-            self._products_at = time.time()
+        if self._catalog_dirty and (force or self.measurements.background):
             self._catalog_dirty = False
-            self.version += 1
+            for tname in self.targets:
+                written += self.measurements.submit(self, tname, writers.target_stacks(self, tname))
         return written
 
     def save_pngs(self, target: str) -> list[Path]:

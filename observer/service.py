@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
 NOT_FITS_NAME = "not a FITS file name"
 LEDGER_NAME = "ledger.sqlite"
+#: At shutdown, how long to let the last catalogue and age fit finish (s).
+STOP_MEASURE_TIMEOUT = 120.0
 
 
 class OutdirInsideCamdirError(ConfigError):
@@ -69,6 +71,7 @@ class NightLike(Protocol):
     def checkpoint(self) -> None: ...
     def snapshot(self, queue_length: int = 0) -> Snapshot: ...
     def seen(self, sha256: str) -> bool: ...
+    def save_pngs(self, target: str) -> list[Path]: ...
 
 
 NightFactory = Callable[[Settings, Path], NightLike]
@@ -120,7 +123,7 @@ class Service:
     """The watching service over ``camdir`` writing into ``outdir``; see the module docstring."""
 
     def __init__(self, camdir: str | Path, outdir: str | Path, settings: Settings,
-                 night_factory: NightFactory | None = None) -> None:
+                 night_factory: NightFactory | None = None, live: bool = True) -> None:
         self.camdir, self.outdir = check_folders(camdir, outdir)
         self.settings = settings
         self.outdir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,11 @@ class Service:
         self._products_stale = False               # frames since the last forced (catalogue) product write
         self._snapshot = self.night.snapshot()
         self._resume_from_ledger()
+        self._measurements = getattr(self.night, "measurements", None)
+        if live and self._measurements is not None:
+            # Catalogue, CMD and age are measured off the worker thread: a frame never waits for them.
+            self._measurements.background = True
+            self._measurements.listeners.append(lambda paths: self._publish(None, paths))
 
     # ----------------------------------------------------------------- start-up and shutdown
     def _resume_from_ledger(self) -> None:
@@ -183,6 +191,8 @@ class Service:
         with self._night_lock:
             if self._products_stale:
                 self._write_products(force=True)
+            if self._measurements is not None and not self._measurements.finish(STOP_MEASURE_TIMEOUT):
+                log.warning("stopping before the last catalogue/age update finished")
             self.night.checkpoint()
         self.ledger.close()
         log.info("service stopped")
@@ -208,7 +218,9 @@ class Service:
         if not self._ingest_lock.acquire(blocking=False):
             return False
         try:
-            return self.queue_length == 0 and self.tracker.waiting == 0 and not self._products_stale
+            measuring = self._measurements is not None and self._measurements.busy
+            return self.queue_length == 0 and self.tracker.waiting == 0 and not self._products_stale \
+                and not measuring
         finally:
             self._ingest_lock.release()
 
@@ -218,17 +230,10 @@ class Service:
         return dataclasses.replace(self._snapshot, busy=n > 0, queue_length=n)
 
     def save_pngs(self, target: str) -> list[Path]:
-        """The dashboard's "save PNGs": bring the target's products up to date and return its PNG files.
-
-        The CMD is a product already (``cmd.png``); each stack gets a
-        ``stack.png`` beside its ``stack.fits`` (zscale, north up as in DS9),
-        so an observer can send a picture without a FITS viewer.
-        """
+        """The dashboard's "save PNGs": every stack of the target (``stack.png`` beside ``stack.fits``,
+        zscale, as DS9 shows it) and its CMD, so an observer can send a picture without a FITS viewer."""
         with self._night_lock:
-            self._write_products(force=True)
-            for stack in sorted((self.outdir / target).glob("*/stack.fits")):
-                _stack_png(stack, stack.with_suffix(".png"))
-        return sorted((self.outdir / target).rglob("*.png"))
+            return self.night.save_pngs(target)
 
     # ----------------------------------------------------------------- watcher and ingest threads
     def _on_path(self, path: Path, closed: bool) -> None:
@@ -407,26 +412,6 @@ class Service:
         return record, lambda: self.ledger.finish(record, job.size, job.mtime_ns)
 
 
-def _stack_png(stack: Path, png: Path) -> None:
-    """A zscale picture of a stack product, origin at the bottom left (FITS convention)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from astropy.io import fits
-    from astropy.visualization import ZScaleInterval
-    from matplotlib.figure import Figure
-
-    from observer.products import atomic_savefig
-
-    image = fits.getdata(stack, 0)
-    low, high = ZScaleInterval().get_limits(image[np.isfinite(image)])
-    fig = Figure(figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(image, cmap="gray", origin="lower", vmin=low, vmax=high, interpolation="nearest")
-    ax.set_axis_off()
-    atomic_savefig(fig, png)
-
-
 # --------------------------------------------------------------------- reprocess: the same worker, synchronously
 def _date_obs_key(path: Path) -> tuple[int, float, str]:
     """Sort key: DATE-OBS (read from the header only), files without one last, ties by name."""
@@ -455,7 +440,7 @@ def process_existing(nightdir: str | Path, outdir: str | Path, settings: Setting
     resumes from ``outdir``'s checkpoint if there is one (an interrupted
     reprocess continues); use a fresh ``outdir`` for a fresh reduction.
     """
-    service = Service(nightdir, outdir, settings, night_factory=night_factory)
+    service = Service(nightdir, outdir, settings, night_factory=night_factory, live=False)
     try:
         paths = [p for p in scan(service.camdir) if inside(p, service.camdir)]
         fits_paths = sorted((p for p in paths if is_fits_name(p.name)), key=_date_obs_key)

@@ -101,8 +101,9 @@ def tag_frame(path: str | Path, imagetyp: str | None, obj: str | None, filt: str
 
     filter_name = settings.filters.normalise(filt)
     if filter_name is None and kind != "bias" and kind != "dark":
+        # A guess from the file name counts only when it is a known filter name ("no_filter.fits" is not).
         match = re.search(rules.filter_from_filename, name)
-        filter_name = settings.filters.normalise(match.group("filter")) if match else None
+        filter_name = settings.filters.known(match.group("filter")) if match else None
     if kind in ("bias", "dark"):
         return Tags(kind=kind, target="", filter=filter_name or "")
     if filter_name is None:

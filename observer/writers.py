@@ -139,42 +139,47 @@ def stack_product(night: "Night", target: "TargetSession", session: "FilterSessi
                         wcs=_wcs(target))
 
 
-def write_catalogs(night: "Night", fit_age: bool) -> list[Path]:
-    """Catalogue, CMD (and, when asked, the age fit) of every target that has the colour's filters."""
-    written: list[Path] = []
+def measure_target(night: "Night", tname: str, stacks: dict[str, StackProduct]) -> tuple[Table | None, list[Path]]:
+    """Catalogue, CMD, depth and SNR of one target from its stacks; the catalogue is None without the colour."""
     settings = night.settings
     color = settings.cmd.color_filters
-    for tname, target in night.targets.items():
-        stacks = {f: stack_product(night, target, s) for f, s in target.filters.items() if s.n_stacked > 0}
-        phot = settings.photometry
-        apcorr: dict[str, float] = {}
-        if all(f in stacks for f in color):
-            catalog = build_catalog(stacks, color=color, detect_sigma=phot.detect_sigma,
-                                    aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
-                                    min_coverage=phot.min_coverage)
-            apcorr = dict(catalog.meta["aperture_correction"])
-            target.catalog_rows = len(catalog)
-            path = night.outdir / tname / "catalog.ecsv"
-            atomic_write_table(path, catalog)
-            written.append(path)
-            night.cmd_cache[tname] = cmd_data(catalog, color=color, magnitude=settings.cmd.magnitude)
-            written.append(write_cmd_figure(night, tname))
-            if fit_age and settings.age.enabled:
-                night.age_worker.submit(night, tname, catalog)
-        # Depth and SNR of every stack (aperture-corrected once a catalogue has measured the correction).
-        for fname, product in stacks.items():
-            session = target.filters[fname]
-            limit = float(limiting_magnitude(product, aperture_fwhm=phot.aperture_fwhm,
-                                             annulus_fwhm=tuple(phot.annulus_fwhm),
-                                             aperture_correction=apcorr.get(fname, 1.0)))
-            if not session.limiting_mag_history or session.limiting_mag_history[-1] != limit:
-                session.limiting_mag_history.append(limit)
-        completion = completion_mag(night, tname)
-        for fname, product in stacks.items():
-            target.filters[fname].snr_at_mag = float(snr_at(
-                product, completion, aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
-                aperture_correction=apcorr.get(fname, 1.0))) if np.isfinite(completion) else float("nan")
-    return written
+    target = night.targets[tname]
+    phot = settings.photometry
+    written: list[Path] = []
+    catalog = None
+    apcorr: dict[str, float] = {}
+    if all(f in stacks for f in color):
+        catalog = build_catalog(stacks, color=color, detect_sigma=phot.detect_sigma,
+                                aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
+                                min_coverage=phot.min_coverage)
+        apcorr = dict(catalog.meta["aperture_correction"])
+        target.catalog_rows = len(catalog)
+        path = night.outdir / tname / "catalog.ecsv"
+        atomic_write_table(path, catalog)
+        written.append(path)
+        night.cmd_cache[tname] = cmd_data(catalog, color=color, magnitude=settings.cmd.magnitude)
+        written.append(write_cmd_figure(night, tname))
+    # Depth and SNR of every stack (aperture-corrected once a catalogue has measured the correction).
+    for fname, product in stacks.items():
+        session = target.filters[fname]
+        limit = float(limiting_magnitude(product, aperture_fwhm=phot.aperture_fwhm,
+                                         annulus_fwhm=tuple(phot.annulus_fwhm),
+                                         aperture_correction=apcorr.get(fname, 1.0)))
+        if not session.limiting_mag_history or session.limiting_mag_history[-1] != limit:
+            session.limiting_mag_history.append(limit)
+    completion = completion_mag(night, tname)
+    for fname, product in stacks.items():
+        target.filters[fname].snr_at_mag = float(snr_at(
+            product, completion, aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
+            aperture_correction=apcorr.get(fname, 1.0))) if np.isfinite(completion) else float("nan")
+    night.version += 1
+    return catalog, written
+
+
+def target_stacks(night: "Night", tname: str) -> dict[str, StackProduct]:
+    """Fresh copies of a target's stacks for measurement (safe to hand to another thread)."""
+    target = night.targets[tname]
+    return {f: stack_product(night, target, s) for f, s in target.filters.items() if s.n_stacked > 0}
 
 
 def write_cmd_figure(night: "Night", tname: str) -> Path:
@@ -189,52 +194,116 @@ def write_cmd_figure(night: "Night", tname: str) -> Path:
     return png
 
 
-class AgeWorker:
-    """Fits the cluster's age from a catalogue, in the caller's thread or (live) in a background thread.
+class Measurements:
+    """Measures the stacks (catalogue, CMD, depth) and fits the age: in the caller's thread or in the background.
 
-    Live, the fit (a few seconds) must not hold back frame processing: it runs
-    on its own thread, at most every ``age.throttle_seconds``. A catalogue that
-    arrives while a fit runs replaces any older one waiting, so the newest
-    catalogue is always fitted in the end. ``observer reprocess`` fits
-    synchronously so that age.json exists when it exits.
+    Live, measuring a 2048 px pair of stacks takes seconds and the age fit a few
+    more: neither may hold back the next frame. In the background, one thread
+    takes the newest stacks of each target (older ones waiting are replaced), at
+    most every ``service.product_throttle_seconds``, then fits the age from the
+    newest catalogue at most every ``age.throttle_seconds``: the newest data are
+    always measured in the end. ``observer reprocess`` measures synchronously so
+    that every product exists when it exits. ``listeners`` hear the paths written.
     """
 
     def __init__(self, background: bool = False):
         self.background = background
-        self._thread: threading.Thread | None = None
-        self._pending: dict[str, tuple["Night", Table]] = {}
+        self.listeners: list = []
         self._lock = threading.Lock()
-        self._last = float("-inf")
+        self._thread: threading.Thread | None = None
+        self._pending: dict[str, tuple["Night", dict[str, StackProduct]]] = {}
+        self._age_pending: dict[str, tuple["Night", Table]] = {}
+        self._catalog_last = float("-inf")
+        self._age_last = float("-inf")
+        self._hurry = False
 
-    def submit(self, night: "Night", tname: str, catalog: Table) -> None:
-        if not self.background:
-            fit_and_write_age(night, tname, catalog)
-            return
+    @property
+    def busy(self) -> bool:
+        """Measurements waiting or running (the products are not yet current)."""
         with self._lock:
-            self._pending[tname] = (night, catalog)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._drain, name="observer-age", daemon=True)
+            return self._thread is not None
+
+    def submit(self, night: "Night", tname: str, stacks: dict[str, StackProduct]) -> list[Path]:
+        """Measure a target's stacks; returns the paths written (none yet when in the background)."""
+        if not self.background:
+            catalog, written = _measure_safely(night, tname, stacks)
+            if catalog is not None and night.settings.age.enabled:
+                written += fit_and_write_age(night, tname, catalog)
+            return written
+        with self._lock:
+            self._pending[tname] = (night, stacks)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="observer-measure", daemon=True)
                 self._thread.start()
+        return []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is waiting or running; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.busy:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Measure what is waiting now, without the throttle waits (at shutdown); False on timeout."""
+        self._hurry = True
+        try:
+            return self.wait(timeout)
+        finally:
+            self._hurry = False
+
+    def _next_job(self) -> tuple:
+        """The next job under the lock: ("catalog"|"age", night, target, data), ("wait", s) or ("done",)."""
+        now = float("inf") if self._hurry else time.monotonic()
+        if self._pending:
+            night = next(iter(self._pending.values()))[0]
+            gap = self._catalog_last + night.settings.service.product_throttle_seconds - now
+            if gap > 0:
+                return ("wait", gap)
+            tname, (night, stacks) = self._pending.popitem()
+            self._catalog_last = time.monotonic()
+            return ("catalog", night, tname, stacks)
+        if self._age_pending:
+            night = next(iter(self._age_pending.values()))[0]
+            gap = self._age_last + night.settings.age.throttle_seconds - now
+            if gap > 0:
+                return ("wait", gap)
+            tname, (night, catalog) = self._age_pending.popitem()
+            self._age_last = time.monotonic()
+            return ("age", night, tname, catalog)
+        self._thread = None
+        return ("done",)
 
     def _drain(self) -> None:
         while True:
             with self._lock:
-                if not self._pending:
-                    return
-                throttle = next(iter(self._pending.values()))[0].settings.age.throttle_seconds
-            wait = self._last + throttle - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)   # newer catalogues arriving meanwhile replace the waiting one
-            with self._lock:
-                tname, (night, catalog) = self._pending.popitem()
-            self._last = time.monotonic()
-            fit_and_write_age(night, tname, catalog)
+                job = self._next_job()
+            if job[0] == "done":
+                return
+            if job[0] == "wait":
+                time.sleep(min(job[1], 0.25))   # new stacks arriving meanwhile replace the waiting ones
+                continue
+            kind, night, tname, data = job
+            if kind == "catalog":
+                catalog, written = _measure_safely(night, tname, data)
+                if catalog is not None and night.settings.age.enabled:
+                    with self._lock:
+                        self._age_pending[tname] = (night, catalog)
+            else:
+                written = fit_and_write_age(night, tname, data)
+            for listener in list(self.listeners):
+                listener(written)
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Let running and waiting fits finish (at shutdown, and in tests)."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+
+def _measure_safely(night: "Night", tname: str, stacks: dict[str, StackProduct]) -> tuple[Table | None, list[Path]]:
+    """measure_target that never raises: a failed measurement must not stop the night."""
+    try:
+        return measure_target(night, tname, stacks)
+    except Exception:  # noqa: BLE001
+        log.exception("%s: measuring the stacks failed", tname)
+        return None, []
 
 
 def fit_and_write_age(night: "Night", tname: str, catalog: Table) -> list[Path]:

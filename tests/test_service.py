@@ -262,14 +262,16 @@ def test_quarantined_file_taken_when_it_completes(folders):
     try:
         (camdir / "slow.fits").write_bytes(data[:3000])
         wait_until(lambda: len(svc.night.records) == 1)
+        (first,) = svc.night.records
+        assert (first.status, first.sha256) == ("quarantined", "")
+        assert "incomplete after" in first.reason
         with open(camdir / "slow.fits", "ab") as handle:
             handle.write(data[3000:])
-        wait_until(lambda: len(svc.night.records) == 2)
+        wait_until(lambda: svc.night.records and svc.night.records[-1].status != "quarantined")
     finally:
         svc.stop()
-    first, second = svc.night.records
-    assert (first.status, first.sha256) == ("quarantined", "")
-    assert "incomplete after" in first.reason
+    # The file is taken once complete, and its row replaces the quarantine row (one row per file).
+    (second,) = svc.night.records
     assert second.status != "quarantined" and second.sha256 == hashlib.sha256(data).hexdigest()
 
 

@@ -50,3 +50,9 @@ def test_untaggable_frames_give_a_reason():
         tag_frame("M35_001.fits", "Light Frame", "M35", None, None, S, {})
     with pytest.raises(TaggingError, match="OBJECT"):
         tag_frame("image.fits", "Light Frame", None, "B", None, S, {})
+
+
+def test_file_name_filter_guess_must_be_a_known_filter():
+    with pytest.raises(TaggingError, match="FILTER"):
+        tag_frame("no_filter.fits", "Light Frame", "M35", None, None, S, {})
+    assert tag_frame("M35_Blue_004.fits", "Light Frame", "M35", None, None, S, {}).filter == "blue"

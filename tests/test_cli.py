@@ -1,0 +1,44 @@
+"""The command line: verbs, help, version, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "observer.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("observer ")
+
+
+@pytest.mark.parametrize("verb, words", [("simulate", "--cadence"), ("watch", "--headless"),
+                                         ("reprocess", "--out"), ("demo", "--size")])
+def test_every_verb_has_help(verb, words):
+    result = run(verb, "--help")
+    assert result.returncode == 0 and words in result.stdout
+
+
+def test_bad_usage_exits_2(tmp_path):
+    assert run().returncode == 2
+    assert run("reprocess", str(tmp_path)).returncode == 2                  # --out missing
+    result = run("simulate", str(tmp_path / "cam"), "--frames", "0")
+    assert result.returncode == 2 and "--frames" in result.stderr
+
+
+def test_output_inside_camera_folder_is_refused(tmp_path):
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    result = run("watch", str(cam), "--out", str(cam / "products"), "--headless")
+    assert result.returncode == 2 and "inside the camera folder" in result.stderr
+
+
+def test_reprocess_of_a_missing_folder_fails_clearly(tmp_path):
+    result = run("reprocess", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    assert result.returncode in (1, 2) and "nope" in result.stderr

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from reduction.cmd import CmdData  # noqa: F401  (published with the rest of the state)
+
 #: Statuses a file can end in (frames.ecsv ``status``).
 STATUSES = ("stacked", "rejected", "offset", "calibration", "quarantined", "ignored")
 
@@ -49,23 +51,6 @@ class FrameRecord:
     def row(self) -> dict:
         """The frames.ecsv row."""
         return {name: getattr(self, name) for name in FRAME_COLUMNS}
-
-
-@dataclass(frozen=True)
-class CmdData:
-    """A colour-magnitude diagram as plain arrays (for the dashboard and the figure)."""
-
-    color: np.ndarray
-    mag: np.ndarray
-    color_err: np.ndarray
-    mag_err: np.ndarray
-    saturated: np.ndarray          # bool per star
-    color_label: str               # e.g. "blue - green"
-    mag_label: str                 # e.g. "green"
-
-    @property
-    def n(self) -> int:
-        return int(len(self.mag))
 
 
 @dataclass(frozen=True)

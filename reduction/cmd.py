@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,26 @@ from astropy.table import Table
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from observer.state import CmdData
 from reduction.photometry import FLAG_SATURATED
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CmdData:
+    """A colour-magnitude diagram as plain arrays (for the dashboard and the figure)."""
+
+    color: np.ndarray
+    mag: np.ndarray
+    color_err: np.ndarray
+    mag_err: np.ndarray
+    saturated: np.ndarray          # bool per star
+    color_label: str               # e.g. "blue - green"
+    mag_label: str                 # e.g. "green"
+
+    @property
+    def n(self) -> int:
+        return int(len(self.mag))
 
 
 def cmd_data(catalog: Table, color: tuple[str, str] = ("blue", "green"), magnitude: str = "green") -> CmdData:

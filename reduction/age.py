@@ -18,18 +18,20 @@ Model (per PARSEC isochrone of log age ``a`` and metallicity ``[M/H]``):
   with different errors see differently blurred images (a few error classes).
 * A star's likelihood is a mixture: cluster single star, cluster binary, or
   field star (a broad density estimate of the diagram itself); the fractions are
-  fitted (EM) for every trial shift.
+  fitted (EM) for every trial shift, the binary fraction at most 0.6.
 * The model is truncated to the observed box (colour range, saturation limit,
   faint limit) and renormalised there, so saturation and faint incompleteness
   do not bias the fit: the model only has to explain what could be observed.
 * Shifts: ``mag = M + dmag``, ``colour = colour_0 + dcolor``.  Calibrated data:
   ``dmag = mu + A_band2 E(B-V)``, ``dcolor = (A_band1 - A_band2) E(B-V)``.
   Uncalibrated data: both shifts are free and absorb the zeropoints.
-* Per age, a global FFT cross-correlation finds the shifts roughly, Nelder-Mead
-  refines them; the age is the maximum of the profile likelihood, interpolated
+* Per age, a global FFT search scores every shift with an approximate,
+  box-normalised likelihood; Nelder-Mead refines its best few candidates, and
+  an age fitting much worse than a neighbour is refitted from the neighbour's
+  shifts.  The age is the maximum of the profile likelihood, interpolated
   by a parabola between grid ages.  The interval is the union of a bootstrap over
-  stars (16-84 %), the ages whose profile likelihood is within 2 of the best
-  (about 95 %) and a systematic floor of one grid step (0.05 dex).
+  stars (16-84 %), the ages whose profile likelihood is within 3 of the best
+  (about 95 % plus the grid's bumpiness) and a systematic floor of one grid step (0.05 dex).
 """
 
 from __future__ import annotations
@@ -71,9 +73,13 @@ MAX_COLOR_ERR = 0.1
 #: Systematic floor of the reported interval (dex): the isochrone grid step; ages between grid
 #: points come from interpolating the likelihood, not from interpolated isochrones.
 AGE_FLOOR_DEX = 0.05
-#: Profile-likelihood drop defining the interval (2: about 95 % for one parameter; conservative
-#: because the profile is bumpy by a unit or so between neighbouring grid isochrones).
-PROFILE_DELTA_LNL = 2.0
+#: Profile-likelihood drop defining the interval: 2 (about 95 % for one parameter) plus 1 for the
+#: bumpiness of the profile between neighbouring grid isochrones (pre-main-sequence, hook, a few
+#: field stars just above the turn-off that one isochrone explains and its neighbour does not:
+#: 2-3 units on pipeline catalogues of a 300 Myr cluster, enough to move the maximum by 0.25 dex).
+PROFILE_DELTA_LNL = 3.0
+#: Percentiles of the bootstrap ages that bound the interval.
+BOOTSTRAP_PERCENTILES = (16.0, 84.0)
 #: Half-width (grid steps) of the window around the best age where every grid age is fitted.
 FINE_HALF_WINDOW = 4
 #: Global shift search (FFT): field fraction assumed in the approximate likelihood, ladder of
@@ -87,6 +93,11 @@ FFT_MAX_STARTS = 3
 FFT_SCORE_WINDOW = 20.0
 #: An age is refitted from its neighbour's shifts when the neighbour's lnL is higher by this much.
 PROPAGATE_DLNL = 3.0
+#: Upper bound of the fitted binary fraction: observed cluster binary fractions are 0.2-0.5 (plus
+#: unflagged blends and field stars next to the sequence, which the binary band also absorbs).
+#: Why bound it: with ~0.9 the binary band can stand in for the main sequence and an isochrone
+#: shifted a quarter magnitude bluer fits as well (a 2 Gyr fit to a 300 Myr pipeline catalogue).
+MAX_BINARY_FRACTION = 0.6
 
 
 @dataclass
@@ -455,7 +466,7 @@ def _mixture_lnl(s: np.ndarray, b: np.ndarray, f: np.ndarray, weights: np.ndarra
         wt = weights / (ps + pb + pf + 1e-300)
         rs, rb, rf = wt @ ps, wt @ pb, wt @ pf
         ff = min(max(rf / wsum, 1e-4), 0.95)
-        fb = min(max(rb / max(rs + rb, 1e-300), 0.0), 0.9)
+        fb = min(max(rb / max(rs + rb, 1e-300), 0.0), MAX_BINARY_FRACTION)
     tot = (1 - ff) * ((1 - fb) * s + fb * b) + ff * f
     return float(weights @ np.log(tot + 1e-300)), ff, fb
 
@@ -839,7 +850,7 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
         boot.append(_profile(ages, np.interp(np.arange(len(ages)), fitted, lnl)))
     low, high = min(p_lo, log_age - AGE_FLOOR_DEX), max(p_hi, log_age + AGE_FLOOR_DEX)
     if boot:
-        b16, b84 = np.percentile(boot, [16, 84])
+        b16, b84 = np.percentile(boot, BOOTSTRAP_PERCENTILES)
         log.debug("bootstrap log ages: %s", np.round(np.sort(boot), 3))
         low, high = min(low, float(b16)), max(high, float(b84))
 

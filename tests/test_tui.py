@@ -9,6 +9,7 @@ pytest-asyncio is not installed: each test runs its scenario with asyncio.run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import threading
 from pathlib import Path
@@ -23,7 +24,8 @@ from observer.state import AgeEstimate, CmdData, FilterStatus, FrameRecord, Snap
 from tui.app import HelpScreen, ObserverApp
 from tui.frame_log import FrameDetailScreen, FrameLog
 from tui.hr_diagram import HRDiagram, age_text
-from tui.render import UPPER_HALF, fit_size, half_block_rows, image_rows, resample, stretch
+from tui.image_view import IMAGE_ENV, StackImages, graphics_protocol
+from tui.render import UPPER_HALF, display_grey, fit_size, half_block_rows, image_rows, resample, stretch
 from tui.stack_view import StackView
 from tui.target_status import TargetStatus
 
@@ -365,7 +367,8 @@ def test_keys_cycle_targets_filters_view_and_save(tmp_path):
     asyncio.run(scenario())
 
 
-def test_stack_view_draws_half_blocks_and_fits_small_terminals(tmp_path):
+def test_stack_view_draws_half_blocks_and_fits_small_terminals(tmp_path, monkeypatch):
+    monkeypatch.setenv(IMAGE_ENV, "halfblock")
     source = SimSource(tmp_path)
     for filt in FILTERS:
         source.add_frame("M35", filt)
@@ -374,6 +377,7 @@ def test_stack_view_draws_half_blocks_and_fits_small_terminals(tmp_path):
         app = ObserverApp(source)
         async with app.run_test(size=size) as pilot:
             stacks = app.query_one(StackView)
+            assert app.query_one("#stacks") is stacks and app.image_protocol is None
             await wait_drawn(app, pilot)
             text = stacks.text()
             assert UPPER_HALF in text
@@ -388,6 +392,80 @@ def test_stack_view_draws_half_blocks_and_fits_small_terminals(tmp_path):
     stack_size, hr_size, table_size, compact, drawn = asyncio.run(scenario((200, 60)))
     assert not compact and stack_size.width >= 60 and stack_size.height >= 25 and table_size.height >= 15
     assert drawn == ["blue", "green"]
+
+
+def test_graphics_protocol_follows_the_environment(monkeypatch):
+    for value, expected in (("halfblock", None), ("kitty", "kitty"), ("SIXEL", "sixel"),
+                            ("auto", None), ("", None), ("bogus", None)):   # pytest's stdout is no terminal
+        monkeypatch.setenv(IMAGE_ENV, value)
+        assert graphics_protocol() == expected, value
+    monkeypatch.delenv(IMAGE_ENV)
+    assert graphics_protocol() is None
+
+
+def marked_preview(rng: np.random.Generator) -> np.ndarray:
+    """A 60 x 90 (rows x columns) sky whose array rows 0-9 are bright: they must end up at the bottom."""
+    image = rng.normal(100.0, 5.0, (60, 90)).astype(np.float32)
+    image[:10] += 5000.0
+    return image
+
+
+async def wait_images(app: ObserverApp, pilot) -> None:
+    """Wait until the previews converted off the UI thread are handed to the image widgets."""
+    stacks = app.query_one(StackImages)
+    await pilot.pause()
+    while stacks.pending:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+
+
+@pytest.mark.parametrize("protocol", ["kitty", "sixel"])
+def test_stack_images_with_a_graphics_protocol(tmp_path, monkeypatch, protocol):
+    from textual_image.renderable import tgp
+    from textual_image.widget import SixelImage, TGPImage
+
+    sent: list[dict] = []       # what would go to a Kitty terminal (headless: not to pytest's stdout)
+    monkeypatch.setattr(tgp, "_send_tgp_message", lambda **message: sent.append(message))
+    monkeypatch.setenv(IMAGE_ENV, protocol)
+    source = SimSource(tmp_path)
+    for filt in FILTERS:
+        source.add_frame("M35", filt)
+    snap = source.snapshot()
+    target = snap.targets["M35"]
+    marked = marked_preview(np.random.default_rng(5))
+    blue = dataclasses.replace(target.filters["blue"], stack_preview=marked)
+    target = dataclasses.replace(target, filters={**target.filters, "blue": blue})
+    source._snapshot = dataclasses.replace(snap, version=snap.version + 1, targets={"M35": target})
+
+    async def scenario(size):
+        app = ObserverApp(source)
+        async with app.run_test(size=size) as pilot:
+            assert app.image_protocol == protocol
+            stacks = app.query_one("#stacks")
+            assert isinstance(stacks, StackImages) and not app.query(StackView)
+            await wait_images(app, pilot)
+            panel = stacks.panels["blue"]
+            assert isinstance(panel.image_widget, TGPImage if protocol == "kitty" else SixelImage)
+            image = panel.image_widget.image
+            assert image is panel.image and image.mode == "L" and image.size == (90, 60)   # (width, height)
+            pixels = np.asarray(image)
+            assert np.array_equal(pixels, display_grey(marked))        # the half-block view's stretch
+            assert pixels[-10:].mean() > 250 and pixels[:-10].mean() < 200    # array row 0 at the bottom
+            assert panel.image_widget.size.width > 0 and panel.image_widget.size.height > 0
+            assert "blue: 1 stacked" in str(panel.heading.render())
+            drawn = stacks.drawn_filters
+            await pilot.press("r")
+            await wait_images(app, pilot)
+            assert stacks.mode == "raw"
+            raw = target.filters["blue"].raw_preview
+            assert np.array_equal(np.asarray(panel.image_widget.image), display_grey(raw))
+            return drawn
+
+    assert asyncio.run(scenario((160, 48))) == ["blue", "green"]
+    assert asyncio.run(scenario((80, 24))) == ["blue"]            # too narrow for both
+    if protocol == "kitty":                                      # the images went out with placements
+        assert any(m.get("f") == 100 and m.get("payload") for m in sent)
+        assert any(m.get("a") == "p" for m in sent)
 
 
 def test_save_without_service_writes_previews_to_save_dir(tmp_path):

@@ -7,7 +7,10 @@ snapshot changed through ``post_message`` (thread-safe and, unlike
 ``call_from_thread``, never blocks the worker while the UI is busy), and a
 0.5 s timer polls ``snapshot()`` for sources that cannot call back (and for
 queue-length changes between frames).  Widgets are updated in place only when
-the snapshot's version changed.
+the snapshot's version changed, and each only with what changed in it (see
+``tui.quiet``: a layout pass of the whole screen per snapshot made keys late).
+The stacks are drawn as images when the terminal has a graphics protocol
+(``tui.image_view.graphics_protocol``, env ``OBSERVER_IMAGE``), else with half blocks.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -23,11 +26,13 @@ from textual.binding import Binding
 from textual.containers import Grid, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Footer, Static
 
 from observer.state import Snapshot, TargetState
 from tui.frame_log import FrameLog
 from tui.hr_diagram import HRDiagram
+from tui.image_view import StackImages, graphics_protocol
+from tui.quiet import QuietHeader
 from tui.render import stretch
 from tui.stack_view import StackView
 from tui.target_status import TargetStatus
@@ -144,11 +149,16 @@ class ObserverApp(App[None]):
         self.saved_paths: list[Path] = []
         self._target_pinned = False            # after t, stop following the newest frame's target
         self._messages_seen: set[str] = set()
+        # Here, not in compose: textual-image asks the terminal, which only works before Textual runs.
+        self.image_protocol = graphics_protocol()
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield QuietHeader()
         with Grid(id="main"):
-            yield StackView(id="stacks")
+            if self.image_protocol is None:
+                yield StackView(id="stacks")
+            else:
+                yield StackImages(self.image_protocol, id="stacks")
             yield HRDiagram(id="hr")
             yield TargetStatus(id="status")
             yield FrameLog(id="log")
@@ -229,12 +239,13 @@ class ObserverApp(App[None]):
         target = self.target
         if target is not None and self.filter_name not in target.filters:
             self.filter_name = next(iter(target.filters), None)
-        self.query_one(StackView).show(target, self.filter_name, self.view_mode)
+        stacks = cast("StackView | StackImages", self.query_one("#stacks"))
+        stacks.show(target, self.filter_name, self.view_mode)
         self.query_one(HRDiagram).show(target)
         self.query_one(TargetStatus).show(target)
-        self.query_one("#stacks").border_title = (
-            f"{'stacks' if self.view_mode == 'stack' else 'last raw frames'}"
-            f"{' · ' + target.name if target else ''}")
+        title = f"{'stacks' if self.view_mode == 'stack' else 'last raw frames'}{' · ' + target.name if target else ''}"
+        if stacks.border_title != title:
+            stacks.border_title = title
         self._update_header()
 
     def _update_header(self) -> None:
@@ -242,7 +253,9 @@ class ObserverApp(App[None]):
         if snap is None:
             return
         state = f"busy, {snap.queue_length} queued" if snap.busy or snap.queue_length else "idle"
-        self.sub_title = f"{state} · {len(snap.frames)} files · target {self.target_name or '-'} · {snap.outdir}"
+        sub_title = f"{state} · {len(snap.frames)} files · target {self.target_name or '-'} · {snap.outdir}"
+        if sub_title != self.sub_title:
+            self.sub_title = sub_title
 
     def action_next_target(self) -> None:
         names = list(self.snapshot.targets) if self.snapshot else []

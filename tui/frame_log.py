@@ -21,6 +21,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 from observer.state import FrameRecord
+from tui.quiet import QuietStatic
 
 #: How a status stands out: whole-row style for problems, status-cell style otherwise.
 ROW_STYLES = {"rejected": "bold red", "quarantined": "yellow"}
@@ -137,7 +138,7 @@ class FrameLog(Vertical):
     def compose(self) -> ComposeResult:
         table: DataTable = DataTable(cursor_type="row", zebra_stripes=True, id="frames")
         yield table
-        yield Static("", id="frame-detail")
+        yield QuietStatic("", id="frame-detail")
 
     @property
     def table(self) -> DataTable:
@@ -225,8 +226,9 @@ class FrameLog(Vertical):
     def _show_detail(self) -> None:
         key = self._cursor_key()
         rec = self.records.get(key) if key else None
-        self.query_one("#frame-detail", Static).update(
-            Text("\n".join(frame_details(rec)), style=ROW_STYLES.get(rec.status, "")) if rec else "")
+        lines = "\n".join(frame_details(rec)) if rec else ""
+        style = ROW_STYLES.get(rec.status, "") if rec else ""
+        self.query_one("#frame-detail", QuietStatic).show(Text(lines, style=style), key=(lines, style))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_detail()

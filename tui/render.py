@@ -47,6 +47,11 @@ def stretch(image: np.ndarray) -> np.ndarray:
     return np.round(grey * 255.0).astype(np.uint8)
 
 
+def display_grey(preview: np.ndarray) -> np.ndarray:
+    """The stretched preview as screen rows: row 0 of the image at the bottom, as in FITS/DS9 and the PNGs."""
+    return stretch(preview)[::-1]
+
+
 def fit_size(shape: tuple[int, int], cols: int, rows: int) -> tuple[int, int]:
     """Largest (pixel_rows, pixel_cols) with the image's aspect that fits in cols x rows cells.
 

@@ -22,7 +22,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 from observer.state import FilterStatus, TargetState
-from tui.render import image_rows, stretch
+from tui.render import display_grey, image_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,26 @@ class _Picture:
 
 def draw_preview(preview: np.ndarray, cols: int, rows: int) -> list[list[Segment]]:
     """Stretch and fit a preview into cols x rows cells (row 0 at the bottom, as FITS/DS9 and the PNGs)."""
-    return image_rows(stretch(preview)[::-1], cols, rows)
+    return image_rows(display_grey(preview), cols, rows)
 
 
 def _text_row(text: str, cols: int, style: Style | None = None) -> list[Segment]:
     """A row holding text, cut or padded to exactly ``cols`` cells."""
     return [Segment(text[:cols].ljust(cols), style)]
+
+
+def view_key(target: TargetState | None, filter_name: str | None, mode: str) -> tuple:
+    """What the stack panels show, comparable between snapshots: the target, each filter's frame count and
+    the identity of its previews (the service publishes a new array only when the stack or frame changed).
+
+    Identities are compared while the previous target state still holds its arrays, so an id cannot have
+    been reused.
+    """
+    if target is None:
+        return (None, filter_name, mode)
+    return (target.name, filter_name, mode, tuple(
+        (name, status.n_stacked, id(status.stack_preview), id(status.raw_preview))
+        for name, status in target.filters.items()))
 
 
 TITLE = Style(bold=True)
@@ -75,14 +89,21 @@ class StackView(Widget):
         self._pending: set[tuple[int, int, int]] = set()         # (id(preview), cols, rows) being drawn
         self._strips: list[Strip] | None = None                   # the laid-out screen rows
         self._strips_size: tuple[int, int] = (0, 0)
+        self._key: tuple = ()                                    # view_key of what is drawn
 
     def show(self, target: TargetState | None, filter_name: str | None, mode: str) -> None:
-        """Display a target's previews; redraws only when something visible changed."""
-        changed = (target is not self.target_state or filter_name != self.filter_name or mode != self.mode)
+        """Display a target's previews; redraws only when something visible changed.
+
+        Each snapshot brings a new ``TargetState``, but its preview arrays are
+        the same objects until the stack changes: the panels are compared by
+        what they show (titles, preview identities), not by the snapshot.
+        """
+        key = view_key(target, filter_name, mode)
         if target is not None and (self.target_state is None or target.name != self.target_state.name):
             self._pictures.clear()
         self.target_state, self.filter_name, self.mode = target, filter_name, mode
-        if changed:
+        if key != self._key:
+            self._key = key
             self._invalidate()
 
     def _invalidate(self) -> None:

@@ -13,31 +13,39 @@ from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Label, Sparkline, Static
+from textual.widgets import Label, Sparkline
 
 from observer.state import TargetState
 from tui.hr_diagram import age_text
+from tui.quiet import QuietStatic
 
 
 def _num(value: float, fmt: str, missing: str = "-") -> str:
     return format(value, fmt) if value is not None and math.isfinite(value) else missing
 
 
-def filter_table(target: TargetState) -> Table:
-    """Per-filter progress as a compact table: frames, exposure, 5-sigma depth, SNR, offset frame."""
+def filter_rows(target: TargetState) -> tuple[tuple[str, ...], ...]:
+    """Per-filter progress as text cells: filter, frames, rejected, exposure, 5-sigma depth, SNR, offset frame.
+
+    Plain strings, so the panel can tell whether anything changed before building the table.
+    """
+    return tuple((status.filter, str(status.n_stacked), str(status.n_rejected),
+                  f"{_num(status.total_exptime, '.0f')}s", _num(status.limiting_mag, ".2f"),
+                  _num(status.snr_at_mag, ".0f"), "yes" if status.has_offset else "no")
+                 for status in target.filters.values())
+
+
+def filter_table(rows: tuple[tuple[str, ...], ...], completion_mag: float) -> Table:
+    """The rows of ``filter_rows`` as a compact table (rejections in red, a missing offset in yellow)."""
     table = Table(box=None, padding=(0, 1, 0, 0), show_edge=False, header_style="bold", expand=False,
-                  caption=f"lim: 5\u03c3 limit; SNR at mag {_num(target.completion_mag, '.1f')}",
+                  caption=f"lim: 5\u03c3 limit; SNR at mag {_num(completion_mag, '.1f')}",
                   caption_justify="left", caption_style="dim")
     for name, justify in (("", "left"), ("n", "right"), ("rej", "right"), ("exp", "right"),
                           ("lim", "right"), ("SNR", "right"), ("off", "left")):
         table.add_column(name, justify=justify, no_wrap=True)
-    for status in target.filters.values():
-        table.add_row(
-            status.filter, str(status.n_stacked),
-            Text(str(status.n_rejected), style="red" if status.n_rejected else ""),
-            f"{_num(status.total_exptime, '.0f')}s", _num(status.limiting_mag, ".2f"),
-            _num(status.snr_at_mag, ".0f"),
-            Text("yes", style="green") if status.has_offset else Text("no", style="yellow"))
+    for name, stacked, rejected, exptime, lim, snr, offset in rows:
+        table.add_row(name, stacked, Text(rejected, style="red" if rejected != "0" else ""), exptime, lim, snr,
+                      Text(offset, style="green" if offset == "yes" else "yellow"))
     return table
 
 
@@ -62,32 +70,37 @@ class TargetStatus(VerticalScroll):
         self._history_rows: dict[str, Horizontal] = {}
 
     def compose(self) -> ComposeResult:
-        yield Static("waiting for frames", id="verdict")
-        yield Static("", id="age")  # hidden until there is an age
-        yield Static("", id="warnings")  # before the figures: these need the observer (and 80x24 shows few lines)
-        yield Static("", id="filters")
+        yield QuietStatic("waiting for frames", id="verdict")
+        yield QuietStatic("", id="age")  # hidden until there is an age
+        yield QuietStatic("", id="warnings")  # before the figures: these need the observer (80x24 shows few lines)
+        yield QuietStatic("", id="filters")
         yield Vertical(id="histories")
 
     def show(self, target: TargetState | None) -> None:
-        """Update the labels in place (no remounting except when a new filter appears)."""
+        """Update the labels in place, each only if its text changed (no remounting except for a new filter)."""
         if target is self.target_state:
             return
         self.target_state = target
-        verdict = self.query_one("#verdict", Static)
+        verdict = self.query_one("#verdict", QuietStatic)
         if target is None:
-            verdict.update("no target yet")
+            verdict.show("no target yet")
             verdict.set_class(False, "done")
             return
-        verdict.update(Text(f"{target.name}: {target.verdict}"))
+        verdict.show(Text(f"{target.name}: {target.verdict}"))
         verdict.set_class(target.done, "done")
-        age = self.query_one("#age", Static)
-        age.update(age_text(target.age) if target.age else "")
-        age.display = target.age is not None
-        self.query_one("#filters", Static).update(filter_table(target))
+        self._show_optional("#age", age_text(target.age) if target.age else "")
+        rows = filter_rows(target)
+        self.query_one("#filters", QuietStatic).show(filter_table(rows, target.completion_mag),
+                                                      key=(rows, target.completion_mag))
         self._show_histories(target)
-        warnings = self.query_one("#warnings", Static)
-        warnings.update("\n".join(f"! {w}" for w in target.warnings))
-        warnings.display = bool(target.warnings)
+        self._show_optional("#warnings", "\n".join(f"! {w}" for w in target.warnings))
+
+    def _show_optional(self, selector: str, text: str) -> None:
+        """A label shown only when it has something to say."""
+        label = self.query_one(selector, QuietStatic)
+        label.show(text)
+        if label.display != bool(text):
+            label.display = bool(text)
 
     def _show_histories(self, target: TargetState) -> None:
         """A sparkline per filter of the 5-sigma limit after each stacked frame (deeper = higher bar)."""

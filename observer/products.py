@@ -4,10 +4,15 @@ The dashboard, an observer's image viewer or a script may read a product at any
 instant, including while the service is rewriting it after a frame. Writing in
 place would let them see a half-written file (a truncated FITS, an ECSV with
 half its rows). So every product is written to a temporary file in the *same*
-folder (``os.replace`` is only atomic within one file system), flushed and
-fsynced, then renamed over the old one: a reader sees the old version or the new
-one, never a mixture, and a crash (even ``kill -9``) leaves at worst a stray
-temporary file, never a damaged product.
+folder (``os.replace`` is only atomic within one file system), flushed, then
+renamed over the old one: a reader sees the old version or the new one, never a
+mixture, and a crash (even ``kill -9``) leaves at worst a stray temporary file,
+never a damaged product.
+
+Products are not fsynced: that would cost up to a second per 4096 px stack on
+the frame's path, and they need no durability of their own, since a restart
+rewrites every stack and catalogue from the checkpoint (``observer.checkpoint``,
+which is fsynced). ``kill -9`` loses nothing written: the page cache survives it.
 """
 
 from __future__ import annotations
@@ -28,20 +33,6 @@ log = logging.getLogger(__name__)
 TEMP_PREFIX = ".observer-tmp-"
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` atomically when the block ends without error.
@@ -55,8 +46,6 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
         # mkstemp creates the file 0600; products are meant to be read by others too.
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -64,7 +53,6 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

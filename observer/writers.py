@@ -48,16 +48,21 @@ def write_frames_table(night: "Night") -> list[Path]:
     return [path]
 
 
-def stack_image(session: "FilterSession") -> tuple[np.ndarray, np.ndarray]:
-    """The stack in ADU per frame of the best transparency, and its per-pixel variance.
+def stack_image(session: "FilterSession") -> np.ndarray:
+    """The stack in ADU per frame of the best transparency (float32).
 
     The accumulator holds frames normalised to the filter's first frame; the
     best frame seen may be more transparent than that one (a thin cloud over
     the first frame), so the products are scaled to the best frame.
     """
-    factor = session.best_throughput
-    return (session.accumulator.image() * factor).astype(np.float32), \
-        (session.accumulator.variance() * factor ** 2).astype(np.float32)
+    image = session.accumulator.image()
+    return np.multiply(image, session.best_throughput, out=image, dtype=np.float32, casting="unsafe")
+
+
+def stack_variance(session: "FilterSession") -> np.ndarray:
+    """Per-pixel variance of :func:`stack_image` (same scaling, squared)."""
+    variance = session.accumulator.variance()
+    return np.multiply(variance, session.best_throughput ** 2, out=variance, dtype=np.float32, casting="unsafe")
 
 
 def _wcs(target: "TargetSession") -> WCS | None:
@@ -72,7 +77,7 @@ def write_stacks(night: "Night") -> list[Path]:
     for tname, fname in sorted(night.stacks_dirty):
         target = night.targets[tname]
         session = target.filters[fname]
-        image, _ = stack_image(session)
+        image = stack_image(session)
         header = fits.Header()
         if target.wcs_header:
             header.update(fits.Header(target.wcs_header))
@@ -113,7 +118,7 @@ def write_stack_pngs(night: "Night", tname: str) -> list[Path]:
     for fname, session in target.filters.items():
         if not session.n_stacked:
             continue
-        image, _ = stack_image(session)
+        image = stack_image(session)
         fig = Figure(figsize=(7, 7), dpi=120)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
@@ -130,9 +135,8 @@ def write_stack_pngs(night: "Night", tname: str) -> list[Path]:
 
 def stack_product(night: "Night", target: "TargetSession", session: "FilterSession") -> StackProduct:
     """What the photometry needs of one filter's stack (units: ADU per frame of ``exptime``)."""
-    image, variance = stack_image(session)
-    return StackProduct(filter=session.name, image=image, nframes=session.accumulator.nframes(),
-                        variance=variance, saturated=session.accumulator.saturated(), exptime=session.exptime,
+    return StackProduct(filter=session.name, image=stack_image(session), nframes=session.accumulator.nframes(),
+                        variance=stack_variance(session), saturated=session.accumulator.saturated(), exptime=session.exptime,
                         gain=session.gain, read_noise=session.read_noise, n_combine=session.n_stacked,
                         fwhm_px=session.baseline_fwhm() or night.settings.reduction.fwhm_guess_px,
                         zeropoint=night.settings.filters.zeropoint(session.name), sky_level=session.sky_level,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 from rich.text import Text
+from textual.geometry import Region
 from textual.widgets import DataTable, Sparkline, Static
 
 from observer.state import AgeEstimate, CmdData, FilterStatus, FrameRecord, Snapshot, TargetState
@@ -144,6 +145,14 @@ async def wait_drawn(app: ObserverApp, pilot) -> None:
         await app.workers.wait_for_complete()
         await pilot.pause()
     stacks.text()
+
+
+def highlighted_titles(stacks: StackView) -> list[str]:
+    """The panel titles drawn in reverse video on the first content row, as the screen gets it (the
+    widget's line cache, which a partial refresh must have updated)."""
+    top, left = stacks.content_offset.y, stacks.content_offset.x
+    strip = stacks.render_lines(Region(left, top, stacks.size.width, 1))[0]
+    return [seg.text.strip() for seg in strip if seg.style is not None and seg.style.reverse and seg.text.strip()]
 
 
 def plain(renderable) -> str:
@@ -336,8 +345,12 @@ def test_keys_cycle_targets_filters_view_and_save(tmp_path):
             await pilot.pause()
             assert app.target_name == "NGC2682"
             assert app.filter_name == "blue"
+            await wait_drawn(app, pilot)
+            assert highlighted_titles(stacks) == ["blue: 1 stacked"]
             await pilot.press("f")
             assert app.filter_name == "green" and stacks.filter_name == "green"
+            await pilot.pause()
+            assert highlighted_titles(stacks) == ["green: 1 stacked"]     # the title row was repainted
             await pilot.press("f")
             assert app.filter_name == "blue"
             assert stacks.mode == "stack"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from rich.segment import Segment
 from rich.style import Style
+from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
 
@@ -102,9 +103,18 @@ class StackView(Widget):
         if target is not None and (self.target_state is None or target.name != self.target_state.name):
             self._pictures.clear()
         self.target_state, self.filter_name, self.mode = target, filter_name, mode
-        if key != self._key:
-            self._key = key
-            self._invalidate()
+        if key == self._key:
+            return
+        # f with the panels side by side only moves the highlight between titles: repaint that row alone
+        # (a full repaint restyles every cell of the pictures, the costliest redraw of the dashboard).
+        titles_only = (self._key[:1] + self._key[2:] == key[:1] + key[2:] and target is not None
+                       and len(self.drawn_filters) == len(target.filters) > 1)
+        self._key = key
+        self._strips = None
+        if titles_only:
+            self.refresh(Region(0, 0, self.size.width, 1))
+        else:
+            self.refresh()
 
     def _invalidate(self) -> None:
         self._strips = None

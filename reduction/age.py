@@ -866,6 +866,13 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
                         "the unknown zeropoints and are not physical; the age comes from the shape of the "
                         "sequence (turn-off, main-sequence curvature, giants)")
     turnoff = _turnoff(float(ages[i_best]), best_mh, bands, best.dcolor, best.dmag)
+    if turnoff[1] < data.box[2]:
+        # Why say so: without the turn-off the age rests on the main sequence's curvature (or the
+        # pre-main sequence), which a few field stars or 0.01 mag colour errors can bend; on
+        # pipeline catalogues such fits were off by up to 0.25 dex with the interval just short.
+        notes.append(f"the fitted turn-off ({bands[1]} = {turnoff[1]:.2f}) is brighter than the brightest star "
+                     f"used ({data.box[2]:.2f}, saturation): the age comes from the sequence below the turn-off "
+                     "(main-sequence curvature, pre-main-sequence turn-on) and may be less certain than the interval says")
     iso_c, iso_m = _plot_isochrone(float(ages[i_best]), best_mh, bands, best.dcolor, best.dmag, mag, turnoff[1])
     seconds = time.perf_counter() - t0
     log.info("age fit: log age %.3f (%.3f..%.3f) from %d stars in %.2f s", log_age, low, high, n, seconds)

@@ -82,7 +82,7 @@ def bench_size(size: int, frames: int, root: Path) -> None:
 
     session = next(iter(night.targets.values())).filters
     acc = next(iter(session.values())).accumulator
-    print(f"one stack accumulator: {acc.nbytes / 2**20:.0f} MiB ({acc.nbytes / (size * size * 4):.1f} float32 planes)")
+    print(f"one stack accumulator: {acc.nbytes() / 2**20:.0f} MiB ({acc.nbytes() / (size * size * 4):.1f} float32 planes)")
 
     start = time.perf_counter()
     written = night.write_products(force=True)

@@ -10,7 +10,12 @@ idle dashboard afterwards (same screen content, service idle):
 * key -> action: from sending the key to the end of the app's action (state changed);
 * key -> screen: from sending the key to the first compositor update after the
   action (the frame that shows it; ``App._display`` is called with the update
-  even headless). Keys that change nothing visible (t with one target) have none;
+  even headless). "(f,r)": every f and r, as first measured; but a key that
+  changes nothing (f while the target has one filter, t with one target) has
+  no frame of its own, and its figure is only the time to the next screen update
+  for another reason (up to the next key, 200 ms, once unchanged widgets stopped
+  being repainted with each snapshot). "keys that changed the view": only the
+  keys whose action changed the target, filter or raw/stack mode: the figure to judge;
 * timer lateness: gap between ticks of a 50 ms ``set_interval`` minus 50 ms.
 
 Keys are sent from a separate thread through the driver's ``send_message``,
@@ -26,6 +31,7 @@ shows that.
     /work/venv/bin/python bench/dashboard.py --profile                  # cProfile of the UI thread in the burst
     /work/venv/bin/python bench/dashboard.py --pilot                    # pilot.press timing, for comparison
     /work/venv/bin/python bench/dashboard.py --no-gc-freeze             # as before the gc.freeze() fix
+    /work/venv/bin/python bench/dashboard.py --slow                     # what happened while each late key waited
 
 Diagnostics printed after the figures: each screen update's wall and UI-thread
 CPU time, the widgets whose drawing costs most, which widgets ask for a layout
@@ -37,10 +43,29 @@ target (key -> screen ~5-10 ms), but the tail was not: full (generation 2)
 garbage collections, 130-220 ms each with ~300k tracked objects, ran during the
 burst (in the worker or the UI thread) and, holding the GIL, stopped the UI;
 ``--switch-interval 0.001`` did not help. ``ObserverApp`` now freezes the
-start-up objects (``gc.freeze()`` at mount): collections median 25-35 ms, max 55-140 ms. What is
-left of the tail is the layout pass each new snapshot asks for (Static
+start-up objects (``gc.freeze()`` at mount): collections median 25-35 ms, max 55-140 ms. What was
+left of the tail was the layout pass each new snapshot asked for (Static
 ``update()`` and the header's sub-title, 30-70 ms CPU for the whole screen)
 stretched by sharing the GIL with the reduction.
+
+Then (same day, 4 interleaved runs each of the previous and the new dashboard,
+the machine shared with other jobs, load average 2.2-3.6): the labels and the
+header now redraw only when their text changes and ask for a layout pass only
+when their height changes (``tui.quiet``), the stack panels only when their
+previews or titles change, and f repaints only the title row. Layout requests in
+a burst (the six most frequent widgets) fell from ~200 to ~53 (23 are the frame
+table's, one per new row: its scrollable size changes), layout passes from 75 to
+34 (cProfile of the UI thread, one run each), screen updates from ~145 to ~120
+and their UI-thread CPU p95 from 27-30 to 23-27 ms; full collections 7 -> 5-6
+per burst. The key figures did not move measurably: keys that changed the view,
+before: p95 46-58 ms, max 56-118 ms, 2 of 210 over 100 ms; after: p95 33-63 ms,
+max 46-127 ms, 2 of 197 over 100 ms (median 4-6 ms both). Their tail is now
+mostly CPU and GIL contention with the reduction (and other jobs on the 2 cores)
+plus full collections of 15-75 ms, more than the dashboard's own drawing. The
+"(f,r)" figure got worse (4-6 of ~45 over 100 ms) only because of keys that
+change nothing (f while the target has one filter): with nothing repainted per
+snapshot any more, their "next frame" is often the next key's, 200 ms later;
+``--slow`` shows it.
 """
 
 from __future__ import annotations
@@ -85,6 +110,7 @@ class Press:
     sent: float
     acted: float | None = None
     shown: float | None = None
+    changed: bool | None = None     # did the action change what is shown (target, filter, raw/stack)?
 
 
 @dataclass
@@ -96,6 +122,7 @@ class Log:
     ticks: list[tuple[str, float]] = field(default_factory=list)
     displays: list[float] = field(default_factory=list)
     snapshots: list[tuple[str, float, float]] = field(default_factory=list)   # (phase, wall, cpu)
+    events: list[tuple[float, float, str]] = field(default_factory=list)     # (start, end, what): --slow
 
 
 class ScreenUpdates:
@@ -119,8 +146,12 @@ class ScreenUpdates:
 
         def timed(screen: Screen) -> None:
             wall, cpu = time.perf_counter(), time.thread_time()
+            layout = bool(screen._layout_required)
             original(screen)
-            samples.append((log.phase, time.perf_counter() - wall, time.thread_time() - cpu))
+            end = time.perf_counter()
+            samples.append((log.phase, end - wall, time.thread_time() - cpu))
+            log.events.append((wall, end, f"screen update{' with layout' if layout else ''}, "
+                                          f"CPU {(time.thread_time() - cpu) * 1000:.0f} ms"))
 
         render_widget, widgets = self._render_widget, self.widgets
 
@@ -172,23 +203,34 @@ class TimedApp(ObserverApp):
         """The handler of a new snapshot (rows, target, previews): its wall and CPU time are logged."""
         wall, cpu = time.perf_counter(), time.thread_time()
         super().refresh_snapshot()
-        self.timing.snapshots.append((self.timing.phase, time.perf_counter() - wall, time.thread_time() - cpu))
+        end = time.perf_counter()
+        self.timing.snapshots.append((self.timing.phase, end - wall, time.thread_time() - cpu))
+        self.timing.events.append((wall, end, f"snapshot handler, CPU {(time.thread_time() - cpu) * 1000:.0f} ms"))
 
-    def _acted(self) -> None:
+    def _shown_state(self) -> tuple[str | None, str | None, str]:
+        """What the keys change: a key that leaves it alone (f with one filter, t with one target) shows nothing."""
+        return self.target_name, self.filter_name, self.view_mode
+
+    def _acted(self, before: tuple[str | None, str | None, str]) -> None:
         if self.waiting:
-            self.waiting.pop(0).acted = time.perf_counter()
+            press = self.waiting.pop(0)
+            press.acted = time.perf_counter()
+            press.changed = self._shown_state() != before
 
     def action_next_filter(self) -> None:
+        before = self._shown_state()
         super().action_next_filter()
-        self._acted()
+        self._acted(before)
 
     def action_toggle_raw(self) -> None:
+        before = self._shown_state()
         super().action_toggle_raw()
-        self._acted()
+        self._acted(before)
 
     def action_next_target(self) -> None:
+        before = self._shown_state()
         super().action_next_target()
-        self._acted()
+        self._acted(before)
 
     def _display(self, screen, renderable) -> None:  # noqa: ANN001 - Textual's private signature
         if renderable is not None and not self._batch_count:
@@ -252,8 +294,11 @@ class GcPauses:
         if event == "start":
             self._started = time.perf_counter()
         else:
-            self.pauses.append((self.log.phase, info["generation"], threading.current_thread().name,
-                                time.perf_counter() - self._started))
+            end = time.perf_counter()
+            thread = threading.current_thread().name
+            self.pauses.append((self.log.phase, info["generation"], thread, end - self._started))
+            if info["generation"] == 2:
+                self.log.events.append((self._started, end, f"gen 2 collection in {thread}"))
 
     def __enter__(self) -> GcPauses:
         gc.callbacks.append(self)
@@ -337,12 +382,15 @@ def stats(values: list[float]) -> str:
 def report(log: Log, phase: str) -> dict[str, list[float]]:
     presses = [p for p in log.presses if p.phase == phase]
     acted = [p.acted - p.sent for p in presses if p.acted is not None]
-    shown = [p.shown - p.sent for p in presses if p.shown is not None and p.key != "t"]
+    shown_fr = [p.shown - p.sent for p in presses if p.shown is not None and p.key != "t"]
+    shown = [p.shown - p.sent for p in presses if p.shown is not None and p.changed]
     ticks = [t for ph, t in log.ticks if ph == phase]
     late = [max(0.0, b - a - TICK) for a, b in zip(ticks, ticks[1:])]
     print(f"  {phase}:")
     print(f"    key -> action      {stats(acted)}   (no action yet: {sum(p.acted is None for p in presses)})")
-    print(f"    key -> screen (f,r) {stats(shown)}")
+    print(f"    key -> screen (f,r) {stats(shown_fr)}")
+    print(f"    key -> screen, keys that changed the view {stats(shown)}   "
+          f"(no change: {sum(p.changed is False for p in presses)})")
     print(f"    50 ms timer late   {stats(late)}")
     return {"acted": acted, "shown": shown, "late": late}
 
@@ -441,11 +489,27 @@ async def run(args: argparse.Namespace, files: list[Path], root: Path) -> None:
             for name, frames in stall.stacks.items():
                 if name.startswith(("observer-worker", "MainThread", "asyncio_")) or args.all_threads:
                     print(f"      {name}: " + " < ".join(reversed(frames)))
+    if args.slow:
+        print_slow_presses(log, started)
     if profiler is not None:
         out = io.StringIO()
         for order in ("cumulative", "tottime"):
             pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(args.profile_lines)
         print("UI-thread profile during the burst:\n" + out.getvalue())
+
+
+def print_slow_presses(log: Log, started: float) -> None:
+    """--slow: for each key shown after more than TARGET_MS, what the UI thread did (and the collector) meanwhile."""
+    for press in log.presses:
+        if press.shown is None or press.shown - press.sent <= TARGET_MS / 1000:
+            continue
+        print(f"  {press.key} at +{press.sent - started:5.2f} s: acted after {(press.acted - press.sent) * 1000:.0f} ms, "
+              f"shown after {(press.shown - press.sent) * 1000:.0f} ms")
+        for start, end, what in sorted(log.events):
+            if end > press.sent and start < press.shown:
+                print(f"      +{(start - press.sent) * 1000:6.0f} ms .. +{(end - press.sent) * 1000:6.0f} ms  {what}")
+        ticks = [t for _, t in log.ticks if press.sent < t < press.shown]
+        print("      50 ms ticks at " + " ".join(f"+{(t - press.sent) * 1000:.0f}" for t in ticks) + " ms")
 
 
 def main() -> None:
@@ -464,6 +528,8 @@ def main() -> None:
     parser.add_argument("--stalls", type=int, default=6, help="longest GIL stalls to show with stacks")
     parser.add_argument("--all-threads", action="store_true",
                         help="stacks of every thread at a stall (default: worker, UI, preview-drawing threads)")
+    parser.add_argument("--slow", action="store_true",
+                        help="for each key shown late: the screen updates, snapshots and full collections meanwhile")
     parser.add_argument("--pilot", action="store_true", help="also time pilot.press + pilot.pause in a burst")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "observer-bench-dashboard",
                         help="where the simulated night is kept between runs")

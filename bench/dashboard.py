@@ -503,8 +503,9 @@ def print_slow_presses(log: Log, started: float) -> None:
     for press in log.presses:
         if press.shown is None or press.shown - press.sent <= TARGET_MS / 1000:
             continue
-        print(f"  {press.key} at +{press.sent - started:5.2f} s: acted after {(press.acted - press.sent) * 1000:.0f} ms, "
-              f"shown after {(press.shown - press.sent) * 1000:.0f} ms")
+        print(f"  {press.key} at +{press.sent - started:5.2f} s: acted after "
+              f"{(press.acted - press.sent) * 1000:.0f} ms, shown after {(press.shown - press.sent) * 1000:.0f} ms"
+              f"{'' if press.changed else ' (changed nothing: no frame of its own)'}")
         for start, end, what in sorted(log.events):
             if end > press.sent and start < press.shown:
                 print(f"      +{(start - press.sent) * 1000:6.0f} ms .. +{(end - press.sent) * 1000:6.0f} ms  {what}")

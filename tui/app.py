@@ -243,7 +243,8 @@ class ObserverApp(App[None]):
         stacks.show(target, self.filter_name, self.view_mode)
         self.query_one(HRDiagram).show(target)
         self.query_one(TargetStatus).show(target)
-        title = f"{'stacks' if self.view_mode == 'stack' else 'last raw frames'}{' · ' + target.name if target else ''}"
+        title = (f"{'stacks' if self.view_mode == 'stack' else 'last raw frames'}"
+                 f"{' · ' + target.name if target else ''}")
         if stacks.border_title != title:
             stacks.border_title = title
         self._update_header()

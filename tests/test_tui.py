@@ -408,12 +408,20 @@ def test_stack_view_draws_half_blocks_and_fits_small_terminals(tmp_path, monkeyp
 
 
 def test_graphics_protocol_follows_the_environment(monkeypatch):
-    for value, expected in (("halfblock", None), ("kitty", "kitty"), ("SIXEL", "sixel"),
-                            ("auto", None), ("", None), ("bogus", None)):   # pytest's stdout is no terminal
+    from textual_image import renderable
+
+    for value, expected in (("halfblock", None), ("kitty", "kitty"), ("SIXEL", "sixel")):
         monkeypatch.setenv(IMAGE_ENV, value)
         assert graphics_protocol() == expected, value
-    monkeypatch.delenv(IMAGE_ENV)
-    assert graphics_protocol() is None
+    # auto (also unset, empty or unknown): what textual-image detected when it was imported
+    for detected, expected in ((renderable.TGPImage, "kitty"), (renderable.SixelImage, "sixel"),
+                               (renderable.HalfcellImage, None), (renderable.UnicodeImage, None)):
+        monkeypatch.setattr(renderable, "Image", detected)
+        for value in ("auto", "", "bogus"):
+            monkeypatch.setenv(IMAGE_ENV, value)
+            assert graphics_protocol() == expected, (detected, value)
+        monkeypatch.delenv(IMAGE_ENV)
+        assert graphics_protocol() == expected
 
 
 def marked_preview(rng: np.random.Generator) -> np.ndarray:

@@ -98,6 +98,13 @@ PROPAGATE_DLNL = 3.0
 #: Why bound it: with ~0.9 the binary band can stand in for the main sequence and an isochrone
 #: shifted a quarter magnitude bluer fits as well (a 2 Gyr fit to a 300 Myr pipeline catalogue).
 MAX_BINARY_FRACTION = 0.6
+#: Spatial membership prior: cells per side of the grid that integrates the cluster profile over the
+#: area the stars cover, and bounds of the profile's scale radius as fractions of that area's side
+#: (below a few cells the grid integral is inaccurate; far above the side a profile is flat = field).
+SPATIAL_GRID = 96
+SPATIAL_SCALE_BOUNDS = (0.03, 2.0)
+#: Starting values of log(tidal / core radius - 1) for the spatial fit (concentrated to loose).
+SPATIAL_TIDAL_STARTS = (0.0, 1.0, 2.0)
 
 
 @dataclass
@@ -129,6 +136,11 @@ class AgeFit:
     seconds: float = float("nan")       # wall time of the fit
     profile_log_age: np.ndarray = field(default_factory=lambda: np.empty(0))
     profile_lnl: np.ndarray = field(default_factory=lambda: np.empty(0))
+    #: With positions: each input star's spatial prior membership probability (NaN without a
+    #: finite position) and its posterior cluster membership (CMD and position; NaN if unused).
+    membership_prior: np.ndarray = field(default_factory=lambda: np.empty(0))
+    membership: np.ndarray = field(default_factory=lambda: np.empty(0))
+    spatial: "SpatialProfile | None" = None
 
     def to_json(self) -> dict:
         """Plain JSON-serialisable record (age.json)."""
@@ -154,6 +166,7 @@ class AgeFit:
             "binary_fraction": round(float(self.binary_fraction), 3),
             "mag_limit": round(float(self.mag_limit), 3),
             "fit_seconds": round(float(self.seconds), 2),
+            **({"spatial_prior": self.spatial.to_json()} if self.spatial is not None else {}),
         }
 
 
@@ -328,6 +341,9 @@ class _Data:
     class_sigma: list[tuple[float, float]]   # total blur (colour, mag) per class
     field: np.ndarray                        # field-star density at each star (normalised on the box)
     box: tuple[float, float, float, float]   # colour lo, hi, mag bright, faint
+    used: np.ndarray                         # which input stars these are (bool mask)
+    #: Per-star prior probability of being a field star (from the positions); None: one global fraction.
+    field_prior: np.ndarray | None = None
     #: Spectra of the data histogram and of the box for the global shift search (the same at every age).
     fft_cache: dict = field(default_factory=dict)
 
@@ -391,17 +407,148 @@ def _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit) ->
         class_sigma.append((float(np.sqrt(np.mean(ce[sel] ** 2) + INTRINSIC_WIDTH ** 2)),
                             float(np.sqrt(np.mean(me[sel] ** 2) + INTRINSIC_WIDTH ** 2))))
 
-    # Field density: the diagram itself, broadly smoothed, plus a uniform floor.
+    return _Data(c, m, klass, class_sigma, _field_density(c, m, box), box, use)
+
+
+def _field_density(c: np.ndarray, m: np.ndarray, box: tuple[float, float, float, float],
+                   weights: np.ndarray | None = None) -> np.ndarray:
+    """Field-star density at each star: the diagram itself, broadly smoothed, plus a uniform floor.
+
+    ``weights`` (each star's field probability from its position) make it the diagram of
+    the likely field stars: a field population with its own sequence (an old field's
+    turn-off plume) is then modelled as field where it lies, instead of being smeared
+    with the cluster's sequence into a broad density that a wrong isochrone beats.
+    """
     nx = max(int((box[1] - box[0]) / 0.02), 1)
     ny = max(int((box[3] - box[2]) / 0.05), 1)
-    hist, xe, ye = np.histogram2d(m, c, bins=(ny, nx), range=((box[2], box[3]), (box[0], box[1])))
+    hist, xe, ye = np.histogram2d(m, c, bins=(ny, nx), range=((box[2], box[3]), (box[0], box[1])),
+                                  weights=weights)
     smooth = gaussian_filter(hist, (FIELD_SMOOTH[1] / 0.05, FIELD_SMOOTH[0] / 0.02), mode="nearest")
     smooth = smooth / smooth.sum() + 0.2 / smooth.size
     area = (box[1] - box[0]) * (box[3] - box[2])
     dens = smooth / smooth.sum() * smooth.size / area
     iy = np.clip(np.searchsorted(ye, m) - 1, 0, ny - 1)
     ix = np.clip(np.searchsorted(xe, c) - 1, 0, nx - 1)
-    return _Data(c, m, klass, class_sigma, dens[iy, ix], box)
+    return dens[iy, ix]
+
+
+# --------------------------------------------------------------------------- spatial membership prior
+
+@dataclass
+class SpatialProfile:
+    """A King (1962) cluster on a uniform field, fitted to star positions by maximum likelihood.
+
+    The field is spread evenly over the stars' bounding box and the cluster profile is
+    normalised on that box (a grid integral), so a cluster cut by the frame edges is
+    not mistaken for a smaller one.
+    """
+
+    x0: float
+    y0: float
+    core: float                               # King core radius (px)
+    tidal: float                              # King tidal radius (px): no members beyond
+    cluster_fraction: float                   # of the stars the profile was fitted to
+    box: tuple[float, float, float, float]    # x lo, x hi, y lo, y hi (px)
+
+    @property
+    def area(self) -> float:
+        return max(self.box[1] - self.box[0], 1.0) * max(self.box[3] - self.box[2], 1.0)
+
+    def cluster_density(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The cluster profile at (x, y), per px^2, integrating to 1 over the box."""
+        gx, gy, cell = _spatial_grid(self.box)
+        z = _king(gx[None, :] - self.x0, gy[:, None] - self.y0, self.core, self.tidal).sum() * cell
+        return _king(x - self.x0, y - self.y0, self.core, self.tidal) / max(z, 1e-300)
+
+    def membership(self, x: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[np.ndarray, float]:
+        """Prior cluster membership p = cluster / (cluster + field density) of the stars at (x, y),
+        and the cluster fraction among them, refitted (EM) with the profile's shape fixed.
+
+        Why refit the fraction: the shape is best measured on every star with a position, but
+        the stars used in the diagram (a magnitude range) can hold a different share of field stars.
+        """
+        c, f = self.cluster_density(x, y), 1.0 / self.area
+        fc = self.cluster_fraction
+        for _ in range(iterations):
+            p = fc * c / (fc * c + (1 - fc) * f)
+            fc = float(np.clip(p.mean(), 1e-3, 1 - 1e-3))
+        return fc * c / (fc * c + (1 - fc) * f), fc
+
+    def to_json(self) -> dict:
+        return {"center_px": [round(self.x0, 1), round(self.y0, 1)], "core_px": round(self.core, 1),
+                "tidal_px": round(self.tidal, 1), "cluster_fraction": round(self.cluster_fraction, 3)}
+
+
+def _king(dx: np.ndarray, dy: np.ndarray, core: float, tidal: float) -> np.ndarray:
+    """King (1962) surface density profile, unnormalised, zero beyond the tidal radius."""
+    r2 = (dx * dx + dy * dy) / (core * core)
+    edge = 1.0 / np.sqrt(1.0 + (tidal / core) ** 2)
+    return np.clip(1.0 / np.sqrt(1.0 + r2) - edge, 0.0, None) ** 2
+
+
+def _spatial_grid(box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Cell centres (x, y) and cell area of the grid integrating a profile over the box."""
+    xlo, xhi, ylo, yhi = box
+    gx = xlo + (np.arange(SPATIAL_GRID) + 0.5) * (xhi - xlo) / SPATIAL_GRID
+    gy = ylo + (np.arange(SPATIAL_GRID) + 0.5) * (yhi - ylo) / SPATIAL_GRID
+    return gx, gy, max(xhi - xlo, 1.0) * max(yhi - ylo, 1.0) / SPATIAL_GRID ** 2
+
+
+def spatial_profile(x, y) -> SpatialProfile:
+    """Fit a King cluster on a uniform field to positions (px) by maximum likelihood.
+
+    Why a radial model: members crowd towards the cluster centre while field stars
+    are spread evenly, so where a star sits says how likely it is a member, whatever
+    its colour; the diagram alone cannot tell a field population that happens to lie
+    along a younger isochrone from that isochrone's members.  Why King rather than
+    Plummer: its tidal radius lets the frame's outskirts be field, where a Plummer's
+    long tail takes the even field for a broad cluster (on pipeline catalogues of
+    the simulator it gave field stars a prior membership of 0.9).  The centre starts
+    at a shrinking-circle centroid (robust to the field); centre, core and tidal radii
+    and the cluster fraction are then fitted together by Nelder-Mead from a few
+    tidal-to-core ratios.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    box = (float(x.min()), float(x.max()), float(y.min()), float(y.max()))
+    side = max(box[1] - box[0], box[3] - box[2], 1.0)
+    area = max(box[1] - box[0], 1.0) * max(box[3] - box[2], 1.0)
+    gx, gy, cell = _spatial_grid(box)
+    cx, cy = float(np.median(x)), float(np.median(y))
+    radius = 0.5 * side
+    while radius > side / 8:
+        near = np.hypot(x - cx, y - cy) < radius
+        if near.sum() >= 10:
+            cx, cy = float(x[near].mean()), float(y[near].mean())
+        radius *= 0.7
+    lo_a, hi_a = np.log(SPATIAL_SCALE_BOUNDS[0] * side), np.log(SPATIAL_SCALE_BOUNDS[1] * side)
+
+    def unpack(p: np.ndarray) -> tuple[float, float, float, float, float]:
+        # Unconstrained parameters squashed into range: the core radius between its bounds,
+        # the tidal radius beyond it, the fraction in 0..1.
+        core = float(np.exp(lo_a + (hi_a - lo_a) / (1.0 + np.exp(-p[2]))))
+        return float(p[0]), float(p[1]), core, core * (1.0 + float(np.exp(p[3]))), float(1 / (1 + np.exp(-p[4])))
+
+    def nll(p: np.ndarray) -> float:
+        x0, y0, core, tidal, fc = unpack(p)
+        z = _king(gx[None, :] - x0, gy[:, None] - y0, core, tidal).sum() * cell
+        c = fc * _king(x - x0, y - y0, core, tidal) / max(z, 1e-300)
+        return -float(np.log(c + (1.0 - fc) / area).sum())
+
+    core0 = 0.1 * side
+    t0 = np.log((np.log(core0) - lo_a) / (hi_a - np.log(core0)))
+    best = None
+    for log_ratio in SPATIAL_TIDAL_STARTS:
+        p0 = np.array([cx, cy, t0, log_ratio, 0.0])
+        sim = np.tile(p0, (6, 1))
+        sim[1:] += np.diag([0.05 * side, 0.05 * side, 0.5, 0.5, 1.0])
+        res = optimize.minimize(nll, p0, method="Nelder-Mead",
+                                options={"initial_simplex": sim, "xatol": 0.01, "fatol": 1e-3, "maxiter": 3000})
+        if best is None or res.fun < best.fun:
+            best = res
+    x0, y0, core, tidal, fc = unpack(best.x)
+    log.debug("spatial profile: centre (%.0f, %.0f), core %.0f px, tidal %.0f px, cluster fraction %.2f",
+              x0, y0, core, tidal, fc)
+    return SpatialProfile(x0, y0, core, tidal, fc, box)
 
 
 # --------------------------------------------------------------------------- likelihood
@@ -451,13 +598,18 @@ def _component_densities(model: _AgeModel, data: _Data, dcolor: float, dmag: flo
 
 
 def _mixture_lnl(s: np.ndarray, b: np.ndarray, f: np.ndarray, weights: np.ndarray,
-                 iterations: int = 15) -> tuple[float, float, float]:
+                 field_prior: np.ndarray | None = None, iterations: int = 15) -> tuple[float, float, float]:
     """Maximise over the field and binary fractions by EM; returns (lnL, f_field, f_binary).
 
     Why EM inside the shift optimiser: the fractions enter linearly, so a few EM
     steps find them far more cheaply than adding two dimensions to Nelder-Mead.
+    With ``field_prior`` (per star, from the positions) each star's field weight is
+    fixed to it and only the binary fraction is fitted; f_field is then the mean
+    posterior field probability.
     """
     ff, fb = 0.2, 0.3
+    if field_prior is not None:
+        ff = field_prior
     wsum = weights.sum()
     for _ in range(iterations):
         ps = (1 - ff) * (1 - fb) * s
@@ -465,16 +617,19 @@ def _mixture_lnl(s: np.ndarray, b: np.ndarray, f: np.ndarray, weights: np.ndarra
         pf = ff * f
         wt = weights / (ps + pb + pf + 1e-300)
         rs, rb, rf = wt @ ps, wt @ pb, wt @ pf
-        ff = min(max(rf / wsum, 1e-4), 0.95)
+        if field_prior is None:
+            ff = min(max(rf / wsum, 1e-4), 0.95)
         fb = min(max(rb / max(rs + rb, 1e-300), 0.0), MAX_BINARY_FRACTION)
     tot = (1 - ff) * ((1 - fb) * s + fb * b) + ff * f
+    if field_prior is not None:
+        return float(weights @ np.log(tot + 1e-300)), float(weights @ (ff * f / (tot + 1e-300)) / wsum), fb
     return float(weights @ np.log(tot + 1e-300)), ff, fb
 
 
 def _neg_lnl(shift: np.ndarray, model: _AgeModel, data: _Data, weights: np.ndarray) -> float:
     """Minus the log-likelihood at the given shifts, the fractions maximised."""
     s, b = _component_densities(model, data, shift[0], shift[1])
-    return -_mixture_lnl(s, b, data.field, weights)[0]
+    return -_mixture_lnl(s, b, data.field, weights, data.field_prior)[0]
 
 
 def _fft_starts(log_age: float, mh: float, bands: tuple[str, str], data: _Data) -> list[tuple[float, float]]:
@@ -582,7 +737,7 @@ def _fit_shifts(model: _AgeModel, data: _Data, starts: list[tuple[float, float]]
             dc, dm = fixed.to_shifts(p0)
         if best is None or -nll > best.lnl:
             s, b = _component_densities(model, data, dc, dm)
-            lnl, ff, fb = _mixture_lnl(s, b, data.field, weights)
+            lnl, ff, fb = _mixture_lnl(s, b, data.field, weights, data.field_prior)
             best = _AgeResult(lnl, dc, dm, ff, fb, s, b)
     assert best is not None
     return best
@@ -792,7 +947,7 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
             mh: float = 0.0, fit_mh: bool = False, distance_modulus: float | None = None,
             ebv: float | None = None, calibrated: bool = False, bootstrap: int = 30,
             rng: np.random.Generator | int | None = None, mag_limit: float | None = None,
-            bright_limit: float | None = None) -> AgeFit:
+            bright_limit: float | None = None, x=None, y=None) -> AgeFit:
     """Fit a PARSEC isochrone to a colour-magnitude diagram; see the module docstring.
 
     color = mag(bands[0]) - mag(bands[1]), mag = mag(bands[1]), with their errors;
@@ -807,6 +962,12 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     the brightest usable star if excluded stars brighter than it show
     saturation, else 1 mag above it) truncates the model at the bright end.
     ``fit_mh`` scans the five [M/H] of the grid (five times the cost).
+    ``x``, ``y`` (pixel positions on one grid, e.g. the catalogue's reference grid)
+    add a spatial membership prior: a King cluster on a uniform field is fitted to
+    the positions of the usable stars (``spatial_profile``) and each star's prior
+    field probability replaces the one global field fraction; the field-star density
+    in the diagram is then estimated from the likely field stars.  Stars without a
+    finite position get the fitted cluster fraction as their prior.
     Raises ValueError with fewer than 20 usable stars.
     """
     t0 = time.perf_counter()
@@ -816,6 +977,9 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     usable = np.ma.asarray(usable).filled(False).astype(bool)
     data = _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit)
     n = data.mag.size
+    spatial, prior = None, np.empty(0)
+    if x is not None and y is not None:
+        spatial, prior = _use_positions(data, _as_float(x), _as_float(y), usable)
     notes = []
     if not calibrated and (distance_modulus is not None or ebv is not None):
         notes.append("distance modulus / E(B-V) given but zeropoints uncalibrated: ignored")
@@ -846,7 +1010,8 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     fitted = np.array(sorted(best_results))
     for _ in range(bootstrap):
         w = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
-        lnl = [_mixture_lnl(best_results[i].single, best_results[i].binary, data.field, w)[0] for i in fitted]
+        lnl = [_mixture_lnl(best_results[i].single, best_results[i].binary, data.field, w, data.field_prior)[0]
+               for i in fitted]
         boot.append(_profile(ages, np.interp(np.arange(len(ages)), fitted, lnl)))
     low, high = min(p_lo, log_age - AGE_FLOOR_DEX), max(p_hi, log_age + AGE_FLOOR_DEX)
     if boot:
@@ -874,6 +1039,10 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
                      f"used ({data.box[2]:.2f}, saturation): the age comes from the sequence below the turn-off "
                      "(main-sequence curvature, pre-main-sequence turn-on) and may be less certain than the interval says")
     iso_c, iso_m = _plot_isochrone(float(ages[i_best]), best_mh, bands, best.dcolor, best.dmag, mag, turnoff[1])
+    membership = np.full(mag.size, np.nan)
+    prior_field = best.f_field if data.field_prior is None else data.field_prior
+    cluster = (1 - prior_field) * ((1 - best.f_binary) * best.single + best.f_binary * best.binary)
+    membership[data.used] = cluster / (cluster + prior_field * data.field + 1e-300)
     seconds = time.perf_counter() - t0
     log.info("age fit: log age %.3f (%.3f..%.3f) from %d stars in %.2f s", log_age, low, high, n, seconds)
     return AgeFit(
@@ -884,7 +1053,36 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
         turnoff=turnoff,
         bands=bands, note="; ".join(notes), dmag=best.dmag, dcolor=best.dcolor,
         field_fraction=best.f_field, binary_fraction=best.f_binary, mag_limit=data.box[3],
-        seconds=seconds, profile_log_age=np.asarray(ages, float), profile_lnl=best_curve)
+        seconds=seconds, profile_log_age=np.asarray(ages, float), profile_lnl=best_curve,
+        membership_prior=prior, membership=membership, spatial=spatial)
+
+
+def _use_positions(data: _Data, x: np.ndarray, y: np.ndarray, usable: np.ndarray
+                   ) -> tuple[SpatialProfile | None, np.ndarray]:
+    """Set the per-star field priors and the field density of ``data`` from the stars' positions.
+
+    The profile's shape is fitted to every usable star with a position (the faint ones
+    too: more stars, a better measured profile), the cluster fraction then refitted to
+    the stars in the diagram's box.  Returns the profile and every input star's prior
+    membership (NaN where not computed); with fewer than 20 positioned stars in the box
+    the positions are not used.
+    """
+    if x.shape != data.used.shape or y.shape != data.used.shape:
+        raise ValueError("x and y must have one entry per star")
+    placed = np.isfinite(x) & np.isfinite(y)
+    prior = np.full(x.size, np.nan)
+    in_box = data.used & placed
+    if in_box.sum() < 20:
+        log.info("age fit: %d stars with positions, too few for a spatial membership prior", int(in_box.sum()))
+        return None, prior
+    spatial = spatial_profile(x[usable & placed], y[usable & placed])
+    p_box, fraction = spatial.membership(x[in_box], y[in_box])
+    prior[in_box] = p_box
+    p = np.where(placed[data.used], prior[data.used], fraction)
+    p = np.clip(p, 1e-3, 1 - 1e-3)     # no star certain either way from its position alone
+    data.field_prior = 1.0 - p
+    data.field = _field_density(data.color, data.mag, data.box, data.field_prior)
+    return spatial, prior
 
 
 def synthetic_cmd(log_age: float, n_members: int = 1000, *, mh: float = 0.0, bands: tuple[str, str] = ("B", "V"),

@@ -106,3 +106,62 @@ def test_saturated_turnoff_gives_a_wide_honest_interval():
     fit = _fit(cat)
     assert fit.log_age_low <= 8.5 <= fit.log_age_high
     assert fit.log_age_high - fit.log_age_low > 0.4
+
+
+def _plummer_positions(n: int, scale: float, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of a projected Plummer cluster at the frame centre, redrawn until inside the frame."""
+    x, y = np.full(n, -1.0), np.full(n, -1.0)
+    out = np.ones(n, bool)
+    while out.any():
+        u = rng.uniform(0.0, 1.0, out.sum())
+        r = scale * np.sqrt(1.0 / u - 1.0)        # inverse of the projected mass fraction R^2 / (R^2 + a^2)
+        phi = rng.uniform(0.0, 2 * np.pi, out.sum())
+        x[out], y[out] = (size - 1) / 2 + r * np.cos(phi), (size - 1) / 2 + r * np.sin(phi)
+        out = (x < 0) | (x > size - 1) | (y < 0) | (y > size - 1)
+    return x, y
+
+
+def test_spatial_prior_removes_a_contaminating_field_sequence():
+    """40% field stars spread evenly over a 2048 px frame, from a 1 Gyr population at the cluster's
+    distance: in the diagram their sequence continues a 2 Gyr cluster's main sequence above its turn-off
+    and pulls the diagram-only fit to a younger isochrone (as the simulator's old field's blue plume did
+    on pipeline catalogues).  The members' concentration to the centre tells them apart."""
+    size, n_members, n_field = 2048, 600, 400
+    rng = np.random.default_rng(1)
+    cluster = synthetic_cmd(9.3, n_members, distance_modulus=DISTANCE_MODULUS, ebv=EBV, zeropoint=ZEROPOINT, rng=rng)
+    field = synthetic_cmd(9.0, n_field, distance_modulus=DISTANCE_MODULUS, ebv=EBV, zeropoint=ZEROPOINT, rng=rng)
+    cat = {key: np.concatenate([cluster[key], field[key]]) for key in cluster}
+    member = np.arange(n_members + n_field) < n_members
+    x, y = _plummer_positions(n_members, 0.1 * size, size, rng)
+    x = np.concatenate([x, rng.uniform(0, size - 1, n_field)])
+    y = np.concatenate([y, rng.uniform(0, size - 1, n_field)])
+
+    assert abs(_fit(cat).log_age - 9.3) > 0.2          # the premise: the diagram alone is fooled
+    fit = _fit(cat, x=x, y=y)
+    assert abs(fit.log_age - 9.3) < 0.1
+    assert fit.log_age_low <= 9.3 <= fit.log_age_high
+    assert fit.spatial is not None and "spatial_prior" in fit.to_json()
+    assert np.hypot(fit.spatial.x0 - (size - 1) / 2, fit.spatial.y0 - (size - 1) / 2) < 50
+    prior = fit.membership_prior
+    used = np.isfinite(prior)
+    assert used.sum() == fit.n_stars
+    p_member, p_field = prior[used & member], prior[used & ~member]
+    auc = (p_member[:, None] > p_field[None, :]).mean()
+    assert auc > 0.8
+    assert p_member.mean() - p_field.mean() > 0.3
+    # The posterior (position and diagram) separates them at least as well.
+    post = fit.membership
+    assert np.nanmean(post[member]) - np.nanmean(post[~member]) > 0.3
+
+
+def test_positions_without_concentration_change_little():
+    """Members and field both spread evenly: the positions carry no membership information and
+    the fit must stay as good as without them."""
+    rng = np.random.default_rng(4)
+    cat = synthetic_cmd(8.5, 700, distance_modulus=DISTANCE_MODULUS, ebv=EBV, zeropoint=ZEROPOINT,
+                        field_fraction=0.3, rng=rng)
+    x, y = rng.uniform(0, 2047, cat["mag"].size), rng.uniform(0, 2047, cat["mag"].size)
+    fit = _fit(cat, x=x, y=y)
+    assert fit.spatial is None and np.isnan(fit.membership_prior).all()   # no concentration found
+    assert abs(fit.log_age - 8.5) < 0.1
+    assert fit.log_age_low <= 8.5 <= fit.log_age_high

@@ -19,6 +19,12 @@ Model (per PARSEC isochrone of log age ``a`` and metallicity ``[M/H]``):
 * A star's likelihood is a mixture: cluster single star, cluster binary, or
   field star (a broad density estimate of the diagram itself); the fractions are
   fitted (EM) for every trial shift, the binary fraction at most 0.6.
+* With star positions (optional), a King cluster on an even field fitted to them
+  gives each star a prior membership probability, which replaces the one global
+  field fraction (the binary fraction is still fitted), and the field density is
+  estimated from the likely field stars: a field population with its own sequence
+  (an old field's turn-off plume along a younger isochrone) is then recognised as
+  field by where its stars are, which the diagram alone cannot do.
 * The model is truncated to the observed box (colour range, saturation limit,
   faint limit) and renormalised there, so saturation and faint incompleteness
   do not bias the fit: the model only has to explain what could be observed.
@@ -99,7 +105,7 @@ PROPAGATE_DLNL = 3.0
 #: shifted a quarter magnitude bluer fits as well (a 2 Gyr fit to a 300 Myr pipeline catalogue).
 MAX_BINARY_FRACTION = 0.6
 #: Spatial membership prior: cells per side of the grid that integrates the cluster profile over the
-#: area the stars cover, and bounds of the profile's scale radius as fractions of that area's side
+#: area the stars cover, and bounds of the profile's core radius as fractions of that area's side
 #: (below a few cells the grid integral is inaccurate; far above the side a profile is flat = field).
 SPATIAL_GRID = 96
 SPATIAL_SCALE_BOUNDS = (0.03, 2.0)
@@ -955,7 +961,8 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
             mh: float = 0.0, fit_mh: bool = False, distance_modulus: float | None = None,
             ebv: float | None = None, calibrated: bool = False, bootstrap: int = 30,
             rng: np.random.Generator | int | None = None, mag_limit: float | None = None,
-            bright_limit: float | None = None, x=None, y=None) -> AgeFit:
+            bright_limit: float | None = None, x: np.ndarray | None = None,
+            y: np.ndarray | None = None) -> AgeFit:
     """Fit a PARSEC isochrone to a colour-magnitude diagram; see the module docstring.
 
     color = mag(bands[0]) - mag(bands[1]), mag = mag(bands[1]), with their errors;

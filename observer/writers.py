@@ -340,7 +340,9 @@ def _write_age(night: "Night", tname: str, catalog: Table) -> list[Path]:
     fit = fit_age(color, mag, color_err, mag_err, usable, bands=bands, mh=age.metallicity,
                   fit_mh=age.fit_metallicity, distance_modulus=age.distance_modulus, ebv=age.ebv,
                   calibrated=age.calibrated_zeropoints, bootstrap=age.bootstrap,
-                  rng=np.random.default_rng(0))
+                  rng=np.random.default_rng(0),
+                  # Members crowd towards the cluster's centre, field stars do not: positions weigh in.
+                  x=np.asarray(catalog["x"], float), y=np.asarray(catalog["y"], float))
     night.age_cache[tname] = AgeEstimate(
         log_age=fit.log_age, log_age_low=fit.log_age_low, log_age_high=fit.log_age_high, age_myr=fit.age_myr,
         distance_modulus=fit.distance_modulus, ebv=fit.ebv, n_stars=fit.n_stars,

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 
 from observer.config import ConfigError, Settings
 from observer.ingest import FileTracker, fits_completeness, is_fits_name, sha256_of

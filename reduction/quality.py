@@ -238,7 +238,6 @@ def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, si
     if n == 0:
         return Table([np.empty(0)] * 6 + [np.empty(0, dtype=bool)], names=cols)
 
-    size = 2 * half + 1
     off = np.arange(-half, half + 1)
     cut = data[(ys[:, None] + off[None, :])[:, :, None], (xs[:, None] + off[None, :])[:, None, :]]
     rr = np.hypot(*np.meshgrid(off, off, indexing="ij"))

@@ -262,23 +262,22 @@ class Measurements:
         """The next job under the lock: ("catalog"|"age", night, target, data), ("wait", s) or ("done",)."""
         now = float("inf") if self._hurry else time.monotonic()
         if self._pending:
-            night = next(iter(self._pending.values()))[0]
-            gap = self._catalog_last + night.settings.service.product_throttle_seconds - now
-            if gap > 0:
-                return ("wait", gap)
-            tname, (night, stacks) = self._pending.popitem()
-            self._catalog_last = time.monotonic()
-            return ("catalog", night, tname, stacks)
+            return self._take(self._pending, "_catalog_last", lambda s: s.service.product_throttle_seconds,
+                              "catalog", now)
         if self._age_pending:
-            night = next(iter(self._age_pending.values()))[0]
-            gap = self._age_last + night.settings.age.throttle_seconds - now
-            if gap > 0:
-                return ("wait", gap)
-            tname, (night, catalog) = self._age_pending.popitem()
-            self._age_last = time.monotonic()
-            return ("age", night, tname, catalog)
+            return self._take(self._age_pending, "_age_last", lambda s: s.age.throttle_seconds, "age", now)
         self._thread = None
         return ("done",)
+
+    def _take(self, pending: dict, last: str, throttle, kind: str, now: float) -> tuple:
+        """One job of a kind from ``pending`` once its throttle (since ``self.<last>``) has passed."""
+        night = next(iter(pending.values()))[0]
+        gap = getattr(self, last) + throttle(night.settings) - now
+        if gap > 0:
+            return ("wait", gap)
+        tname, (night, data) = pending.popitem()
+        setattr(self, last, time.monotonic())
+        return (kind, night, tname, data)
 
     def _drain(self) -> None:
         while True:

@@ -38,27 +38,25 @@ def fast_settings(**service) -> Settings:
     return dataclasses.replace(settings, service=dataclasses.replace(settings.service, **values))
 
 
+def reference_night(root: Path, size: int, frames: int) -> dict:
+    """A simulated night and its uninterrupted reduction (the reference the service runs are compared with)."""
+    simulate_night(root / "src", SimSettings(size=size, frames=frames, fill_seconds=0.0, cadence=0.0),
+                   truth_path=root / "truth.ecsv")
+    reference = process_existing(root / "src", root / "ref", fast_settings())
+    return {"src": root / "src", "ref": root / "ref", "order": [Path(r.path).name for r in reference.records],
+            "status": {Path(r.path).name: r.status for r in reference.records}}
+
+
 @pytest.fixture(scope="module")
 def night(tmp_path_factory):
     """A small simulated night (2 filters x 3 frames + 2 offsets, 256 px) and its uninterrupted reduction."""
-    root = tmp_path_factory.mktemp("night")
-    simulate_night(root / "src", SimSettings(size=256, frames=3, fill_seconds=0.0, cadence=0.0),
-                   truth_path=root / "truth.ecsv")
-    reference = process_existing(root / "src", root / "ref", fast_settings())
-    order = [Path(r.path).name for r in reference.records]
-    return {"src": root / "src", "ref": root / "ref", "order": order,
-            "status": {Path(r.path).name: r.status for r in reference.records}}
+    return reference_night(tmp_path_factory.mktemp("night"), size=256, frames=3)
 
 
 @pytest.fixture(scope="module")
 def longer_night(tmp_path_factory):
     """12 files at 512 px: enough work (a few seconds) for kills to land mid-night."""
-    root = tmp_path_factory.mktemp("longer")
-    simulate_night(root / "src", SimSettings(size=512, frames=5, fill_seconds=0.0, cadence=0.0),
-                   truth_path=root / "truth.ecsv")
-    reference = process_existing(root / "src", root / "ref", fast_settings())
-    return {"src": root / "src", "ref": root / "ref", "order": [Path(r.path).name for r in reference.records],
-            "status": {Path(r.path).name: r.status for r in reference.records}}
+    return reference_night(tmp_path_factory.mktemp("longer"), size=512, frames=5)
 
 
 def junk_frame(seed: int, shape=(32, 32), date: str = "2026-11-26T22:00:00") -> bytes:

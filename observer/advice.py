@@ -67,7 +67,7 @@ def frames_still_needed(session: "FilterSession", settings) -> int:
     return needed
 
 
-def _warnings(night: "Night", target: "TargetSession") -> list[str]:
+def _warnings(night: "Night", target: "TargetSession", low_disk: bool) -> list[str]:
     settings = night.settings
     notes = []
     colour = settings.cmd.color_filters
@@ -87,12 +87,12 @@ def _warnings(night: "Night", target: "TargetSession") -> list[str]:
     shifts = [math.hypot(r.dx, r.dy) for r in recent if math.isfinite(r.dx)]
     if shifts and max(shifts) > 0.05 * max(target.shape):
         notes.append(f"drift growing: {max(shifts):.0f} px from the reference pointing")
-    if shutil.disk_usage(night.outdir).free < LOW_DISK_BYTES:
+    if low_disk:
         notes.append("disk space low in the output folder")
     return notes
 
 
-def target_state(night: "Night", target: "TargetSession") -> TargetState:
+def target_state(night: "Night", target: "TargetSession", low_disk: bool = False) -> TargetState:
     settings = night.settings
     mag = completion_mag(night, target.name)
     statuses = {}
@@ -124,15 +124,15 @@ def target_state(night: "Night", target: "TargetSession") -> TargetState:
         verdict = "keep going: " + "; ".join(parts) + " to reach the goal"
     return TargetState(name=target.name, filters=statuses, cmd=night.cmd_cache.get(target.name),
                        age=night.age_cache.get(target.name), done=done, verdict=verdict,
-                       frames_needed=None if done else needed, warnings=tuple(_warnings(night, target)),
+                       frames_needed=None if done else needed, warnings=tuple(_warnings(night, target, low_disk)),
                        completion_mag=mag)
 
 
 def build_snapshot(night: "Night", queue_length: int = 0) -> Snapshot:
     """The immutable state the dashboard and the headless log read."""
-    targets = {name: target_state(night, t) for name, t in night.targets.items()}
-    messages = ("disk space low in the output folder",) \
-        if shutil.disk_usage(night.outdir).free < LOW_DISK_BYTES else ()
+    low_disk = shutil.disk_usage(night.outdir).free < LOW_DISK_BYTES   # asked once per snapshot
+    targets = {name: target_state(night, t, low_disk) for name, t in night.targets.items()}
+    messages = ("disk space low in the output folder",) if low_disk else ()
     return Snapshot(version=night.version, frames=tuple(night.records), targets=targets,
                     outdir=str(night.outdir), busy=queue_length > 0, queue_length=queue_length,
                     messages=messages)

@@ -316,7 +316,8 @@ class Night:
         session.best_throughput = max(session.best_throughput, throughput)
         session.fwhm_history.append(quality.fwhm_px)
         session.total_exptime += facts.exptime
-        session.sky_level = float(np.median([session.sky_level, sky.level])) if session.inputs else sky.level
+        n = len(session.inputs)
+        session.sky_level = (session.sky_level * n + sky.level) / (n + 1)   # mean sky of the stacked frames
         session.inputs.append(Path(frame.path).name)
         record.status = "stacked"
         record.reason = ""

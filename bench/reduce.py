@@ -33,7 +33,7 @@ from seed_baseline import seed_frame, seed_restack  # noqa: E402
 
 from observer.config import Settings  # noqa: E402
 from observer.night import Night  # noqa: E402
-from observer.service import process_existing  # noqa: E402
+from observer.reprocess import process_existing  # noqa: E402
 from observer.simulator import SimSettings, simulate_night  # noqa: E402
 from reduction.frames import load_frame  # noqa: E402
 
@@ -80,12 +80,11 @@ def bench_size(size: int, frames: int, root: Path) -> None:
           f"{seed_whole / whole:.1f}x faster with registration and stacking included")
     print(f"seed-style re-stack at N={len(seed_frames)}: {restack[-1]:.3f} s")
 
-    session = next(iter(night.targets.values())).filters
-    acc = next(iter(session.values())).accumulator
-    print(f"one stack accumulator: {acc.nbytes() / 2**20:.0f} MiB ({acc.nbytes() / (size * size * 4):.1f} float32 planes)")
+    nbytes = next(iter(night.stack_bytes().values()))
+    print(f"one stack accumulator: {nbytes / 2**20:.0f} MiB ({nbytes / (size * size):.1f} bytes per pixel)")
 
     start = time.perf_counter()
-    written = night.write_products(force=True)
+    written = night.write_all_products()
     print(f"measure the stacks + write products (catalogue, CMD, age, stacks, frames.ecsv): "
           f"{time.perf_counter() - start:.2f} s ({len(written)} files)")
 

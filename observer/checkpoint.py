@@ -17,18 +17,15 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from observer.session import FilterSession, TargetSession
-from observer.state import FrameRecord
+from observer.session import FilterSession, NightState, TargetSession
+from observer.state import FrameRecord, Status
 from reduction.hotpixels import HotPixelMap
 from reduction.stacking import StackAccumulator
-
-if TYPE_CHECKING:
-    from observer.night import Night
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +37,15 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9+.=-]", "_", name)
 
 
-def mark_changed(night: "Night", record: FrameRecord) -> None:
-    """Note which state files a processed frame changed, so the next checkpoint rewrites only those."""
+def changed_files(record: FrameRecord) -> set[str]:
+    """The state files a processed frame changed, so that the next checkpoint rewrites only those."""
     if not record.target:
-        return
+        return set()
     key = f"{_safe(record.target)}__{_safe(record.filter)}"
-    night.dirty_state.update({f"target__{_safe(record.target)}.npz", f"filter__{key}.npz",
-                              f"pending__{key}.npz"})
-    if record.status == "stacked":
-        night.dirty_state.add(f"acc__{key}.npz")
+    changed = {f"target__{_safe(record.target)}.npz", f"filter__{key}.npz", f"pending__{key}.npz"}
+    if record.status == Status.STACKED:
+        changed.add(f"acc__{key}.npz")
+    return changed
 
 
 def state_dir(outdir: Path) -> Path:
@@ -70,9 +67,13 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         os.fsync(fh.fileno())
 
 
-def save(night: "Night") -> None:
-    """Write a new generation and make it current (see the module docstring)."""
-    root = state_dir(night.outdir)
+def save(state: NightState, outdir: Path, dirty: set[str]) -> None:
+    """Write a new generation and make it current (see the module docstring).
+
+    ``dirty`` names the state files that changed since the last generation
+    (:func:`changed_files`); the others are hard-linked from it.
+    """
+    root = state_dir(outdir)
     root.mkdir(parents=True, exist_ok=True)
     current = _current(root)
     generation = (int(current.name.split("-")[1]) + 1) if current else 1
@@ -80,10 +81,9 @@ def save(night: "Night") -> None:
     if new.exists():
         shutil.rmtree(new)
     new.mkdir()
-    dirty = night.dirty_state
-    meta: dict = {"version": night.version, "records": [_record_dict(r) for r in night.records],
-                  "calibration_files": night.calibration_files, "targets": {},
-                  "pending_offsets": [list(k) for k in night.pending_offsets], "hot_maps": []}
+    meta: dict = {"version": state.version, "records": [asdict(r) for r in state.records],
+                  "calibration_files": state.calibration_files, "targets": {},
+                  "pending_offsets": [list(k) for k in state.pending_offsets], "hot_maps": []}
 
     def put(name: str, arrays_fn) -> None:
         """Write ``name`` if it changed since the last generation, else hard-link the old file."""
@@ -93,7 +93,7 @@ def save(night: "Night") -> None:
         else:
             _write_npz(new / name, arrays_fn())
 
-    for tname, target in night.targets.items():
+    for tname, target in state.targets.items():
         tmeta = {"shape": list(target.shape), "pointing": target.pointing, "reference_file": target.reference_file,
                  "wcs_header": target.wcs_header, "plate_scale_arcsec": target.plate_scale_arcsec, "filters": {}}
         put(f"target__{_safe(tname)}.npz", lambda t=target: {"ref_xy": t.ref_xy, "ref_flux": t.ref_flux})
@@ -102,19 +102,15 @@ def save(night: "Night") -> None:
             fmeta = {k: getattr(session, k) for k in _FILTER_SCALARS}
             fmeta["has_offset"] = session.offset_shape is not None
             tmeta["filters"][fname] = fmeta
-            acc_name = f"acc__{key}.npz"
-            if acc_name in dirty or current is None or not (current / acc_name).exists():
-                session.accumulator.save(new / acc_name)
-            else:
-                os.link(current / acc_name, new / acc_name)
+            put(f"acc__{key}.npz", session.accumulator.state)
             put(f"filter__{key}.npz", lambda s=session: {
                 k: v for k, v in (("ref_xy", s.ref_xy), ("ref_flux", s.ref_flux), ("offset_shape", s.offset_shape),
                                   ("last_raw_preview", s.last_raw_preview),
                                   ("stack_preview", s.stack_preview)) if v is not None})
         meta["targets"][tname] = tmeta
-    for i, ((tname, fname), shape) in enumerate(night.pending_offsets.items()):
+    for (tname, fname), shape in state.pending_offsets.items():
         put(f"pending__{_safe(tname)}__{_safe(fname)}.npz", lambda s=shape: {"shape": s})
-    for shape, hot in night.hot_maps.items():
+    for shape, hot in state.hot_maps.items():
         name = f"hot__{shape[0]}x{shape[1]}.npz"
         meta["hot_maps"].append(list(shape))
         _write_npz(new / name, hot.state())
@@ -129,7 +125,6 @@ def save(night: "Night") -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, root / "current")
     _fsync_dir(root)
-    night.dirty_state.clear()
     for old in root.glob("gen-*"):
         if old != new:
             shutil.rmtree(old, ignore_errors=True)
@@ -143,18 +138,18 @@ def _current(root: Path) -> Path | None:
     return folder if (folder / "night.json").exists() else None
 
 
-def load(night: "Night") -> bool:
-    """Fill a fresh ``night`` from the current generation; False when there is none."""
-    root = state_dir(night.outdir)
+def load(outdir: Path) -> NightState | None:
+    """The night's state as of the current generation; None when there is none.
+
+    Calibration masters are not saved (they are rebuilt from ``calibration_files``).
+    """
+    root = state_dir(outdir)
     current = _current(root)
     if current is None:
-        return False
+        return None
     meta = json.loads((current / "night.json").read_text())
-    night.version = meta["version"]
-    night.records = [FrameRecord(**r) for r in meta["records"]]
-    night.calibration_files = meta["calibration_files"]
-    if any(night.calibration_files.values()):
-        night._rebuild_masters()
+    state = NightState(version=meta["version"], records=[FrameRecord(**r) for r in meta["records"]],
+                       calibration_files=meta["calibration_files"])
     for tname, tmeta in meta["targets"].items():
         with np.load(current / f"target__{_safe(tname)}.npz") as npz:
             ref_xy, ref_flux = npz["ref_xy"], npz["ref_flux"]
@@ -164,30 +159,23 @@ def load(night: "Night") -> bool:
                                plate_scale_arcsec=tmeta["plate_scale_arcsec"])
         for fname, fmeta in tmeta["filters"].items():
             key = f"{_safe(tname)}__{_safe(fname)}"
-            acc = StackAccumulator.load(current / f"acc__{key}.npz")
+            with np.load(current / f"acc__{key}.npz") as npz:
+                acc = StackAccumulator.from_state(npz)
             session = FilterSession(name=fname, accumulator=acc,
                                     **{k: fmeta[k] for k in _FILTER_SCALARS})
             with np.load(current / f"filter__{key}.npz") as npz:
                 for k in ("ref_xy", "ref_flux", "offset_shape", "last_raw_preview", "stack_preview"):
                     setattr(session, k, npz[k] if k in npz else None)
             target.filters[fname] = session
-        night.targets[tname] = target
+        state.targets[tname] = target
     for tname, fname in meta["pending_offsets"]:
         with np.load(current / f"pending__{_safe(tname)}__{_safe(fname)}.npz") as npz:
-            night.pending_offsets[(tname, fname)] = npz["shape"]
+            state.pending_offsets[(tname, fname)] = npz["shape"]
     for shape in meta["hot_maps"]:
         with np.load(current / f"hot__{shape[0]}x{shape[1]}.npz") as npz:
-            night.hot_maps[tuple(shape)] = HotPixelMap.from_state(dict(npz))
-    night.stacks_dirty.update((t, f) for t, target in night.targets.items() for f in target.filters)
-    night.mark_catalog_dirty()
-    log.info("resumed from %s: %d files already taken", current, len(night.records))
-    return True
-
-
-def _record_dict(record: FrameRecord) -> dict:
-    from dataclasses import asdict
-
-    return asdict(record)
+            state.hot_maps[tuple(shape)] = HotPixelMap.from_state(dict(npz))
+    log.info("resumed from %s: %d files already taken", current, len(state.records))
+    return state
 
 
 def _json_default(value):

@@ -109,9 +109,26 @@ def _run_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from observer.service import run_watch
+    """``observer watch``: the service until Ctrl-C / SIGTERM (headless) or until the dashboard quits."""
+    from observer.service import Service, run_headless_until
 
-    return run_watch(args.camdir, args.out, settings, headless=args.headless)
+    service = Service(args.camdir, args.out, settings)
+    app_class = None
+    if not args.headless:
+        try:
+            from tui.app import ObserverApp
+            app_class = ObserverApp
+        except ImportError as exc:
+            log.warning("the dashboard is not available (%s); running headless", exc)
+            print(f"observer: the dashboard is not available ({exc}); running headless", file=sys.stderr)
+    if app_class is None:
+        return run_headless_until(service)
+    service.start()
+    try:
+        app_class(service).run()
+    finally:
+        service.stop()
+    return EXIT_OK
 
 
 def _run_reprocess(args: argparse.Namespace, settings: Settings) -> int:

@@ -133,7 +133,6 @@ class PhotometrySettings:
     annulus_fwhm: list[float] = field(default_factory=lambda: [4.0, 6.0], metadata=_check(
         lambda v: len(v) == 2 and 0 < v[0] < v[1], "[inner, outer] with 0 < inner < outer (in FWHM)"))
     detect_sigma: float = _num(5.0)
-    match_radius_px: float = _num(1.5)
     min_coverage: float = field(default=0.5, metadata=_check(_fraction, "a fraction in (0, 1]"))
 
 

@@ -58,7 +58,7 @@ def run_demo(settings: Settings, size: int = 1024, cadence: float = 3.0, frames:
 
         service.start()
         try:
-            ObserverApp(service, save_dir=outdir).run()
+            ObserverApp(service).run()
         finally:
             service.stop()
         return 0

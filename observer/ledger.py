@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from observer.state import Status
 
-#: Statuses that end a file's story (the rest, ``pending`` and ``processing``, are in flight).
-FINAL_STATUSES = ("stacked", "rejected", "offset", "calibration", "quarantined", "ignored")
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -130,7 +129,7 @@ class Ledger:
                     (path, sha256, now, *fields.values()))
 
     def begin(self, path: str | Path, sha256: str, size: int | None, mtime: int | None,
-              status: str = "processing") -> None:
+              status: str = Status.PROCESSING) -> None:
         """Record a file before work on it starts."""
         self._upsert(str(path), sha256, {"size": size, "mtime": mtime, "status": status})
 
@@ -173,4 +172,4 @@ class Ledger:
 
     def in_flight(self) -> list[LedgerRow]:
         """Rows recorded before work but with no outcome (the service stopped mid-frame)."""
-        return self._rows("WHERE status IN ('pending', 'processing')", ())
+        return self._rows("WHERE status = ?", (Status.PROCESSING.value,))

@@ -1,19 +1,29 @@
 """``observer reprocess``: the service's own worker logic over a saved night, then exit.
 
-One code path with ``observer watch`` (DESIGN.md): files go through
-``observer.service.process_existing`` in DATE-OBS order; this module only adds
-the progress bar a user waits on.
+One code path with ``observer watch`` (DESIGN.md): every file goes through
+``Service.handle``, here in DATE-OBS order (this module owns that ordering),
+synchronously, with the progress bar a user waits on.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from observer.config import Settings
+from observer.ingest import fits_completeness, is_fits_name
+from observer.service import Job, NightFactory, Service
 from observer.state import FrameRecord
+from observer.watcher import inside, scan
+
+if TYPE_CHECKING:
+    from observer.night import Night
+
+log = logging.getLogger(__name__)
 
 BAR_WIDTH = 30
 
@@ -43,10 +53,64 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _date_obs_key(path: Path) -> tuple[int, float, str]:
+    """Sort key: DATE-OBS (read from the header only), files without one last, ties by name."""
+    from astropy.io import fits
+
+    from reduction.frames import header_facts
+
+    try:
+        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+            for hdu in hdul[:2]:
+                date = header_facts(hdu.header).date_obs
+                if date is not None:
+                    return (0, float(date.mjd), path.name)
+    except Exception:  # noqa: BLE001 - unreadable or not FITS: it still gets its record, last
+        log.debug("%s: no DATE-OBS", path, exc_info=True)
+    return (1, 0.0, path.name)
+
+
+def process_existing(nightdir: str | Path, outdir: str | Path, settings: Settings,
+                     progress: Callable[[int, int, FrameRecord | None], None] | None = None,
+                     night_factory: NightFactory | None = None) -> "Night":
+    """Run every file of ``nightdir`` through the service's worker logic, in DATE-OBS order; write all products.
+
+    ``progress(done, total, record)`` is called after each FITS file (``record``
+    None when the file was already in the resumed night). The night
+    resumes from ``outdir``'s checkpoint if there is one (an interrupted
+    reprocess continues); use a fresh ``outdir`` for a fresh reduction.
+    """
+    service = Service(nightdir, outdir, settings, night_factory=night_factory, live=False)
+    try:
+        paths = [p for p in scan(service.camdir) if inside(p, service.camdir)]
+        fits_paths = sorted((p for p in paths if is_fits_name(p.name)), key=_date_obs_key)
+        service.note_existing(paths)
+        for done, path in enumerate(fits_paths, start=1):
+            record = service.handle(_existing_job(path))
+            if progress is not None:
+                progress(done, len(fits_paths), record)
+        with service.night.lock:
+            service.write_products(force=True)
+            service.night.checkpoint()
+    finally:
+        service.ledger.close()
+    return service.night
+
+
+def _existing_job(path: Path) -> Job:
+    """A job for a file of a saved night: no waiting; an incomplete file is quarantined at once."""
+    try:
+        st = path.stat()
+        result = fits_completeness(path) if not path.is_dir() else None
+    except OSError as exc:
+        return Job(path, error=f"cannot read: {exc.strerror or exc}")
+    if result is not None and not result.complete:
+        return Job(path, st.st_size, st.st_mtime_ns, quarantine=f"incomplete: {result.reason}")
+    return Job(path, st.st_size, st.st_mtime_ns, ready_at=time.monotonic())
+
+
 def reprocess(nightdir: str | Path, outdir: str | Path, settings: Settings, progress: bool = True):
     """Reduce every file of ``nightdir`` into ``outdir`` and write all products; returns the Night."""
-    from observer.service import process_existing
-
     nightdir = Path(nightdir)
     if not nightdir.is_dir():
         raise OSError(f"{nightdir}: no such folder")

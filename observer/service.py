@@ -20,8 +20,13 @@ holds is done (the ledger is repaired if the crash fell between checkpoint and
 ledger commit), and one still ``processing`` but unknown to the checkpoint is
 simply redone.
 
-``process_existing`` runs the same worker logic synchronously over a saved night
-(``observer reprocess``): one code path for live and offline.
+``observer reprocess`` runs the same worker logic (:meth:`Service.handle`)
+synchronously over a saved night: one code path for live and offline. The
+night is the one owner of its state; the service only orders the work and
+holds the night's lock across a file's whole story (process, products,
+checkpoint) so that a snapshot never sees half of it. Measuring runs on a
+:class:`~observer.scheduler.MeasurementScheduler` the service injects:
+in the background live, in the caller's thread offline.
 """
 
 from __future__ import annotations
@@ -30,20 +35,19 @@ import dataclasses
 import logging
 import queue
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
+from typing import TYPE_CHECKING, Any
 
 from observer.config import ConfigError, Settings
-from observer.ingest import FileTracker, fits_completeness, is_fits_name, sha256_of
-from observer.ledger import FINAL_STATUSES, Ledger
-from observer.state import FrameRecord, Snapshot
-from observer.watcher import Watcher, inside, scan
+from observer.ingest import FileTracker, is_fits_name, sha256_of
+from observer.ledger import Ledger
+from observer.scheduler import MeasurementScheduler
+from observer.state import FINAL_STATUSES, FrameRecord, Snapshot, Status
+from observer.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +63,15 @@ class OutdirInsideCamdirError(ConfigError):
     """The output folder is the camera folder or inside it (the service would watch its own products)."""
 
 
-class NightLike(Protocol):
-    """What the service needs of the per-frame path (``observer.night.Night``)."""
+if TYPE_CHECKING:
+    from observer.night import Night
 
-    records: list[FrameRecord]
-
-    def process(self, path: Path, sha256: str) -> FrameRecord: ...
-    def record_skipped(self, path: str | Path, sha256: str, status: str, reason: str) -> FrameRecord: ...
-    def write_products(self, force: bool = False) -> list[Path]: ...
-    def checkpoint(self) -> None: ...
-    def snapshot(self, queue_length: int = 0) -> Snapshot: ...
-    def seen(self, sha256: str) -> bool: ...
-    def save_pngs(self, target: str) -> list[Path]: ...
-
-
-NightFactory = Callable[[Settings, Path], NightLike]
+NightFactory = Callable[[Settings, Path], "Night"]
 #: A record taken and how to commit its outcome to the ledger (after the checkpoint).
 _Outcome = tuple[FrameRecord, Callable[[], None]]
 
 
-def _restore_night(settings: Settings, outdir: Path) -> NightLike:
+def _restore_night(settings: Settings, outdir: Path) -> "Night":
     from observer.night import Night   # heavy (the reduction stack); imported when a service really starts
 
     return Night.restore(settings, outdir)
@@ -127,13 +120,12 @@ class Service:
         self.settings = settings
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.outdir / LEDGER_NAME)
-        self.night: NightLike = (night_factory or _restore_night)(settings, self.outdir)
+        self.night = (night_factory or _restore_night)(settings, self.outdir)
         svc = settings.service
         self.tracker = FileTracker(svc.stable_seconds, svc.quarantine_after_seconds)
         self.watcher = Watcher(self.camdir, self._on_path)
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=svc.queue_size)
         self._stop = threading.Event()
-        self._night_lock = threading.RLock()
         self._others_lock = threading.Lock()
         self._others: set[Path] = set()            # non-FITS names noted, not yet in the ledger
         self._ignored_names: set[Path] = set()     # non-FITS names already in the ledger
@@ -142,12 +134,14 @@ class Service:
         self._ingest_lock = threading.Lock()       # held while ready files go from the tracker to the queue
         self._products_stale = False               # frames since the last forced (catalogue) product write
         self._snapshot = self.night.snapshot()
+        self._publish_lock = threading.Lock()
         self._resume_from_ledger()
-        self._measurements = getattr(self.night, "measurements", None)
-        if live and self._measurements is not None:
-            # Catalogue, CMD and age are measured off the worker thread: a frame never waits for them.
-            self._measurements.background = True
-            self._measurements.listeners.append(lambda paths: self._publish(None, paths))
+        # Live, catalogue, CMD and age are measured off the worker thread: a frame never waits for them.
+        self.measurements = MeasurementScheduler(
+            self.night.run_measurement, self.night.run_age if settings.age.enabled else None, background=live,
+            catalog_throttle=svc.product_throttle_seconds, age_throttle=settings.age.throttle_seconds)
+        if live:
+            self.measurements.listeners.append(lambda paths: self._publish(None, paths))
 
     # ----------------------------------------------------------------- start-up and shutdown
     def _resume_from_ledger(self) -> None:
@@ -187,12 +181,12 @@ class Service:
         for thread in self._threads:
             thread.join()
         self._threads.clear()
-        with self._night_lock:
-            if self._products_stale:
-                self._write_products(force=True)
-            if self._measurements is not None and not self._measurements.finish(STOP_MEASURE_TIMEOUT):
-                log.warning("stopping before the last catalogue/age update finished")
-            self.night.checkpoint()
+        if self._products_stale:
+            self.write_products(force=True)
+        # Not under the night's lock: the measuring thread applies its results under it.
+        if not self.measurements.finish(STOP_MEASURE_TIMEOUT):
+            log.warning("stopping before the last catalogue/age update finished")
+        self.night.checkpoint()
         self.ledger.close()
         log.info("service stopped")
 
@@ -217,7 +211,7 @@ class Service:
         if not self._ingest_lock.acquire(blocking=False):
             return False
         try:
-            measuring = self._measurements is not None and self._measurements.busy
+            measuring = self.measurements.busy
             return self.queue_length == 0 and self.tracker.waiting == 0 and not self._products_stale \
                 and not measuring
         finally:
@@ -231,7 +225,8 @@ class Service:
     def save_pngs(self, target: str) -> list[Path]:
         """The dashboard's "save PNGs": every stack of the target (``stack.png`` beside ``stack.fits``,
         zscale, as DS9 shows it) and its CMD, so an observer can send a picture without a FITS viewer."""
-        with self._night_lock:
+        with self.night.lock:
+            self.write_products(force=True)
             return self.night.save_pngs(target)
 
     # ----------------------------------------------------------------- watcher and ingest threads
@@ -243,6 +238,13 @@ class Service:
             with self._others_lock:
                 self._others.add(path)
 
+    def note_existing(self, paths: Iterable[Path]) -> None:
+        """Note the non-FITS files of a saved night (reprocess), so that they are recorded as ignored once."""
+        for path in paths:
+            if not is_fits_name(path.name):
+                self._on_path(path, False)
+        self._record_other_names()
+
     def _record_other_names(self) -> None:
         """Non-FITS files (JPEG previews, logs) go in the ledger only, once, not in frames.ecsv."""
         with self._others_lock:
@@ -250,7 +252,7 @@ class Service:
         for path in others - self._ignored_names:
             if path.is_file():
                 log.debug("%s: %s, ignored", path, NOT_FITS_NAME)
-                self.ledger.record(path, "", "ignored", NOT_FITS_NAME)
+                self.ledger.record(path, "", Status.IGNORED, NOT_FITS_NAME)
                 self._ignored_names.add(path)
 
     def _put(self, job: Job) -> bool:
@@ -303,13 +305,22 @@ class Service:
     def _end_of_burst(self) -> None:
         """With nothing queued or filling, bring the throttled products (catalogue, CMD) up to date."""
         if self._products_stale and self.queue_length == 0 and self.tracker.waiting == 0:
-            with self._night_lock:
-                products = self._write_products(force=True)
+            with self.night.lock:
+                products = self.write_products(force=True)
                 self._publish(None, products)
 
-    def _write_products(self, force: bool) -> list[Path]:
+    def write_products(self, force: bool) -> list[Path]:
+        """Stacks and frames.ecsv; catalogue, CMD and age when forced, or always when measuring in the background.
+
+        Offline, measuring is synchronous and costs seconds: it is done only
+        when forced (at the end of a reprocess); live the scheduler throttles it.
+        """
         try:
-            products = self.night.write_products(force=force)
+            with self.night.lock:
+                products = self.night.write_products()
+                requests = self.night.measurement_requests() if force or self.measurements.background else []
+            for request in requests:
+                products += self.measurements.submit(request.target, request)
         except Exception:  # noqa: BLE001 - a failed product write must not stop the night; next frame retries
             log.exception("writing products")
             return []
@@ -319,17 +330,20 @@ class Service:
 
     def _publish(self, record: FrameRecord | None, products: list[Path]) -> None:
         started = time.perf_counter()
-        self._snapshot = self.night.snapshot()
+        snapshot = self.night.snapshot()
+        with self._publish_lock:      # the worker and the measuring thread both publish: newest wins
+            if snapshot.version >= self._snapshot.version:
+                self._snapshot = snapshot
         if record is not None:
             record.step_seconds["publish"] = time.perf_counter() - started
-        event = ServiceEvent(record, tuple(products), self._snapshot)
+        event = ServiceEvent(record, tuple(products), snapshot)
         for callback in list(self._subscribers):
             try:
                 callback(event)
             except Exception:  # noqa: BLE001 - a broken subscriber must not stop the worker
                 log.exception("subscriber %r", callback)
 
-    def _display(self, path: str | Path) -> str:
+    def display(self, path: str | Path) -> str:
         """A path as the observer knows it: relative to the camera folder."""
         try:
             return str(Path(path).relative_to(self.camdir))
@@ -346,20 +360,20 @@ class Service:
         ahead of the checkpoint, and the restart redoes that frame and rewrites
         them: the end state is the same, every frame counted once.
         """
-        with self._night_lock:
+        with self.night.lock:
             queued = time.monotonic() - job.ready_at if job.ready_at else 0.0
             try:
                 outcome = self._handle(job)
             except Exception as exc:  # noqa: BLE001 - one bad file must never stop the worker
                 log.exception("%s: unexpected failure", job.path)
-                outcome = self._skip(job, "", "rejected", f"internal error: {type(exc).__name__}: {exc}")
+                outcome = self._skip(job, "", Status.REJECTED, f"internal error: {type(exc).__name__}: {exc}")
             if outcome is None:
                 return None
             record, commit = outcome
             record.step_seconds["queue"] = queued
             self._products_stale = True
             step = time.perf_counter()
-            products = self._write_products(force=False)
+            products = self.write_products(force=False)
             record.step_seconds["products"] = time.perf_counter() - step
             self._publish(record, products)
             step = time.perf_counter()
@@ -371,11 +385,11 @@ class Service:
             record.step_seconds["checkpoint"] = time.perf_counter() - step
             return record
 
-    def _recorded(self, path: Path, sha256: str, status: str) -> bool:
+    def _recorded(self, path: Path, sha256: str, status: Status) -> bool:
         """Already recorded so? (The reason may differ: a quarantine's says how long it waited.)"""
         return any(r.path == str(path) and r.sha256 == sha256 and r.status == status for r in self.night.records)
 
-    def _skip(self, job: Job, sha256: str, status: str, reason: str) -> _Outcome | None:
+    def _skip(self, job: Job, sha256: str, status: Status, reason: str) -> _Outcome | None:
         """Record a file the per-frame path does not take (once: a restart does not record it again)."""
         if self._recorded(job.path, sha256, status):
             return None
@@ -386,9 +400,9 @@ class Service:
         """Decide what the job is and do the science part; the caller writes products and commits."""
         path = job.path
         if job.quarantine:
-            return self._skip(job, "", "quarantined", job.quarantine)
+            return self._skip(job, "", Status.QUARANTINED, job.quarantine)
         if job.error:
-            return self._skip(job, "", "rejected", job.error)
+            return self._skip(job, "", Status.REJECTED, job.error)
         started = time.perf_counter()
         try:
             sha = sha256_of(path)
@@ -396,79 +410,19 @@ class Service:
             log.info("%s vanished before it could be read", path)
             return None
         except OSError as exc:
-            return self._skip(job, "", "rejected", f"cannot read: {exc.strerror or exc}")
+            return self._skip(job, "", Status.REJECTED, f"cannot read: {exc.strerror or exc}")
         same = [r for r in self.night.records if r.sha256 == sha]
         mine = [r for r in same if r.path == str(path)]
         if mine:       # taken before (a restart, or a touch): make sure the ledger says so
             self.ledger.finish(mine[0], job.size, job.mtime_ns)
             return None
         if same:
-            return self._skip(job, sha, "ignored", f"duplicate of {self._display(same[0].path)}")
+            return self._skip(job, sha, Status.IGNORED, f"duplicate of {self.display(same[0].path)}")
         hashed = time.perf_counter()
         self.ledger.begin(path, sha, job.size, job.mtime_ns)
         record = self.night.process(path, sha)
         record.step_seconds["hash"] = hashed - started
         return record, lambda: self.ledger.finish(record, job.size, job.mtime_ns)
-
-
-# --------------------------------------------------------------------- reprocess: the same worker, synchronously
-def _date_obs_key(path: Path) -> tuple[int, float, str]:
-    """Sort key: DATE-OBS (read from the header only), files without one last, ties by name."""
-    from astropy.io import fits
-
-    from reduction.frames import header_facts
-
-    try:
-        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
-            for hdu in hdul[:2]:
-                date = header_facts(hdu.header).date_obs
-                if date is not None:
-                    return (0, float(date.mjd), path.name)
-    except Exception:  # noqa: BLE001 - unreadable or not FITS: it still gets its record, last
-        log.debug("%s: no DATE-OBS", path, exc_info=True)
-    return (1, 0.0, path.name)
-
-
-def process_existing(nightdir: str | Path, outdir: str | Path, settings: Settings,
-                     progress: Callable[[int, int, FrameRecord | None], None] | None = None,
-                     night_factory: NightFactory | None = None) -> NightLike:
-    """Run every file of ``nightdir`` through the service's worker logic, in DATE-OBS order; write all products.
-
-    ``progress(done, total, record)`` is called after each FITS file (``record``
-    None when the file was already in the resumed night). The night
-    resumes from ``outdir``'s checkpoint if there is one (an interrupted
-    reprocess continues); use a fresh ``outdir`` for a fresh reduction.
-    """
-    service = Service(nightdir, outdir, settings, night_factory=night_factory, live=False)
-    try:
-        paths = [p for p in scan(service.camdir) if inside(p, service.camdir)]
-        fits_paths = sorted((p for p in paths if is_fits_name(p.name)), key=_date_obs_key)
-        for path in paths:
-            if not is_fits_name(path.name):
-                service._on_path(path, False)
-        service._record_other_names()
-        for done, path in enumerate(fits_paths, start=1):
-            record = service.handle(_existing_job(path))
-            if progress is not None:
-                progress(done, len(fits_paths), record)
-        with service._night_lock:
-            service._write_products(force=True)
-            service.night.checkpoint()
-    finally:
-        service.ledger.close()
-    return service.night
-
-
-def _existing_job(path: Path) -> Job:
-    """A job for a file of a saved night: no waiting; an incomplete file is quarantined at once."""
-    try:
-        st = path.stat()
-        result = fits_completeness(path) if not path.is_dir() else None
-    except OSError as exc:
-        return Job(path, error=f"cannot read: {exc.strerror or exc}")
-    if result is not None and not result.complete:
-        return Job(path, st.st_size, st.st_mtime_ns, quarantine=f"incomplete: {result.reason}")
-    return Job(path, st.st_size, st.st_mtime_ns, ready_at=time.monotonic())
 
 
 # --------------------------------------------------------------------- the command line's entry point
@@ -502,27 +456,6 @@ def _relative(path: Path, folder: Path) -> str:
         return str(Path(path).resolve().relative_to(folder))
     except ValueError:
         return str(path)
-
-
-def run_watch(camdir: str | Path, outdir: str | Path, settings: Settings, headless: bool = False) -> int:
-    """``observer watch``: run the service until Ctrl-C / SIGTERM (headless) or until the dashboard quits."""
-    service = Service(camdir, outdir, settings)
-    app_class = None
-    if not headless:
-        try:
-            from tui.app import ObserverApp
-            app_class = ObserverApp
-        except ImportError as exc:
-            log.warning("the dashboard is not available (%s); running headless", exc)
-            print(f"observer: the dashboard is not available ({exc}); running headless", file=sys.stderr)
-    if app_class is not None:
-        service.start()
-        try:
-            app_class(service, save_dir=service.outdir).run()
-        finally:
-            service.stop()
-        return 0
-    return run_headless_until(service)
 
 
 def run_headless_until(service: Service, until: Callable[[], bool] = lambda: False) -> int:

@@ -1,8 +1,9 @@
-"""Per-target and per-filter state of a night: the reference grid, the stacks and their bookkeeping.
+"""The night's state: per-target and per-filter reference grids and stacks, and the frame records.
 
-Plain containers with no I/O: ``night.py`` drives them frame by frame and
-``checkpoint.py`` saves and restores them, so the same state serves the live
-service and ``observer reprocess``.
+Plain containers with no I/O and no locking: only ``observer.night.Night``
+changes them (on its worker thread, under its lock), ``observer.checkpoint``
+saves and restores them, and ``observer.snapshot`` reads them to publish. The
+same state serves the live service and ``observer reprocess``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from observer.state import AgeEstimate, CmdData, FrameRecord, Status
+from reduction.calibration import Masters
+from reduction.hotpixels import HotPixelMap
 from reduction.stacking import StackAccumulator
 
 
@@ -23,7 +27,7 @@ class FilterSession:
     exptime: float = float("nan")            # EXPTIME of the stack's unit frame (the filter's first stacked frame)
     gain: float = 1.0
     read_noise: float = 0.0
-    sky_level: float = 0.0                   # median sky of stacked frames (ADU per unit frame), for errors
+    sky_level: float = 0.0                   # mean sky of the stacked frames (ADU per unit frame), for errors
     ref_xy: np.ndarray | None = None         # the filter's flux reference stars on the reference grid
     ref_flux: np.ndarray | None = None       # their fluxes in ADU per second
     best_throughput: float = 1.0             # best frame's throughput relative to the flux reference
@@ -59,4 +63,35 @@ class TargetSession:
     wcs_header: dict | None = None          # celestial WCS cards of the reference frame, when it has one
     plate_scale_arcsec: float | None = None
     filters: dict[str, FilterSession] = field(default_factory=dict)
-    catalog_rows: int = 0
+
+
+@dataclass
+class NightState:
+    """Everything one night has learned so far; what the checkpoint saves.
+
+    ``version`` grows with every change, so that a published snapshot can tell
+    whether it is current. ``cmd`` and ``age`` hold the last measurement of
+    each target (applied by the night, never written by the measuring thread).
+    """
+
+    records: list[FrameRecord] = field(default_factory=list)
+    targets: dict[str, TargetSession] = field(default_factory=dict)
+    hot_maps: dict[tuple[int, int], HotPixelMap] = field(default_factory=dict)
+    calibration_files: dict[str, list[str]] = field(default_factory=lambda: {"bias": [], "dark": [], "flat": []})
+    masters: dict[str, Masters] = field(default_factory=dict)     # by filter ("" for bias/dark only)
+    pending_offsets: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    cmd: dict[str, CmdData] = field(default_factory=dict)
+    age: dict[str, AgeEstimate] = field(default_factory=dict)
+    version: int = 0
+
+    def append(self, record: FrameRecord) -> None:
+        """Add a record; a file quarantined earlier and taken now replaces its quarantine row."""
+        if record.status != Status.QUARANTINED:
+            self.records = [r for r in self.records
+                            if not (r.path == record.path and r.status == Status.QUARANTINED)]
+        self.records.append(record)
+        self.version += 1
+
+    def hot_map(self, shape: tuple[int, int]) -> HotPixelMap:
+        """The camera's persistent hot-pixel map for frames of this shape (created on first use)."""
+        return self.hot_maps.setdefault(shape, HotPixelMap(shape))

@@ -8,13 +8,41 @@ and runs the same whether the service is live or replaying a night.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
 from reduction.cmd import CmdData  # noqa: F401  (published with the rest of the state)
 
-#: Statuses a file can end in (frames.ecsv ``status``).
-STATUSES = ("stacked", "rejected", "offset", "calibration", "quarantined", "ignored")
+
+class Status(StrEnum):
+    """What became of a file (frames.ecsv ``status``, the ledger, the frame log)."""
+
+    PROCESSING = "processing"    # ledger only: taken, outcome not yet committed
+    STACKED = "stacked"
+    REJECTED = "rejected"
+    OFFSET = "offset"
+    CALIBRATION = "calibration"
+    QUARANTINED = "quarantined"
+    IGNORED = "ignored"
+
+
+#: Statuses a file can end in (every status but the ledger's in-flight one).
+FINAL_STATUSES = tuple(s for s in Status if s is not Status.PROCESSING)
+
+
+class Kind(StrEnum):
+    """What a file is (frames.ecsv ``kind``)."""
+
+    SCIENCE = "science"
+    OFFSET = "offset"
+    BIAS = "bias"
+    DARK = "dark"
+    FLAT = "flat"
+
+
+#: Kinds that feed the calibration masters.
+CALIBRATION_KINDS = (Kind.BIAS, Kind.DARK, Kind.FLAT)
 
 #: Columns of frames.ecsv, in order (DESIGN.md), then our extra quality columns.
 FRAME_COLUMNS = ("path", "kind", "target", "filter", "date_obs", "exptime", "status", "reason",

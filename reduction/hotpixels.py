@@ -243,7 +243,7 @@ class HotPixelMap:
         return out
 
     def state(self) -> dict[str, np.ndarray]:
-        """Plain numpy arrays for a checkpoint (``np.savez``-able)."""
+        """Plain numpy arrays for a checkpoint (persisted by the caller)."""
         return {
             "shape": np.array(self.shape, dtype=np.int64),
             "counts": self.counts.copy(),

@@ -1,89 +1,50 @@
 """Incremental, outlier-rejecting stack of registered frames, one per (target, filter).
 
-Why incremental: the service adds each frame as it arrives.  Re-stacking all N
-frames with a sigma clip every time (the student pipeline's way) costs O(N) per
-frame and keeps N frames in memory; this accumulator costs the same for frame 50
-as for frame 2 and holds a fixed set of planes.
+Why incremental: the service adds each frame as it arrives. Re-stacking all N
+frames with a sigma clip every time costs O(N) per frame and keeps N frames in
+memory; this accumulator costs the same for frame 50 as for frame 2 and holds a
+fixed set of planes.
 
-State (per pixel; ``x = data * scale`` is a frame's contribution, ``v =
-noise_var * scale**2`` its variance, ``w = weight`` its quality weight):
+State per pixel (``x = data * scale`` is a frame's contribution, ``v =
+noise_var * scale**2`` its variance, ``w`` its weight): float32 sums ``sw, swx,
+swwv`` (weighted mean swx/sw, variance swwv/sw**2), a uint16 ``count``, and the
+largest accepted contribution with its variance and frame slot (the "max
+candidate").
 
-- ``sw, swx, swwv`` (float32): sums of w, w*x and w**2*v over the accepted
-  contributions, so the weighted mean is swx/sw and its variance swwv/sw**2;
-- ``count`` (uint16): accepted contributions;
-- ``xmax, vmax`` (float32) and ``mslot`` (uint16): the largest accepted
-  contribution, its variance and which frame gave it (the "max candidate").
+Rejection, in two places:
 
-Outlier rejection happens in two places, which together are order-free enough
-for the first frames and cheap for all of them:
-
-1. *At add time*, once a pixel has two accepted contributions, the new value is
-   compared with the current clean mean m: it is rejected (not summed) when
-   ``|x - m| > reject_sigma * sqrt(v + var(m) + (signal_tolerance * r)**2
+1. At add time, once a pixel has two contributions, a new value is rejected
+   when ``|x - m| > reject_sigma * sqrt(v + var(m) + (signal_tolerance * r)**2
    + (gradient_tolerance * |grad r|)**2)``, r being the mean without the max
-   candidate.  The last two terms are the room given to real differences
-   between frames near stars (seeing changes the peak of a star by tens of per
-   cent and its wings by more; sub-pixel resampling differences), so that
-   rejection never eats star light and star fluxes stay unbiased; far from
-   stars only the noise counts.  A cosmic ray on top of a star can therefore
-   survive: the price of unbiased photometry.
-2. *After every add or remove*, each pixel's max candidate is tested against
-   the mean of the other contributions with the same criterion and left out of
-   ``image()`` when it is an outlier (a sparse list of "dropped" pixels).  This
-   is what cleans the first two frames of a pixel, which enter unconditionally
-   because there is nothing yet to compare them with: a cosmic ray or a
-   satellite trail in frame 1 is the max candidate of its pixels and is taken
-   out as soon as a second frame exists, and frame 3 is judged against that
-   clean mean.
+   candidate. The last two terms leave room for real differences near stars
+   (seeing changes a star's peak by tens of per cent; sub-pixel resampling), so
+   rejection never eats star light; far from stars only the noise counts. The
+   price: a cosmic ray on top of a star can survive.
+2. After every add or remove, each pixel's max candidate is tested against the
+   mean of the others and left out of ``image()`` when it is an outlier. This
+   cleans the first two frames, which enter unconditionally: a cosmic ray or a
+   satellite trail in frame 1 is its pixels' max candidate and goes as soon as
+   a second frame exists.
 
-Growing the rejection: a satellite trail is PSF-broadened, so its core is rejected
-but its wings, below the per-pixel threshold, would be averaged in and leave a
-faint line.  As IRAF imcombine's ``grow`` does, the rejected pixels of a frame
-are grown by ``grow_radius`` px (default 3, about one FWHM of usual seeing)
-before the frame's contribution is accepted, so the faint edges of a rejected
-feature go too.  Two guards keep star light in:
-only groups of at least ``grow_min_pixels`` 8-connected rejected pixels seed a
-grow (a lone borderline pixel, a single cosmic-ray hit or a 5-sigma noise
-spike does not), and neither the seeds nor the grown pixels may lie where the
-clean mean or its gradient stands out of the noise (``_QUIET_SIGMA``: blank
-sky, far enough from stars that a seeing change cannot make frames differ).
-Grown pixels are rejected whatever their own value, so the grow does not bias
-the noise.  The
-same grow applies to the dropped max candidates of step 2 (a trail in frame 1
-or 2): around a group of dropped pixels, a neighbour's max candidate is dropped
-too when it comes from the same frame, lies within 2 px and stands 2.25 sigma
-above the others (``_GROW_DROP_RADIUS``, ``_GROW_DROP_SIGMA``).  Only the max candidate is kept, so there a wing pixel
-where another frame happens to be higher, or where the wing is fainter,
-stays in: the grow removes most, not all, of the wings of a trail in the first
-two frames (tested: a residual of ~3-4 instead of ~12-13 sigma of the line
-mean, against < 0.5 for a trail in a later frame).
+Growing the rejection (as IRAF imcombine's ``grow``): a satellite trail is
+PSF-broadened, so the rejected pixels of a frame are grown by ``grow_radius``
+px before the frame is accepted. Only groups of at least ``grow_min_pixels``
+connected rejected pixels seed a grow, and only on blank sky (clean mean and
+gradient within ``_QUIET_SIGMA``), so star light stays in. For a trail in the
+first two frames only the max candidate is known, so the grow removes most,
+not all, of its wings (a residual of ~3-4 sigma of the line mean against ~12
+without the grow, < 0.5 for a trail in a later frame).
 
-Cost: both tests first apply a cheap full-frame bound (the deviation against
-the noise alone, a necessary condition) and evaluate the full tolerance,
-gradient included, only on the few pixels that pass it (outliers and star
-cores).  An add is thus a fixed number of passes over the planes, whatever N;
-``image()`` is one division plus the sparse patch.  The grow works on the sparse
-rejected pixels (8-neighbour lookups, a connected-components pass on that small
-graph, and one mark per disk offset into a scratch plane), so it adds
-O(pixels + rejected pixels) per add, whatever N.
+Cost: both tests first apply a cheap full-frame bound (noise alone) and
+evaluate the full tolerance only on the few pixels that pass it; an add is a
+fixed number of passes over the planes whatever N, and ``image()`` one
+division plus a sparse patch.
 
-Cosmic rays, satellite trails and aircraft lights are positive, so one
-candidate per pixel suffices unless two such events hit the same pixel in the
-first two frames covering it; negative outliers are caught from the third
-frame on (hot/dead pixels are removed upstream).
-
-``remove()`` subtracts the frame's accepted contributions (its pixels rejected
-at add time, grown ones included, are remembered as a sparse index list, the
-only per-frame state: a few hundred to a few thousand int32 per frame, some
-tens of thousands for a frame crossed by a satellite) and clears the max candidate
-where the frame held it.  The result equals never having added the frame to
-float32 rounding (a few 1e-7 relative), except in rare pixels (tested: at most
-1e-4 of them, in practice 0-2 of 65536) where a decision sat on the 5-sigma
-boundary and the removed frame tipped it: a later frame's accept/reject
-decision made while it was in the mean, or a max candidate the removed frame
-held (cleared, not replaced by the second largest, which is not kept); the
-grow of dropped max candidates multiplies the second case by the grown area
-around a trail in the first two frames.
+``remove()`` subtracts a frame's accepted contributions (its rejected pixels
+are kept as a sparse index list, the only per-frame state) and clears the max
+candidate it held. The result equals never having added the frame to float32
+rounding, except in rare pixels (at most 1e-4 of them) where a decision sat on
+the 5-sigma boundary.
 
 Where no frame contributes, ``image()`` is 0.0, ``variance()`` +inf and
 ``nframes()`` 0.
@@ -93,9 +54,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
-from pathlib import Path
+from collections.abc import Mapping
 
 import numpy as np
 from scipy.sparse import coo_array
@@ -282,9 +241,8 @@ class StackAccumulator:
             planes.append(self._satcount)
         return sum(p.nbytes for p in planes) + sum(r.nbytes for r in self._rejected.values())
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the exact state to ``path`` (.npz) atomically: temp file in the same folder + rename."""
-        path = Path(path)
+    def state(self) -> dict[str, np.ndarray]:
+        """The exact state as named arrays (the caller persists them; see :meth:`from_state`)."""
         ids = self._frame_ids
         rej = [self._rejected[f] for f in ids]
         arrays = dict(
@@ -298,34 +256,24 @@ class StackAccumulator:
             rej_len=np.array([len(r) for r in rej], np.int64))
         if self._satcount is not None:
             arrays["satcount"] = self._satcount
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return arrays
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> StackAccumulator:
-        """Restore an accumulator written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as z:
-            if int(z["version"]) not in (1, _FORMAT_VERSION):
-                raise ValueError(f"{path}: unsupported stack state version {int(z['version'])}")
-            self = cls(tuple(int(n) for n in z["shape"]), *(float(p) for p in z["params"]))
-            for name in ("sw", "swx", "swwv", "count", "xmax", "vmax", "mslot", "slot_w"):
-                setattr(self, f"_{name}", z[name].copy())
-            if "satcount" in z:
-                self._satcount = z["satcount"].copy()
-            ids = [str(f) for f in z["frame_ids"]]
-            self._frame_ids = ids
-            self._slots = dict(zip(ids, (int(s) for s in z["slots"]), strict=True))
-            bounds = np.concatenate([[0], np.cumsum(z["rej_len"])]).astype(np.int64)
-            rej_index = z["rej_index"]
-            self._rejected = {f: rej_index[bounds[i]:bounds[i + 1]].copy() for i, f in enumerate(ids)}
+    def from_state(cls, z: Mapping[str, np.ndarray]) -> StackAccumulator:
+        """Restore an accumulator from :meth:`state`'s arrays (copied: the source may be a closing npz)."""
+        if int(z["version"]) not in (1, _FORMAT_VERSION):
+            raise ValueError(f"unsupported stack state version {int(z['version'])}")
+        self = cls(tuple(int(n) for n in z["shape"]), *(float(p) for p in z["params"]))
+        for name in ("sw", "swx", "swwv", "count", "xmax", "vmax", "mslot", "slot_w"):
+            setattr(self, f"_{name}", np.array(z[name]))
+        if "satcount" in z:
+            self._satcount = np.array(z["satcount"])
+        ids = [str(f) for f in z["frame_ids"]]
+        self._frame_ids = ids
+        self._slots = dict(zip(ids, (int(s) for s in z["slots"]), strict=True))
+        bounds = np.concatenate([[0], np.cumsum(z["rej_len"])]).astype(np.int64)
+        rej_index = np.asarray(z["rej_index"])
+        self._rejected = {f: rej_index[bounds[i]:bounds[i + 1]].copy() for i, f in enumerate(ids)}
         self._update_drops()
         return self
 

@@ -43,7 +43,7 @@ def test_age_from_simulated_frames(tmp_path, log_age, distance_modulus):
     night = Night(Settings(), tmp_path / "out")
     for path in sorted(cam.glob("*.fits")):
         night.process(path)
-    night.write_products(force=True)
+    night.write_all_products()
     age = json.loads((tmp_path / "out" / "M35" / "age.json").read_text())
     assert not age["calibrated_zeropoints"]
     assert abs(age["log_age"] - log_age) <= 0.1

@@ -6,7 +6,8 @@ import numpy as np
 from astropy.table import Table
 from matplotlib.image import imread
 
-from reduction.cmd import cmd_data, plot_cmd
+from observer.figures import plot_cmd
+from reduction.cmd import cmd_data
 from reduction.photometry import FLAG_BLENDED, FLAG_SATURATED
 
 

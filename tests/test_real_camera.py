@@ -13,7 +13,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from observer.config import Settings
-from observer.service import process_existing
+from observer.reprocess import process_existing
 from observer.simulator import SimSettings, simulate_night
 
 SIZE = 384

@@ -28,7 +28,8 @@ from astropy.table import Table
 
 from observer.config import ConfigError, Settings
 from observer.ledger import Ledger
-from observer.service import OutdirInsideCamdirError, Service, process_existing
+from observer.reprocess import process_existing
+from observer.service import OutdirInsideCamdirError, Service
 from observer.simulator import SimSettings, simulate_night
 
 

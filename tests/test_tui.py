@@ -74,10 +74,18 @@ class SimSource:
             return self._snapshot
 
     def save_pngs(self, target: str) -> list[Path]:
-        from tui.app import write_preview_pngs
+        """The previews and the CMD through the product figure writers (the service saves full stacks)."""
+        from observer.figures import plot_cmd, plot_stack
 
         self.saved_for.append(target)
-        return write_preview_pngs(self.snapshot().targets[target], self.outdir / "png")
+        state = self.snapshot().targets[target]
+        folder = self.outdir / "png"
+        paths = [plot_stack(s.stack_preview, folder / f"{target}_{name}_stack.png", title=name)
+                 for name, s in state.filters.items() if s.stack_preview is not None]
+        if state.cmd is not None:
+            plot_cmd(state.cmd, folder / f"{target}_cmd.png")
+            paths.append(folder / f"{target}_cmd.png")
+        return paths
 
     def add_frame(self, target: str, filt: str, status: str = "stacked", reason: str = "",
                   fwhm_arcsec: float = float("nan")) -> FrameRecord:
@@ -489,7 +497,7 @@ def test_stack_images_with_a_graphics_protocol(tmp_path, monkeypatch, protocol):
         assert any(m.get("a") == "p" for m in sent)
 
 
-def test_save_without_service_writes_previews_to_save_dir(tmp_path):
+def test_save_without_a_saving_source_says_so_and_writes_nothing(tmp_path):
     class PlainSource:
         def __init__(self, inner: SimSource) -> None:
             self.inner = inner
@@ -502,7 +510,7 @@ def test_save_without_service_writes_previews_to_save_dir(tmp_path):
         inner.add_frame("M35", filt)
 
     async def scenario():
-        app = ObserverApp(PlainSource(inner), save_dir=tmp_path / "out")
+        app = ObserverApp(PlainSource(inner))
         async with app.run_test(size=(120, 40)) as pilot:
             assert app.query_one(FrameLog).table.row_count == 2     # polled, no subscribe
             inner.add_frame("M35", "blue")
@@ -511,11 +519,12 @@ def test_save_without_service_writes_previews_to_save_dir(tmp_path):
             await pilot.press("s")
             await app.workers.wait_for_complete()
             await pilot.pause()
-            return app.saved_paths
+            return app.saved_paths, [n.message for n in app._notifications]
 
-    paths = asyncio.run(scenario())
-    assert sorted(p.name for p in paths) == ["M35_blue_stack.png", "M35_cmd.png", "M35_green_stack.png"]
-    assert all(p.parent == tmp_path / "out" for p in paths)
+    paths, notes = asyncio.run(scenario())
+    assert paths == []
+    assert any("cannot save PNGs" in note for note in notes)
+    assert not any(tmp_path.rglob("*.png"))
 
 
 # --- the app on the real service, fed simulated frames one by one ---------------------------------

@@ -33,7 +33,6 @@ from tui.frame_log import FrameLog
 from tui.hr_diagram import HRDiagram
 from tui.image_view import StackImages, graphics_protocol
 from tui.quiet import QuietHeader
-from tui.render import stretch
 from tui.stack_view import StackView
 from tui.target_status import TargetStatus
 
@@ -50,39 +49,6 @@ class SnapshotSource(Protocol):
 
 class SnapshotChanged(Message):
     """Posted (from any thread) when the source has published a new snapshot."""
-
-
-def write_preview_pngs(target: TargetState, folder: Path) -> list[Path]:
-    """PNGs of the published previews and CMD, for sources that cannot write their own full figures.
-
-    The service's ``save_pngs`` writes the real products (full stacks, the
-    matplotlib CMD with the isochrone); this is the fallback the app can do with
-    only a snapshot in hand.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, status in target.filters.items():
-        if status.stack_preview is not None:
-            path = folder / f"{target.name}_{name}_stack.png"
-            plt.imsave(path, stretch(status.stack_preview), cmap="gray", origin="lower")
-            written.append(path)
-    if target.cmd is not None and target.cmd.n:
-        fig, ax = plt.subplots(figsize=(5, 6))
-        ax.scatter(target.cmd.color, target.cmd.mag, s=4, color="k")
-        ax.invert_yaxis()
-        ax.set_xlabel(target.cmd.color_label)
-        ax.set_ylabel(target.cmd.mag_label)
-        ax.set_title(f"{target.name}: {target.cmd.n} stars")
-        path = folder / f"{target.name}_cmd.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 class HelpScreen(ModalScreen[None]):
@@ -138,10 +104,9 @@ class ObserverApp(App[None]):
     }
     """
 
-    def __init__(self, source: SnapshotSource, *, save_dir: Path | str | None = None) -> None:
+    def __init__(self, source: SnapshotSource) -> None:
         super().__init__()
         self.source = source
-        self.save_dir = Path(save_dir) if save_dir is not None else None
         self.snapshot: Snapshot | None = None
         self.target_name: str | None = None
         self.filter_name: str | None = None
@@ -292,14 +257,11 @@ class ObserverApp(App[None]):
 
     def _save_pngs(self, target: TargetState) -> None:
         save = getattr(self.source, "save_pngs", None)
+        if not callable(save):
+            self.call_from_thread(self.notify, "this source cannot save PNGs", severity="warning")
+            return
         try:
-            if callable(save):
-                paths = [Path(p) for p in save(target.name)]
-            elif self.save_dir is not None:
-                paths = write_preview_pngs(target, self.save_dir)
-            else:
-                self.call_from_thread(self.notify, "this source cannot save PNGs", severity="warning")
-                return
+            paths = [Path(p) for p in save(target.name)]
         except Exception as exc:  # the observer must see why, and the dashboard must keep running
             log.exception("saving PNGs of %s failed", target.name)
             self.call_from_thread(self.notify, f"saving PNGs failed: {exc}", severity="error")

@@ -1,25 +1,24 @@
-"""Target status and advice for the observer, and the published snapshot.
+"""The published snapshot: each target's status and the advice for the observer.
 
 The verdict follows the completion criteria of the config: enough frames per
 filter, an offset frame per filter, and the wanted signal-to-noise at the
 completion magnitude (or the wanted depth). Signal-to-noise of a background-
 limited stack grows as sqrt(N), which gives the estimate of how many more
-frames are needed.
+frames are needed. The snapshot is built from the night's state under the
+night's lock (``observer.night.Night.snapshot``), so it is always consistent.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 
-from observer.state import FilterStatus, Snapshot, TargetState
-
-if TYPE_CHECKING:
-    from observer.night import Night
-    from observer.session import FilterSession, TargetSession
+from observer.config import Settings
+from observer.session import FilterSession, NightState, TargetSession
+from observer.state import FilterStatus, Kind, Snapshot, TargetState
 
 #: Free space below which the observer is warned (bytes).
 LOW_DISK_BYTES = 2 * 1024 ** 3
@@ -35,7 +34,7 @@ def preview_of(image: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
     return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
 
 
-def completion_mag(night: "Night", tname: str) -> float:
+def completion_mag(state: NightState, settings: Settings, tname: str) -> float:
     """The magnitude at which the stack's SNR is judged (nan: not known yet).
 
     The config's ``snr_at_mag`` when given; otherwise ``depth_below_turnoff``
@@ -43,16 +42,16 @@ def completion_mag(night: "Night", tname: str) -> float:
     it. Before the first age fit there is no such magnitude and only the frame
     count and offsets are judged.
     """
-    completion = night.settings.completion
+    completion = settings.completion
     if completion.snr_at_mag is not None:
         return completion.snr_at_mag
-    age = night.age_cache.get(tname)
+    age = state.age.get(tname)
     if age is not None:
         return float(age.turnoff[1]) + completion.depth_below_turnoff
     return float("nan")
 
 
-def frames_still_needed(session: "FilterSession", settings) -> int:
+def frames_still_needed(session: FilterSession, settings: Settings) -> int:
     """More frames this filter needs to meet the completion criteria (0 when it meets them)."""
     completion = settings.completion
     n = session.n_stacked
@@ -67,8 +66,7 @@ def frames_still_needed(session: "FilterSession", settings) -> int:
     return needed
 
 
-def _warnings(night: "Night", target: "TargetSession", low_disk: bool) -> list[str]:
-    settings = night.settings
+def _warnings(state: NightState, settings: Settings, target: TargetSession, low_disk: bool) -> list[str]:
     notes = []
     colour = settings.cmd.color_filters
     for fname in dict.fromkeys([*colour, *target.filters]):
@@ -81,7 +79,7 @@ def _warnings(night: "Night", target: "TargetSession", low_disk: bool) -> list[s
         history = session.fwhm_history
         if len(history) >= 4 and np.mean(history[-2:]) > 1.25 * np.median(history[:-2]):
             notes.append(f"seeing degrading in {fname}: FWHM {history[-1]:.1f} px vs {np.median(history):.1f}")
-    recent = [r for r in night.records if r.target == target.name and r.kind == "science"][-3:]
+    recent = [r for r in state.records if r.target == target.name and r.kind == Kind.SCIENCE][-3:]
     if recent and all(math.isfinite(r.transparency) and r.transparency < 0.85 for r in recent):
         notes.append("transparency dropping: the last frames are dimmer (cloud?)")
     shifts = [math.hypot(r.dx, r.dy) for r in recent if math.isfinite(r.dx)]
@@ -92,9 +90,10 @@ def _warnings(night: "Night", target: "TargetSession", low_disk: bool) -> list[s
     return notes
 
 
-def target_state(night: "Night", target: "TargetSession", low_disk: bool = False) -> TargetState:
-    settings = night.settings
-    mag = completion_mag(night, target.name)
+def target_state(state: NightState, settings: Settings, target: TargetSession, low_disk: bool = False
+                 ) -> TargetState:
+    """What the dashboard shows of one target: per-filter progress, the diagram, the verdict."""
+    mag = completion_mag(state, settings, target.name)
     statuses = {}
     needed = 0
     for fname, session in target.filters.items():
@@ -122,17 +121,18 @@ def target_state(night: "Night", target: "TargetSession", low_disk: bool = False
         if no_offset:
             parts.append(f"take an offset frame in {', '.join(no_offset)}")
         verdict = "keep going: " + "; ".join(parts) + " to reach the goal"
-    return TargetState(name=target.name, filters=statuses, cmd=night.cmd_cache.get(target.name),
-                       age=night.age_cache.get(target.name), done=done, verdict=verdict,
-                       frames_needed=None if done else needed, warnings=tuple(_warnings(night, target, low_disk)),
+    return TargetState(name=target.name, filters=statuses, cmd=state.cmd.get(target.name),
+                       age=state.age.get(target.name), done=done, verdict=verdict,
+                       frames_needed=None if done else needed,
+                       warnings=tuple(_warnings(state, settings, target, low_disk)),
                        completion_mag=mag)
 
 
-def build_snapshot(night: "Night", queue_length: int = 0) -> Snapshot:
+def build_snapshot(state: NightState, settings: Settings, outdir: Path, queue_length: int = 0) -> Snapshot:
     """The immutable state the dashboard and the headless log read."""
-    low_disk = shutil.disk_usage(night.outdir).free < LOW_DISK_BYTES   # asked once per snapshot
-    targets = {name: target_state(night, t, low_disk) for name, t in night.targets.items()}
+    low_disk = shutil.disk_usage(outdir).free < LOW_DISK_BYTES   # asked once per snapshot
+    targets = {name: target_state(state, settings, t, low_disk) for name, t in state.targets.items()}
     messages = ("disk space low in the output folder",) if low_disk else ()
-    return Snapshot(version=night.version, frames=tuple(night.records), targets=targets,
-                    outdir=str(night.outdir), busy=queue_length > 0, queue_length=queue_length,
+    return Snapshot(version=state.version, frames=tuple(state.records), targets=targets,
+                    outdir=str(outdir), busy=queue_length > 0, queue_length=queue_length,
                     messages=messages)

@@ -1,0 +1,400 @@
+"""The per-frame path as named, timed steps, BANZAI-style.
+
+Each step takes the night's state, the settings and the frame's context and
+returns the context, or raises :class:`FrameRejected` with the reason. A step
+that finishes the frame early (a calibration or an offset frame) sets
+``ctx.done``. :func:`run_frame` times every step through one :func:`timed`
+and stops the frame, never the night, on an exception: the file and the step
+are named in the log and in the frame's reason (``frames.ecsv``).
+
+The steps change the night's state (a new target's grid, the hot-pixel map,
+the stack): they are called only by ``observer.night.Night.process``, on the
+worker thread, under the night's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+from photutils.aperture import CircularAperture
+from scipy.spatial import cKDTree
+
+from observer.config import Settings
+from observer.session import FilterSession, NightState, TargetSession
+from observer.snapshot import preview_of
+from observer.state import CALIBRATION_KINDS, FrameRecord, Kind, Status
+from observer.tagging import TaggingError, Tags, tag_frame
+from reduction.background import SkyModel, offset_sky_shape, sky_model
+from reduction.calibration import apply_calibration, combine_masters
+from reduction.frames import Frame, FrameError, load_frame
+from reduction.hotpixels import find_hot_pixels, repair_pixels
+from reduction.quality import FrameQuality, detect_stars, judge_frame, measure_quality
+from reduction.registration import RegistrationError, Transform, find_transform, warp_to_reference
+from reduction.stacking import StackAccumulator
+
+log = logging.getLogger(__name__)
+
+#: Stars used as the registration pattern and the flux reference.
+REFERENCE_STARS = 300
+#: Unsaturated stars (brightest first) measured for the transparency.
+FLUX_STARS = 150
+#: Aperture radius for the transparency, in units of the frame's own FWHM: scaled with the seeing,
+#: so that the enclosed fraction (and hence the flux ratio) does not change when the seeing does.
+FLUX_APERTURE_FWHM = 2.5
+#: Matching radius (px) between a frame's stars and the flux reference, after registration.
+FLUX_MATCH_RADIUS = 2.0
+
+
+class FrameRejected(Exception):
+    """A frame is not stacked; the message is the reason."""
+
+
+@dataclass
+class FrameContext:
+    """One frame on its way through the steps: what each step found, for the next ones."""
+
+    path: Path
+    record: FrameRecord
+    frame: Frame | None = None
+    tags: Tags | None = None
+    data: np.ndarray | None = None              # the working image (float32, cleaned, then sky-subtracted)
+    saturation: float = float("inf")
+    saturated: np.ndarray | None = None         # raw pixels at or above saturation
+    sky: SkyModel | None = None
+    stars: Table | None = None
+    quality: FrameQuality | None = None
+    target: TargetSession | None = None
+    session: FilterSession | None = None
+    transform: Transform | None = None
+    throughput: float = 1.0
+    warped: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    done: bool = False                          # finished early (calibration, offset)
+
+    @property
+    def science(self) -> bool:
+        return self.tags is not None and self.tags.kind == Kind.SCIENCE
+
+    def star_xy(self) -> np.ndarray:
+        return np.column_stack([np.asarray(self.stars["x"], float), np.asarray(self.stars["y"], float)])
+
+
+Step = Callable[[NightState, Settings, FrameContext], FrameContext]
+
+
+@contextlib.contextmanager
+def timed(name: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[name]`` (the frame log's and the bench's breakdown)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# --------------------------------------------------------------------- the steps
+def load(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """Read the file into float32 and fill the header columns of its record."""
+    ctx.frame = load_frame(ctx.path)
+    facts = ctx.frame.facts
+    ctx.record.date_obs = facts.date_obs.isot if facts.date_obs is not None else ""
+    ctx.record.exptime = float(facts.exptime) if facts.exptime is not None else float("nan")
+    return ctx
+
+
+def tag(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """Kind, target and filter; calibration frames go to the masters and end here."""
+    facts = ctx.frame.facts
+    pointing = (facts.ra_deg, facts.dec_deg) if facts.ra_deg is not None and facts.dec_deg is not None \
+        else None
+    pointings = {name: t.pointing for name, t in state.targets.items() if t.pointing is not None}
+    ctx.tags = tags = tag_frame(ctx.path, facts.imagetyp, facts.object, facts.filter, pointing, settings,
+                                pointings)
+    ctx.record.kind, ctx.record.target, ctx.record.filter = tags.kind, tags.target, tags.filter
+    if tags.kind in CALIBRATION_KINDS:
+        key = tags.kind if tags.kind != Kind.FLAT else f"flat:{tags.filter}"
+        state.calibration_files.setdefault(key, []).append(str(ctx.path))
+        rebuild_masters(state)
+        ctx.record.status, ctx.record.reason = Status.CALIBRATION, f"{tags.kind} frame for the masters"
+        ctx.done = True
+        return ctx
+    if tags.kind == Kind.SCIENCE:
+        _check_science(state, settings, ctx)
+    return ctx
+
+
+def _check_science(state: NightState, settings: Settings, ctx: FrameContext) -> None:
+    """A science frame needs an exposure time and the target's frame shape; note its saturated pixels."""
+    facts = ctx.frame.facts
+    if facts.exptime is None or not facts.exptime > 0:
+        raise FrameRejected("no usable exposure time (EXPTIME/EXPOSURE)")
+    target = state.targets.get(ctx.tags.target)
+    shape = ctx.frame.data.shape
+    if target is not None and shape != target.shape:
+        raise FrameRejected(f"shape {shape[1]}x{shape[0]} does not match the "
+                            f"target's {target.shape[1]}x{target.shape[0]} frames")
+    ctx.target = target
+    red = settings.reduction
+    ctx.saturation = facts.saturate if facts.saturate else red.saturation_adu
+    ctx.saturated = ctx.frame.data >= min(ctx.saturation, red.saturation_adu)
+
+
+def calibrate(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """Bias, dark and flat, when the night has masters for this filter (or bias/dark only)."""
+    masters = state.masters.get(ctx.tags.filter) or state.masters.get("")
+    frame = ctx.frame
+    ctx.data = frame.data if masters is None else apply_calibration(frame.data, frame.facts.exptime or 0.0, masters)
+    return ctx
+
+
+def hotpixels(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """This frame's spikes and the camera's persistent map, repaired from their neighbours."""
+    red = settings.reduction
+    spikes = find_hot_pixels(ctx.data, sigma=red.hot_pixel_sigma, box=red.hot_pixel_box,
+                             gain=ctx.frame.facts.gain or settings.camera.gain)
+    hot_map = state.hot_map(ctx.data.shape)
+    hot_map.update(spikes)
+    ctx.data = repair_pixels(ctx.data, spikes | hot_map.mask)
+    return ctx
+
+
+def sky(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """An offset frame gives the sky's shape (and ends here); a science frame loses its sky."""
+    red = settings.reduction
+    key = (ctx.tags.target, ctx.tags.filter)
+    target = state.targets.get(ctx.tags.target)
+    session = target.filters.get(ctx.tags.filter) if target else None
+    if not ctx.science:
+        shape = offset_sky_shape(ctx.data, box=red.background_box, filter_size=red.background_filter)
+        if session is not None:
+            session.offset_shape = shape
+        else:
+            state.pending_offsets[key] = shape
+        ctx.record.status, ctx.record.reason = Status.OFFSET, "sky shape for the background model"
+        ctx.done = True
+        return ctx
+    offset_shape = session.offset_shape if session else state.pending_offsets.get(key)
+    ctx.sky = sky_model(ctx.data, box=red.background_box, filter_size=red.background_filter, shape=offset_shape)
+    ctx.data -= ctx.sky.model
+    ctx.session = session
+    return ctx
+
+
+def detect(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """Stars (the registration pattern and the flux reference) and the frame's quality figures."""
+    red = settings.reduction
+    seeing = ctx.session.baseline_fwhm() if ctx.session else None
+    ctx.stars = detect_stars(ctx.data, ctx.sky.rms, fwhm_guess=seeing or red.fwhm_guess_px, sigma=red.detect_sigma,
+                             max_stars=REFERENCE_STARS, saturation=ctx.saturation, sky=ctx.sky.model)
+    ctx.quality = quality = measure_quality(ctx.data, ctx.sky, ctx.stars)
+    record = ctx.record
+    record.fwhm, record.elongation = quality.fwhm_px, quality.elongation
+    record.sky, record.nstars = quality.sky, quality.nstars
+    scale_arcsec = ctx.frame.facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec
+    if scale_arcsec:
+        record.fwhm_arcsec = quality.fwhm_px * scale_arcsec
+    return ctx
+
+
+def register(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """The transform onto the target's grid; the target's first frame defines that grid."""
+    red = settings.reduction
+    frame_xy, frame_flux = ctx.star_xy(), np.asarray(ctx.stars["flux"], float)
+    if ctx.target is None:
+        if len(frame_xy) < red.registration_min_matches:
+            raise FrameRejected(f"only {len(frame_xy)} star{'s' if len(frame_xy) != 1 else ''}: "
+                                "cannot serve as the target's reference frame")
+        ctx.target = _new_target(state, settings, ctx.tags.target, ctx.frame, frame_xy, frame_flux)
+    target = ctx.target
+    if target.reference_file == str(ctx.frame.path):
+        ctx.transform = Transform.identity()
+    else:
+        try:
+            ctx.transform = find_transform(frame_xy, target.ref_xy, frame_flux=frame_flux,
+                                           ref_flux=target.ref_flux, shape=target.shape,
+                                           min_matches=red.registration_min_matches,
+                                           max_rms=red.registration_max_rms_px)
+        except RegistrationError as exc:
+            raise FrameRejected(f"registration failed: {exc}") from exc
+    t, record = ctx.transform, ctx.record
+    record.dx, record.dy, record.rotation, record.reg_rms = t.dx, t.dy, t.rotation_deg, t.rms_px
+    return ctx
+
+
+def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """Transparency against the filter's flux reference, then seeing, shape and stars against the night."""
+    red, q = settings.reduction, settings.quality
+    ctx.session = session = _filter_session(state, settings, ctx.target, ctx.tags.filter, ctx.frame)
+    quality, facts = ctx.quality, ctx.frame.facts
+    # Saturated stars' fluxes depend on the seeing: they take no part in the transparency.
+    bright = np.flatnonzero(~np.asarray(ctx.stars["saturated"], bool))[:FLUX_STARS]
+    fwhm = quality.fwhm_px if np.isfinite(quality.fwhm_px) else red.fwhm_guess_px
+    xy = ctx.star_xy()[bright]
+    total_flux = np.asarray(CircularAperture(xy, r=FLUX_APERTURE_FWHM * fwhm).do_photometry(ctx.data)[0], float) \
+        if len(xy) else np.empty(0)
+    ctx.throughput = _throughput(session, ctx.transform, xy, total_flux, facts.exptime)
+    ctx.record.transparency = ctx.throughput / max(session.best_throughput, ctx.throughput)
+    scale_arcsec = facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec
+    reason = judge_frame(quality.fwhm_px, quality.elongation, ctx.record.transparency, quality.nstars,
+                         session.baseline_fwhm(), max_fwhm_ratio=q.max_fwhm_ratio,
+                         max_elongation=q.max_elongation, min_transparency=q.min_transparency,
+                         min_stars=q.min_stars,
+                         max_fwhm_px=(q.max_fwhm_arcsec / scale_arcsec) if q.max_fwhm_arcsec and scale_arcsec
+                         else None)
+    session.last_raw_preview = preview_of(ctx.frame.data)
+    if reason:
+        session.n_rejected += 1
+        raise FrameRejected(reason)
+    return ctx
+
+
+def warp(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """Resample the frame onto the target's grid."""
+    ctx.warped, ctx.valid = warp_to_reference(ctx.data, ctx.transform, ctx.target.shape)
+    return ctx
+
+
+def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
+    """Add the frame to its filter's stack, normalised to the stack's unit frame and transparency."""
+    session, facts, sky_fit = ctx.session, ctx.frame.facts, ctx.sky
+    gain = facts.gain or settings.camera.gain or 1.0
+    noise_var = sky_fit.rms ** 2 + np.clip(ctx.warped, 0, None) / gain
+    scale = (session.exptime / facts.exptime) / ctx.throughput
+    weight = 1.0 / (sky_fit.rms ** 2 * scale ** 2)
+    session.accumulator.add(ctx.record.sha256 or str(ctx.frame.path), ctx.warped, noise_var=noise_var,
+                            valid=ctx.valid, scale=scale, weight=weight,
+                            saturated=saturated_on_grid(ctx.saturated, ctx.transform, ctx.target.shape))
+    session.stack_preview = preview_of(session.accumulator.image())
+    session.best_throughput = max(session.best_throughput, ctx.throughput)
+    session.fwhm_history.append(ctx.quality.fwhm_px)
+    session.total_exptime += facts.exptime
+    n = len(session.inputs)
+    session.sky_level = (session.sky_level * n + sky_fit.level) / (n + 1)   # mean sky of the stacked frames
+    session.inputs.append(Path(ctx.frame.path).name)
+    ctx.record.status, ctx.record.reason = Status.STACKED, ""
+    return ctx
+
+
+#: The per-frame path, in order (the names are the frame log's and the bench's step names).
+STEPS: tuple[tuple[str, Step], ...] = (
+    ("load", load), ("tag", tag), ("calibrate", calibrate), ("hotpixels", hotpixels), ("sky", sky),
+    ("detect", detect), ("register", register), ("judge", judge), ("warp", warp), ("accumulate", accumulate))
+
+
+def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "") -> FrameRecord:
+    """Take one file through :data:`STEPS`; never raises: a failure is the record's status and reason."""
+    record = FrameRecord(path=str(path), sha256=sha256)
+    ctx = FrameContext(path=path, record=record)
+    for name, step in STEPS:
+        try:
+            with timed(name, record.step_seconds):
+                ctx = step(state, settings, ctx)
+        except (FrameRejected, FrameError, TaggingError) as exc:
+            record.status, record.reason = Status.REJECTED, str(exc)
+            break
+        except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the night
+            log.exception("%s: step %s failed", path, name)
+            record.status, record.reason = Status.REJECTED, \
+                f"internal error in step {name}: {type(exc).__name__}: {exc}"
+            break
+        if ctx.done:
+            break
+    record.seen_at = time.time()
+    return record
+
+
+# --------------------------------------------------------------------- helpers of the steps
+def rebuild_masters(state: NightState) -> None:
+    """Masters from every calibration file so far (re-read from disk: a handful of files, cheap)."""
+    def stack_of(key: str) -> list[Frame]:
+        return [load_frame(p) for p in state.calibration_files.get(key, [])]
+
+    bias = stack_of("bias")
+    darks = stack_of("dark")
+    filters = {k.split(":", 1)[1] for k in state.calibration_files if k.startswith("flat:")}
+    base = combine_masters(bias=bias, darks=darks, flats=[])
+    state.masters = {"": base}
+    if base.dark_per_s is not None:
+        # Hot pixels are hottest in a dark: they join the camera's persistent map at once.
+        state.hot_map(base.dark_per_s.shape).add_dark(base.dark_per_s)
+    for name in filters:
+        state.masters[name] = combine_masters(bias=bias, darks=darks, flats=stack_of(f"flat:{name}"))
+
+
+def saturated_on_grid(saturated: np.ndarray, transform: Transform, shape: tuple[int, int]) -> np.ndarray:
+    """A frame's saturated pixels carried onto the reference grid (with a 1 px margin for the resampling).
+
+    Saturated pixels are a few thousand at most: mapping their coordinates costs
+    far less than resampling a whole mask plane.
+    """
+    out = np.zeros(shape, bool)
+    ys, xs = np.nonzero(saturated)
+    if ys.size == 0:
+        return out
+    ref = transform.inverse_apply(np.column_stack([xs, ys]).astype(float))
+    rx, ry = np.rint(ref[:, 0]).astype(int), np.rint(ref[:, 1]).astype(int)
+    for oy in (-1, 0, 1):
+        for ox in (-1, 0, 1):
+            x, y = rx + ox, ry + oy
+            ok = (x >= 0) & (y >= 0) & (x < shape[1]) & (y < shape[0])
+            out[y[ok], x[ok]] = True
+    return out
+
+
+def _new_target(state: NightState, settings: Settings, name: str, frame: Frame, xy: np.ndarray,
+                flux: np.ndarray) -> TargetSession:
+    facts = frame.facts
+    pointing = (facts.ra_deg, facts.dec_deg) if facts.ra_deg is not None and facts.dec_deg is not None \
+        else None
+    wcs_header = dict(facts.wcs.to_header()) if facts.wcs is not None else None
+    target = TargetSession(name=name, shape=frame.data.shape, ref_xy=xy, ref_flux=flux, pointing=pointing,
+                           reference_file=str(frame.path), wcs_header=wcs_header,
+                           plate_scale_arcsec=facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec)
+    state.targets[name] = target
+    log.info("target %s: reference grid from %s (%d stars)", name, Path(frame.path).name, len(xy))
+    return target
+
+
+def _filter_session(state: NightState, settings: Settings, target: TargetSession, name: str,
+                    frame: Frame) -> FilterSession:
+    session = target.filters.get(name)
+    if session is None:
+        red, facts = settings.reduction, frame.facts
+        session = FilterSession(name=name, accumulator=StackAccumulator(target.shape,
+                                                                         reject_sigma=red.stack_reject_sigma),
+                                exptime=float(facts.exptime), gain=facts.gain or settings.camera.gain or 1.0,
+                                read_noise=facts.read_noise or settings.camera.read_noise or 0.0,
+                                offset_shape=state.pending_offsets.pop((target.name, name), None))
+        target.filters[name] = session
+    return session
+
+
+def _throughput(session: FilterSession, transform: Transform, xy: np.ndarray, flux: np.ndarray,
+                exptime: float) -> float:
+    """This frame's star fluxes per second relative to the filter's flux reference (the first frame).
+
+    The first stacked frame of a filter defines the reference (throughput 1);
+    a thin-cloud frame comes out below 1, and the stack divides by it so
+    clouds do not dim the stars.
+    """
+    ref_grid = transform.inverse_apply(xy)
+    per_second = flux / exptime
+    if session.ref_xy is None:
+        bright = np.argsort(per_second)[::-1][:REFERENCE_STARS]
+        session.ref_xy, session.ref_flux = ref_grid[bright], per_second[bright]
+        return 1.0
+    dist, idx = cKDTree(session.ref_xy).query(ref_grid, distance_upper_bound=FLUX_MATCH_RADIUS)
+    ok = np.isfinite(dist) & (per_second > 0)
+    if ok.sum() < 3:
+        raise FrameRejected(f"only {int(ok.sum())} stars match the filter's flux reference: no transparency")
+    ratios = per_second[ok] / session.ref_flux[idx[ok]]
+    # The brightest matched stars carry the transparency; faint ones only add noise.
+    order = np.argsort(session.ref_flux[idx[ok]])[::-1][:50]
+    return float(np.median(ratios[order]))

@@ -1,0 +1,164 @@
+"""Measuring a target: its stacks in, an immutable result out (catalogue, diagram, depth, age).
+
+Measurement takes seconds (the age fit more) and runs off the worker thread
+live, so it must not touch the night's state: :func:`measurement_request`
+copies what it needs under the night's lock, :func:`measure_target` and
+:func:`fit_target_age` are pure functions of that copy and the settings, and
+the night applies their results under its lock (``Night.apply_measurement``,
+``Night.apply_age``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from observer.config import Settings
+from observer.session import FilterSession, TargetSession
+from observer.state import AgeEstimate
+from reduction.catalog import build_catalog
+from reduction.cmd import CmdData, cmd_data
+from reduction.photometry import FLAG_BLENDED, FLAG_SATURATED, StackProduct, limiting_magnitude, snr_at
+
+log = logging.getLogger(__name__)
+
+#: Below this many stars with both filters the isochrone fit is not attempted.
+MIN_STARS_FOR_AGE = 30
+
+
+class AgeUnavailable(Exception):
+    """No age can be fitted; the message says why (logged once and written to age.json)."""
+
+
+@dataclass(frozen=True)
+class MeasureRequest:
+    """Copies of one target's stacks, taken at night version ``version``."""
+
+    target: str
+    stacks: dict[str, StackProduct]
+    completion_mag: float          # where the SNR is judged (nan: not known yet)
+    version: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What measuring a target's stacks found; the night applies it."""
+
+    target: str
+    catalog: Table | None          # None without both filters of the colour
+    cmd: CmdData | None
+    limiting_mag: dict[str, float]
+    snr_at_mag: dict[str, float]
+
+
+@dataclass(frozen=True)
+class AgeResult:
+    """The age fit: what the dashboard shows and what age.json holds."""
+
+    target: str
+    estimate: AgeEstimate
+    record: dict
+
+
+def stack_image(session: FilterSession) -> np.ndarray:
+    """The stack in ADU per frame of the best transparency (float32, a fresh array).
+
+    The accumulator holds frames normalised to the filter's first frame; the
+    best frame seen may be more transparent than that one (a thin cloud over
+    the first frame), so the products are scaled to the best frame.
+    """
+    image = session.accumulator.image()
+    return np.multiply(image, session.best_throughput, out=image, dtype=np.float32, casting="unsafe")
+
+
+def stack_variance(session: FilterSession) -> np.ndarray:
+    """Per-pixel variance of :func:`stack_image` (same scaling, squared)."""
+    variance = session.accumulator.variance()
+    return np.multiply(variance, session.best_throughput ** 2, out=variance, dtype=np.float32, casting="unsafe")
+
+
+def target_wcs(target: TargetSession) -> WCS | None:
+    """The reference frame's celestial WCS, when it had one."""
+    return WCS(fits.Header(target.wcs_header)) if target.wcs_header else None
+
+
+def stack_product(target: TargetSession, session: FilterSession, settings: Settings) -> StackProduct:
+    """What the photometry needs of one filter's stack (units: ADU per frame of ``exptime``); fresh copies."""
+    return StackProduct(filter=session.name, image=stack_image(session), nframes=session.accumulator.nframes(),
+                        variance=stack_variance(session), saturated=session.accumulator.saturated(),
+                        exptime=session.exptime, gain=session.gain, read_noise=session.read_noise,
+                        n_combine=session.n_stacked,
+                        fwhm_px=session.baseline_fwhm() or settings.reduction.fwhm_guess_px,
+                        zeropoint=settings.filters.zeropoint(session.name), sky_level=session.sky_level,
+                        wcs=target_wcs(target))
+
+
+def measurement_request(target: TargetSession, settings: Settings, completion_mag: float,
+                        version: int) -> MeasureRequest:
+    """Copies of a target's stacks for measuring on another thread (call under the night's lock)."""
+    stacks = {f: stack_product(target, s, settings) for f, s in target.filters.items() if s.n_stacked > 0}
+    return MeasureRequest(target=target.name, stacks=stacks, completion_mag=completion_mag, version=version)
+
+
+def measure_target(request: MeasureRequest, settings: Settings) -> Measurement:
+    """Catalogue, CMD, depth and SNR of one target from its stacks (pure)."""
+    color = settings.cmd.color_filters
+    phot = settings.photometry
+    stacks = request.stacks
+    catalog, cmd = None, None
+    apcorr: dict[str, float] = {}
+    if all(f in stacks for f in color):
+        catalog = build_catalog(stacks, color=color, detect_sigma=phot.detect_sigma,
+                                aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
+                                min_coverage=phot.min_coverage)
+        apcorr = dict(catalog.meta["aperture_correction"])
+        cmd = cmd_data(catalog, color=color, magnitude=settings.cmd.magnitude)
+    # Depth and SNR of every stack (aperture-corrected once a catalogue has measured the correction).
+    annulus = tuple(phot.annulus_fwhm)
+    limits = {f: float(limiting_magnitude(p, aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=annulus,
+                                          aperture_correction=apcorr.get(f, 1.0))) for f, p in stacks.items()}
+    completion = request.completion_mag
+    snr = {f: float(snr_at(p, completion, aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=annulus,
+                           aperture_correction=apcorr.get(f, 1.0))) if np.isfinite(completion) else float("nan")
+           for f, p in stacks.items()}
+    return Measurement(target=request.target, catalog=catalog, cmd=cmd, limiting_mag=limits, snr_at_mag=snr)
+
+
+def fit_target_age(target: str, catalog: Table, settings: Settings) -> AgeResult:
+    """Fit the cluster's age to the catalogue (pure); :class:`AgeUnavailable` says why when it cannot."""
+    from reduction.age import fit_age   # the isochrone grid is heavy: loaded when the first fit is due
+
+    first, second = settings.cmd.color_filters
+    mag_filter = settings.cmd.magnitude
+    color = np.asarray(catalog["color"], float)
+    mag = np.asarray(catalog[f"mag_{mag_filter}"], float)
+    color_err = np.hypot(np.asarray(catalog[f"magerr_{first}"], float),
+                         np.asarray(catalog[f"magerr_{second}"], float))
+    mag_err = np.asarray(catalog[f"magerr_{mag_filter}"], float)
+    flags = np.asarray(catalog["flags"])
+    usable = np.isfinite(color) & np.isfinite(mag) & (flags & (FLAG_SATURATED | FLAG_BLENDED) == 0)
+    if usable.sum() < MIN_STARS_FOR_AGE:
+        raise AgeUnavailable(f"{int(usable.sum())} usable stars, too few for an age fit "
+                             f"(at least {MIN_STARS_FOR_AGE} unsaturated, unblended stars with both filters)")
+    bands = (settings.filters.bands.get(first, "B"), settings.filters.bands.get(second, "V"))
+    age = settings.age
+    try:
+        fit = fit_age(color, mag, color_err, mag_err, usable, bands=bands, mh=age.metallicity,
+                      fit_mh=age.fit_metallicity, distance_modulus=age.distance_modulus, ebv=age.ebv,
+                      calibrated=age.calibrated_zeropoints, bootstrap=age.bootstrap,
+                      rng=np.random.default_rng(0),
+                      # Members crowd towards the cluster's centre, field stars do not: positions weigh in.
+                      x=np.asarray(catalog["x"], float), y=np.asarray(catalog["y"], float))
+    except ValueError as exc:       # the fit's own "cannot": too few stars in its magnitude window, ...
+        raise AgeUnavailable(str(exc)) from exc
+    estimate = AgeEstimate(
+        log_age=fit.log_age, log_age_low=fit.log_age_low, log_age_high=fit.log_age_high, age_myr=fit.age_myr,
+        distance_modulus=fit.distance_modulus, ebv=fit.ebv, n_stars=fit.n_stars,
+        isochrone_color=np.asarray(fit.iso_color), isochrone_mag=np.asarray(fit.iso_mag),
+        turnoff=tuple(fit.turnoff))
+    return AgeResult(target=target, estimate=estimate, record=fit.to_json())

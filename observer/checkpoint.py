@@ -22,15 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from observer.session import FilterSession, NightState, TargetSession
+from observer.session import ExposureGroup, FilterSession, NightState, TargetSession
 from observer.state import FrameRecord, Status
 from reduction.hotpixels import HotPixelMap
 from reduction.stacking import StackAccumulator
 
 log = logging.getLogger(__name__)
 
-_FILTER_SCALARS = ("exptime", "gain", "read_noise", "sky_level", "best_throughput", "fwhm_history",
-                   "n_rejected", "total_exptime", "limiting_mag_history", "snr_at_mag", "inputs")
+_FILTER_SCALARS = ("fwhm_history", "n_rejected", "limiting_mag_history", "snr_at_mag", "saturation_mag")
+_GROUP_SCALARS = ("exptime", "gain", "read_noise", "sky_level", "best_throughput", "total_exptime", "inputs")
+_GROUP_ARRAYS = ("ref_xy", "ref_flux", "stack_preview")
+_FILTER_ARRAYS = ("offset_shape", "last_raw_preview")
 
 
 def _safe(name: str) -> str:
@@ -44,7 +46,7 @@ def changed_files(record: FrameRecord) -> set[str]:
     key = f"{_safe(record.target)}__{_safe(record.filter)}"
     changed = {f"target__{_safe(record.target)}.npz", f"filter__{key}.npz", f"pending__{key}.npz"}
     if record.status == Status.STACKED:
-        changed.add(f"acc__{key}.npz")
+        changed |= {f"acc__{key}__{_safe(record.group)}.npz", f"group__{key}__{_safe(record.group)}.npz"}
     return changed
 
 
@@ -101,12 +103,13 @@ def save(state: NightState, outdir: Path, dirty: set[str]) -> None:
             key = f"{_safe(tname)}__{_safe(fname)}"
             fmeta = {k: getattr(session, k) for k in _FILTER_SCALARS}
             fmeta["has_offset"] = session.offset_shape is not None
+            fmeta["groups"] = [{k: getattr(g, k) for k in _GROUP_SCALARS} for g in session.groups]
             tmeta["filters"][fname] = fmeta
-            put(f"acc__{key}.npz", session.accumulator.state)
-            put(f"filter__{key}.npz", lambda s=session: {
-                k: v for k, v in (("ref_xy", s.ref_xy), ("ref_flux", s.ref_flux), ("offset_shape", s.offset_shape),
-                                  ("last_raw_preview", s.last_raw_preview),
-                                  ("stack_preview", s.stack_preview)) if v is not None})
+            put(f"filter__{key}.npz", lambda s=session: _arrays(s, _FILTER_ARRAYS))
+            for group in session.groups:
+                gkey = f"{key}__{_safe(group.label)}"
+                put(f"acc__{gkey}.npz", group.accumulator.state)
+                put(f"group__{gkey}.npz", lambda g=group: _arrays(g, _GROUP_ARRAYS))
         meta["targets"][tname] = tmeta
     for (tname, fname), shape in state.pending_offsets.items():
         put(f"pending__{_safe(tname)}__{_safe(fname)}.npz", lambda s=shape: {"shape": s})
@@ -159,13 +162,15 @@ def load(outdir: Path) -> NightState | None:
                                plate_scale_arcsec=tmeta["plate_scale_arcsec"])
         for fname, fmeta in tmeta["filters"].items():
             key = f"{_safe(tname)}__{_safe(fname)}"
-            with np.load(current / f"acc__{key}.npz") as npz:
-                acc = StackAccumulator.from_state(npz)
-            session = FilterSession(name=fname, accumulator=acc,
-                                    **{k: fmeta[k] for k in _FILTER_SCALARS})
-            with np.load(current / f"filter__{key}.npz") as npz:
-                for k in ("ref_xy", "ref_flux", "offset_shape", "last_raw_preview", "stack_preview"):
-                    setattr(session, k, npz[k] if k in npz else None)
+            session = FilterSession(name=fname, **{k: fmeta[k] for k in _FILTER_SCALARS})
+            _load_arrays(session, current / f"filter__{key}.npz", _FILTER_ARRAYS)
+            for gmeta in fmeta["groups"]:
+                group = ExposureGroup(accumulator=None, **{k: gmeta[k] for k in _GROUP_SCALARS})
+                gkey = f"{key}__{_safe(group.label)}"
+                with np.load(current / f"acc__{gkey}.npz") as npz:
+                    group.accumulator = StackAccumulator.from_state(npz)
+                _load_arrays(group, current / f"group__{gkey}.npz", _GROUP_ARRAYS)
+                session.add_group(group)
             target.filters[fname] = session
         state.targets[tname] = target
     for tname, fname in meta["pending_offsets"]:
@@ -176,6 +181,17 @@ def load(outdir: Path) -> NightState | None:
             state.hot_maps[tuple(shape)] = HotPixelMap.from_state(dict(npz))
     log.info("resumed from %s: %d files already taken", current, len(state.records))
     return state
+
+
+def _arrays(obj: object, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named array attributes of ``obj`` that are set (None is not saved)."""
+    return {k: getattr(obj, k) for k in names if getattr(obj, k) is not None}
+
+
+def _load_arrays(obj: object, path: Path, names: tuple[str, ...]) -> None:
+    with np.load(path) as npz:
+        for k in names:
+            setattr(obj, k, npz[k] if k in npz else None)
 
 
 def _json_default(value):

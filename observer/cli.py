@@ -17,6 +17,21 @@ from observer.config import ConfigError, Settings, load_settings
 log = logging.getLogger("observer")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+#: Short frames of the default simulated night: the turn-off of the default cluster (M35, V ~ 10-11)
+#: saturates in its 30-60 s frames (V < 14.3), and 1 s keeps it below saturation with a margin.
+DEFAULT_SHORT = "3:1"
+
+
+def parse_short(text: str) -> tuple[int, float]:
+    """``K:SECONDS`` -> (K, SECONDS); ConfigError naming the option otherwise."""
+    try:
+        count, seconds = text.split(":")
+        k, t = int(count), float(seconds)
+    except ValueError:
+        raise ConfigError(f"option '--short': expected K:SECONDS (e.g. 3:1), got {text!r}") from None
+    if k < 0 or (k > 0 and not t > 0):
+        raise ConfigError(f"option '--short': expected K >= 0 and SECONDS > 0, got {text!r}")
+    return k, t if t > 0 else 1.0
 
 
 def _version() -> str:
@@ -48,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--target", default="M35")
     sim.add_argument("--filters", default="blue,green", help="comma-separated filter names")
     sim.add_argument("--frames", type=int, default=10, help="science frames per filter")
+    sim.add_argument("--short", default=DEFAULT_SHORT, metavar="K:SECONDS",
+                     help=f"K short frames of SECONDS per filter after the long ones, for the bright stars "
+                          f"(default {DEFAULT_SHORT}; 0:0 for none)")
     sim.add_argument("--size", type=int, default=2048, help="frame side in pixels")
     sim.add_argument("--cadence", type=float, default=0.0, help="seconds between files (0: at once)")
     sim.add_argument("--seed", type=int, default=1)
@@ -98,7 +116,9 @@ def _run_simulate(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("option '--filters': expected a comma-separated list of filter names")
     if args.frames < 1 or args.size < 64 or args.cadence < 0:
         raise ConfigError("options: expected --frames >= 1, --size >= 64 and --cadence >= 0")
+    short_frames, short_exptime = parse_short(args.short)
     sim = SimSettings(target=args.target, filters=filters, frames=args.frames, size=args.size,
+                      short_frames=short_frames, short_exptime=short_exptime,
                       cadence=args.cadence, seed=args.seed, age_myr=args.age_myr,
                       calibration=args.calibration,
                       zeropoints={f: settings.filters.zeropoint(settings.filters.normalise(f) or f)

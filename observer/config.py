@@ -123,6 +123,7 @@ class ReductionSettings:
     registration_min_matches: int = field(default=6, metadata=_check(lambda v: v >= 3, "an integer >= 3"))
     stack_reject_sigma: float = _num(5.0)
     saturation_adu: float = _num(60000.0)
+    exposure_group_factor: float = _num(3.0, check=lambda v: v > 1, expected="a number > 1 (ratio of exposure times)")
 
 
 @dataclass
@@ -134,6 +135,7 @@ class PhotometrySettings:
         lambda v: len(v) == 2 and 0 < v[0] < v[1], "[inner, outer] with 0 < inner < outer (in FWHM)"))
     detect_sigma: float = _num(5.0)
     min_coverage: float = field(default=0.5, metadata=_check(_fraction, "a fraction in (0, 1]"))
+    nonlinear_fraction: float = field(default=0.8, metadata=_check(_fraction, "a fraction in (0, 1]"))
 
 
 @dataclass
@@ -157,6 +159,10 @@ class CompletionSettings:
     depth_below_turnoff: float = _num(5.0, expected="a number > 0 (magnitudes below the turn-off)")
     limiting_mag: float | None = None
     require_offset: bool = True
+    require_turnoff: bool = True
+    turnoff_saturated_fraction: float = field(default=0.2, metadata=_check(_fraction, "a fraction in (0, 1]"))
+    short_margin_mag: float = _num(1.0, check=_non_negative, expected="a number >= 0 (magnitudes)")
+    min_short_frames: int = field(default=3, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
 
 
 @dataclass

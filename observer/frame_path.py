@@ -27,7 +27,7 @@ from photutils.aperture import CircularAperture
 from scipy.spatial import cKDTree
 
 from observer.config import Settings
-from observer.session import FilterSession, NightState, TargetSession
+from observer.session import ExposureGroup, FilterSession, NightState, TargetSession
 from observer.snapshot import preview_of
 from observer.state import CALIBRATION_KINDS, FrameRecord, Kind, Status
 from observer.tagging import TaggingError, Tags, tag_frame
@@ -72,6 +72,7 @@ class FrameContext:
     quality: FrameQuality | None = None
     target: TargetSession | None = None
     session: FilterSession | None = None
+    group: ExposureGroup | None = None
     transform: Transform | None = None
     throughput: float = 1.0
     warped: np.ndarray | None = None
@@ -231,7 +232,9 @@ def register(state: NightState, settings: Settings, ctx: FrameContext) -> FrameC
 def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
     """Transparency against the filter's flux reference, then seeing, shape and stars against the night."""
     red, q = settings.reduction, settings.quality
-    ctx.session = session = _filter_session(state, settings, ctx.target, ctx.tags.filter, ctx.frame)
+    ctx.session = session = _filter_session(state, ctx.target, ctx.tags.filter)
+    ctx.group = group = _exposure_group(settings, ctx.target, session, ctx.frame)
+    ctx.record.group = group.label
     quality, facts = ctx.quality, ctx.frame.facts
     # Saturated stars' fluxes depend on the seeing: they take no part in the transparency.
     bright = np.flatnonzero(~np.asarray(ctx.stars["saturated"], bool))[:FLUX_STARS]
@@ -239,8 +242,8 @@ def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCont
     xy = ctx.star_xy()[bright]
     total_flux = np.asarray(CircularAperture(xy, r=FLUX_APERTURE_FWHM * fwhm).do_photometry(ctx.data)[0], float) \
         if len(xy) else np.empty(0)
-    ctx.throughput = _throughput(session, ctx.transform, xy, total_flux, facts.exptime)
-    ctx.record.transparency = ctx.throughput / max(session.best_throughput, ctx.throughput)
+    ctx.throughput = _throughput(group, ctx.transform, xy, total_flux, facts.exptime)
+    ctx.record.transparency = ctx.throughput / max(group.best_throughput, ctx.throughput)
     scale_arcsec = facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec
     reason = judge_frame(quality.fwhm_px, quality.elongation, ctx.record.transparency, quality.nstars,
                          session.baseline_fwhm(), max_fwhm_ratio=q.max_fwhm_ratio,
@@ -262,22 +265,22 @@ def warp(state: NightState, settings: Settings, ctx: FrameContext) -> FrameConte
 
 
 def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """Add the frame to its filter's stack, normalised to the stack's unit frame and transparency."""
-    session, facts, sky_fit = ctx.session, ctx.frame.facts, ctx.sky
+    """Add the frame to its exposure group's stack, normalised to the group's unit frame and transparency."""
+    group, facts, sky_fit = ctx.group, ctx.frame.facts, ctx.sky
     gain = facts.gain or settings.camera.gain or 1.0
     noise_var = sky_fit.rms ** 2 + np.clip(ctx.warped, 0, None) / gain
-    scale = (session.exptime / facts.exptime) / ctx.throughput
+    scale = (group.exptime / facts.exptime) / ctx.throughput
     weight = 1.0 / (sky_fit.rms ** 2 * scale ** 2)
-    session.accumulator.add(ctx.record.sha256 or str(ctx.frame.path), ctx.warped, noise_var=noise_var,
-                            valid=ctx.valid, scale=scale, weight=weight,
-                            saturated=saturated_on_grid(ctx.saturated, ctx.transform, ctx.target.shape))
-    session.stack_preview = preview_of(session.accumulator.image())
-    session.best_throughput = max(session.best_throughput, ctx.throughput)
-    session.fwhm_history.append(ctx.quality.fwhm_px)
-    session.total_exptime += facts.exptime
-    n = len(session.inputs)
-    session.sky_level = (session.sky_level * n + sky_fit.level) / (n + 1)   # mean sky of the stacked frames
-    session.inputs.append(Path(ctx.frame.path).name)
+    group.accumulator.add(ctx.record.sha256 or str(ctx.frame.path), ctx.warped, noise_var=noise_var,
+                          valid=ctx.valid, scale=scale, weight=weight,
+                          saturated=saturated_on_grid(ctx.saturated, ctx.transform, ctx.target.shape))
+    group.stack_preview = preview_of(group.accumulator.image())
+    group.best_throughput = max(group.best_throughput, ctx.throughput)
+    ctx.session.fwhm_history.append(ctx.quality.fwhm_px)
+    group.total_exptime += facts.exptime
+    n = len(group.inputs)
+    group.sky_level = (group.sky_level * n + sky_fit.level) / (n + 1)   # mean sky of the stacked frames
+    group.inputs.append(Path(ctx.frame.path).name)
     ctx.record.status, ctx.record.reason = Status.STACKED, ""
     return ctx
 
@@ -362,25 +365,35 @@ def _new_target(state: NightState, settings: Settings, name: str, frame: Frame, 
     return target
 
 
-def _filter_session(state: NightState, settings: Settings, target: TargetSession, name: str,
-                    frame: Frame) -> FilterSession:
+def _filter_session(state: NightState, target: TargetSession, name: str) -> FilterSession:
     session = target.filters.get(name)
     if session is None:
-        red, facts = settings.reduction, frame.facts
-        session = FilterSession(name=name, accumulator=StackAccumulator(target.shape,
-                                                                         reject_sigma=red.stack_reject_sigma),
-                                exptime=float(facts.exptime), gain=facts.gain or settings.camera.gain or 1.0,
-                                read_noise=facts.read_noise or settings.camera.read_noise or 0.0,
-                                offset_shape=state.pending_offsets.pop((target.name, name), None))
+        session = FilterSession(name=name, offset_shape=state.pending_offsets.pop((target.name, name), None))
         target.filters[name] = session
     return session
 
 
-def _throughput(session: FilterSession, transform: Transform, xy: np.ndarray, flux: np.ndarray,
-                exptime: float) -> float:
-    """This frame's star fluxes per second relative to the filter's flux reference (the first frame).
+def _exposure_group(settings: Settings, target: TargetSession, session: FilterSession,
+                    frame: Frame) -> ExposureGroup:
+    """The frame's exposure group: one within ``reduction.exposure_group_factor`` of its EXPTIME, or a new one."""
+    red, facts = settings.reduction, frame.facts
+    group = session.group_for(float(facts.exptime), red.exposure_group_factor)
+    if group is None:
+        group = session.add_group(ExposureGroup(
+            exptime=float(facts.exptime), accumulator=StackAccumulator(target.shape, reject_sigma=red.stack_reject_sigma),
+            gain=facts.gain or settings.camera.gain or 1.0,
+            read_noise=facts.read_noise or settings.camera.read_noise or 0.0))
+        if len(session.groups) > 1:
+            log.info("%s %s: exposure group %s (frames of %s)", target.name, session.name, group.label,
+                     ", ".join(g.label for g in session.groups))
+    return group
 
-    The first stacked frame of a filter defines the reference (throughput 1);
+
+def _throughput(session: ExposureGroup, transform: Transform, xy: np.ndarray, flux: np.ndarray,
+                exptime: float) -> float:
+    """This frame's star fluxes per second relative to its group's flux reference (the first frame).
+
+    The first stacked frame of a group defines the reference (throughput 1);
     a thin-cloud frame comes out below 1, and the stack divides by it so
     clouds do not dim the stars.
     """

@@ -11,7 +11,7 @@ the night applies their results under its lock (``Night.apply_measurement``,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.io import fits
@@ -19,9 +19,10 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from observer.config import Settings
-from observer.session import FilterSession, TargetSession
+from observer.session import ExposureGroup, FilterSession, TargetSession
 from observer.state import AgeEstimate
 from reduction.catalog import build_catalog
+from reduction.exposure_groups import merge_exposure_groups, saturation_magnitude
 from reduction.cmd import CmdData, cmd_data
 from reduction.photometry import FLAG_BLENDED, FLAG_SATURATED, StackProduct, limiting_magnitude, snr_at
 
@@ -40,9 +41,10 @@ class MeasureRequest:
     """Copies of one target's stacks, taken at night version ``version``."""
 
     target: str
-    stacks: dict[str, StackProduct]
+    stacks: dict[str, StackProduct]              # each filter's longest exposure group
     completion_mag: float          # where the SNR is judged (nan: not known yet)
     version: int
+    groups: dict[str, list[StackProduct]] = field(default_factory=dict)   # every group, longest first
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Measurement:
     cmd: CmdData | None
     limiting_mag: dict[str, float]
     snr_at_mag: dict[str, float]
+    saturation_mag: dict[str, dict[str, float]] = field(default_factory=dict)   # filter -> group label -> mag
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class AgeResult:
     record: dict
 
 
-def stack_image(session: FilterSession) -> np.ndarray:
+def stack_image(session: ExposureGroup) -> np.ndarray:
     """The stack in ADU per frame of the best transparency (float32, a fresh array).
 
     The accumulator holds frames normalised to the filter's first frame; the
@@ -76,7 +79,7 @@ def stack_image(session: FilterSession) -> np.ndarray:
     return np.multiply(image, session.best_throughput, out=image, dtype=np.float32, casting="unsafe")
 
 
-def stack_variance(session: FilterSession) -> np.ndarray:
+def stack_variance(session: ExposureGroup) -> np.ndarray:
     """Per-pixel variance of :func:`stack_image` (same scaling, squared)."""
     variance = session.accumulator.variance()
     return np.multiply(variance, session.best_throughput ** 2, out=variance, dtype=np.float32, casting="unsafe")
@@ -87,22 +90,26 @@ def target_wcs(target: TargetSession) -> WCS | None:
     return WCS(fits.Header(target.wcs_header)) if target.wcs_header else None
 
 
-def stack_product(target: TargetSession, session: FilterSession, settings: Settings) -> StackProduct:
-    """What the photometry needs of one filter's stack (units: ADU per frame of ``exptime``); fresh copies."""
-    return StackProduct(filter=session.name, image=stack_image(session), nframes=session.accumulator.nframes(),
-                        variance=stack_variance(session), saturated=session.accumulator.saturated(),
-                        exptime=session.exptime, gain=session.gain, read_noise=session.read_noise,
-                        n_combine=session.n_stacked,
+def stack_product(target: TargetSession, session: FilterSession, group: ExposureGroup,
+                  settings: Settings) -> StackProduct:
+    """What the photometry needs of one group's stack (units: ADU per frame of ``exptime``); fresh copies."""
+    return StackProduct(filter=session.name, image=stack_image(group), nframes=group.accumulator.nframes(),
+                        variance=stack_variance(group), saturated=group.accumulator.saturated(),
+                        exptime=group.exptime, gain=group.gain, read_noise=group.read_noise,
+                        n_combine=group.n_stacked,
                         fwhm_px=session.baseline_fwhm() or settings.reduction.fwhm_guess_px,
-                        zeropoint=settings.filters.zeropoint(session.name), sky_level=session.sky_level,
+                        zeropoint=settings.filters.zeropoint(session.name), sky_level=group.sky_level,
                         wcs=target_wcs(target))
 
 
 def measurement_request(target: TargetSession, settings: Settings, completion_mag: float,
                         version: int) -> MeasureRequest:
     """Copies of a target's stacks for measuring on another thread (call under the night's lock)."""
-    stacks = {f: stack_product(target, s, settings) for f, s in target.filters.items() if s.n_stacked > 0}
-    return MeasureRequest(target=target.name, stacks=stacks, completion_mag=completion_mag, version=version)
+    groups = {f: [stack_product(target, s, g, settings) for g in s.groups if g.n_stacked]
+              for f, s in target.filters.items() if s.n_stacked > 0}
+    return MeasureRequest(target=target.name, stacks={f: g[0] for f, g in groups.items()},
+                          completion_mag=completion_mag, version=version,
+                          groups={f: g for f, g in groups.items() if len(g) > 1})
 
 
 def measure_target(request: MeasureRequest, settings: Settings) -> Measurement:
@@ -117,6 +124,12 @@ def measure_target(request: MeasureRequest, settings: Settings) -> Measurement:
                                 aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
                                 min_coverage=phot.min_coverage)
         apcorr = dict(catalog.meta["aperture_correction"])
+        if request.groups:
+            catalog = merge_exposure_groups(
+                catalog, {f: request.groups.get(f, [s]) for f, s in stacks.items()}, color=color,
+                saturation_adu=settings.reduction.saturation_adu, nonlinear_fraction=phot.nonlinear_fraction,
+                aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
+                min_coverage=phot.min_coverage, detect_sigma=phot.detect_sigma)
         cmd = cmd_data(catalog, color=color, magnitude=settings.cmd.magnitude)
     # Depth and SNR of every stack (aperture-corrected once a catalogue has measured the correction).
     annulus = tuple(phot.annulus_fwhm)
@@ -126,7 +139,11 @@ def measure_target(request: MeasureRequest, settings: Settings) -> Measurement:
     snr = {f: float(snr_at(p, completion, aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=annulus,
                            aperture_correction=apcorr.get(f, 1.0))) if np.isfinite(completion) else float("nan")
            for f, p in stacks.items()}
-    return Measurement(target=request.target, catalog=catalog, cmd=cmd, limiting_mag=limits, snr_at_mag=snr)
+    saturation = {f: {f"{p.exptime:g}s": saturation_magnitude(p, catalog, settings.reduction.saturation_adu)
+                      for p in request.groups.get(f, [stack])} for f, stack in stacks.items()} \
+        if catalog is not None else {}
+    return Measurement(target=request.target, catalog=catalog, cmd=cmd, limiting_mag=limits, snr_at_mag=snr,
+                       saturation_mag=saturation)
 
 
 def fit_target_age(target: str, catalog: Table, settings: Settings) -> AgeResult:
@@ -161,4 +178,21 @@ def fit_target_age(target: str, catalog: Table, settings: Settings) -> AgeResult
         distance_modulus=fit.distance_modulus, ebv=fit.ebv, n_stars=fit.n_stars,
         isochrone_color=np.asarray(fit.iso_color), isochrone_mag=np.asarray(fit.iso_mag),
         turnoff=tuple(fit.turnoff))
-    return AgeResult(target=target, estimate=estimate, record=fit.to_json())
+    record = fit.to_json()
+    record["exposure_groups"] = groups_used(catalog, usable, settings)
+    return AgeResult(target=target, estimate=estimate, record=record)
+
+
+def groups_used(catalog: Table, usable: np.ndarray, settings: Settings) -> list[dict]:
+    """Which exposure groups gave the magnitudes of the stars the fit could use, and over what range."""
+    used = []
+    for fname in settings.cmd.color_filters:
+        mags = np.asarray(catalog[f"mag_{fname}"], float)
+        exptimes = np.asarray(catalog[f"exptime_{fname}"], float) if f"exptime_{fname}" in catalog.colnames \
+            else np.full(len(catalog), float(catalog.meta.get("exptime", {}).get(fname, np.nan)))
+        for exptime in sorted({float(e) for e in exptimes[usable] if np.isfinite(e)}, reverse=True):
+            sel = usable & (exptimes == exptime) & np.isfinite(mags)
+            if sel.any():
+                used.append({"filter": fname, "exptime": exptime, "n_stars": int(sel.sum()),
+                             "mag_range": [round(float(mags[sel].min()), 3), round(float(mags[sel].max()), 3)]})
+    return used

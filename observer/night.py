@@ -47,13 +47,16 @@ class Night:
         self._snapshot: Snapshot | None = None
         self._snapshot_key: tuple[int, int] | None = None
         self._dirty_state: set[str] = set()                 # state files the next checkpoint must rewrite
-        self._stacks_dirty: set[tuple[str, str]] = set()    # (target, filter) stacks to write as products
+        self._stacks_dirty: set[tuple[str, str, str]] = set()   # (target, filter, group) stacks to write
         self._catalog_dirty: set[str] = set()               # targets whose catalogue and CMD are out of date
         self._told_one_filter: set[str] = set()             # targets already told they have no colour
+        self._status_written: dict[str, dict] = {}          # the last status.json of each target
+        self._written: set[tuple[str, str, str]] = set()    # groups whose stack_<EXPTIME>s.fits exists
         if state is not None:
             if any(state.calibration_files.values()):
                 rebuild_masters(state)
-            self._stacks_dirty.update((t, f) for t, target in state.targets.items() for f in target.filters)
+            self._stacks_dirty.update((t, f, g.label) for t, target in state.targets.items()
+                                      for f, s in target.filters.items() for g in s.groups)
             self._catalog_dirty.update(state.targets)
 
     @classmethod
@@ -103,7 +106,12 @@ class Night:
             if record.status in (Status.STACKED, Status.OFFSET):
                 self._catalog_dirty.add(record.target)
             if record.status == Status.STACKED:
-                self._stacks_dirty.add((record.target, record.filter))
+                groups = self._state.targets[record.target].filters[record.filter].groups
+                if len(groups) > 1:
+                    # A filter's second group renames its stacks: every group gets its stack_<EXPTIME>s.fits.
+                    self._stacks_dirty.update((record.target, record.filter, g.label) for g in groups
+                                              if (record.target, record.filter, g.label) not in self._written)
+                self._stacks_dirty.add((record.target, record.filter, record.group))
             self._dirty_state |= checkpoint.changed_files(record)
             log.info("%s: %s %s %s -> %s %s", path.name, record.kind, record.target, record.filter,
                      record.status, record.reason)
@@ -122,8 +130,10 @@ class Night:
         """frames.ecsv and the stacks that changed since the last call."""
         with self.lock:
             written = [writers.write_frames_table(self.outdir, self._state.records)]
-            for tname, fname in sorted(self._stacks_dirty):
-                written.append(writers.write_stack(self.outdir, self._state.targets[tname], fname, self.settings))
+            for tname, fname, label in sorted(self._stacks_dirty):
+                written += writers.write_stacks(self.outdir, self._state.targets[tname], fname, label, self.settings)
+                if len(self._state.targets[tname].filters[fname].groups) > 1:
+                    self._written.add((tname, fname, label))
             self._stacks_dirty.clear()
             return written
 
@@ -186,6 +196,8 @@ class Night:
                     history.append(limit)
             for fname, snr in result.snr_at_mag.items():
                 target.filters[fname].snr_at_mag = snr
+            for fname, mags in result.saturation_mag.items():
+                target.filters[fname].saturation_mag = dict(mags)
             self._state.version += 1
             return self._state.age.get(result.target)
 
@@ -222,6 +234,18 @@ class Night:
             self._state.age[result.target] = result.estimate
             self._state.version += 1
             return self._state.cmd.get(result.target)
+
+    def write_status(self, snapshot: Snapshot) -> list[Path]:
+        """``<target>/status.json`` for every target whose verdict, reasons or figures changed."""
+        written = []
+        for tname, target in snapshot.targets.items():
+            record = writers.status_record(target)
+            with self.lock:     # two threads publish: the newest record must be the one on disk
+                if self._status_written.get(tname) == record:
+                    continue
+                self._status_written[tname] = record
+                written.append(writers.write_status(self.outdir, record))
+        return written
 
     def save_pngs(self, tname: str) -> list[Path]:
         """Snapshot figures for the observer: every stack of ``tname`` as PNG, and its current CMD."""

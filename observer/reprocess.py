@@ -90,7 +90,7 @@ def process_existing(nightdir: str | Path, outdir: str | Path, settings: Setting
             if progress is not None:
                 progress(done, len(fits_paths), record)
         with service.night.lock:
-            service.write_products(force=True)
+            service.publish(None, service.write_products(force=True))
             service.night.checkpoint()
     finally:
         service.ledger.close()

@@ -141,7 +141,7 @@ class Service:
             self.night.run_measurement, self.night.run_age if settings.age.enabled else None, background=live,
             catalog_throttle=svc.product_throttle_seconds, age_throttle=settings.age.throttle_seconds)
         if live:
-            self.measurements.listeners.append(lambda paths: self._publish(None, paths))
+            self.measurements.listeners.append(lambda paths: self.publish(None, paths))
 
     # ----------------------------------------------------------------- start-up and shutdown
     def _resume_from_ledger(self) -> None:
@@ -307,7 +307,7 @@ class Service:
         if self._products_stale and self.queue_length == 0 and self.tracker.waiting == 0:
             with self.night.lock:
                 products = self.write_products(force=True)
-                self._publish(None, products)
+                self.publish(None, products)
 
     def write_products(self, force: bool) -> list[Path]:
         """Stacks and frames.ecsv; catalogue, CMD and age when forced, or always when measuring in the background.
@@ -328,9 +328,13 @@ class Service:
             self._products_stale = False
         return products
 
-    def _publish(self, record: FrameRecord | None, products: list[Path]) -> None:
+    def publish(self, record: FrameRecord | None, products: list[Path]) -> None:
         started = time.perf_counter()
         snapshot = self.night.snapshot()
+        try:
+            products = products + self.night.write_status(snapshot)
+        except OSError:  # noqa: BLE001 - e.g. disk full: the next change retries
+            log.exception("writing status.json")
         with self._publish_lock:      # the worker and the measuring thread both publish: newest wins
             if snapshot.version >= self._snapshot.version:
                 self._snapshot = snapshot
@@ -375,7 +379,7 @@ class Service:
             step = time.perf_counter()
             products = self.write_products(force=False)
             record.step_seconds["products"] = time.perf_counter() - step
-            self._publish(record, products)
+            self.publish(record, products)
             step = time.perf_counter()
             try:
                 self.night.checkpoint()

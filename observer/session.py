@@ -19,31 +19,84 @@ from reduction.stacking import StackAccumulator
 
 
 @dataclass
-class FilterSession:
-    """One filter of one target: its stack accumulator and what is needed to normalise new frames."""
+class ExposureGroup:
+    """The frames of one filter with about one exposure time: their own stack on the target's grid.
 
-    name: str
+    Short frames keep the bright stars (turn-off, giants) below saturation, long
+    ones reach the faint main sequence; each group is stacked on its own and the
+    catalogue takes every star from the deepest group where it is unsaturated.
+    """
+
+    exptime: float                           # EXPTIME of the group's unit frame (its first stacked frame)
     accumulator: StackAccumulator
-    exptime: float = float("nan")            # EXPTIME of the stack's unit frame (the filter's first stacked frame)
     gain: float = 1.0
     read_noise: float = 0.0
     sky_level: float = 0.0                   # mean sky of the stacked frames (ADU per unit frame), for errors
-    ref_xy: np.ndarray | None = None         # the filter's flux reference stars on the reference grid
+    ref_xy: np.ndarray | None = None         # the group's flux reference stars on the reference grid
     ref_flux: np.ndarray | None = None       # their fluxes in ADU per second
     best_throughput: float = 1.0             # best frame's throughput relative to the flux reference
-    offset_shape: np.ndarray | None = None   # sky shape from the offset frame (mean 1), on the frame grid
-    fwhm_history: list[float] = field(default_factory=list)
-    n_rejected: int = 0
     total_exptime: float = 0.0
-    limiting_mag_history: list[float] = field(default_factory=list)
-    snr_at_mag: float = float("nan")
-    last_raw_preview: np.ndarray | None = None
     stack_preview: np.ndarray | None = None
     inputs: list[str] = field(default_factory=list)   # file names stacked, in order
 
     @property
     def n_stacked(self) -> int:
         return self.accumulator.n_frames
+
+    @property
+    def label(self) -> str:
+        """The group's name in products and state files: its exposure time, e.g. ``3s``."""
+        return f"{self.exptime:g}s"
+
+    def takes(self, exptime: float, factor: float) -> bool:
+        """Whether a frame of ``exptime`` belongs here (exposure times within ``factor`` of each other)."""
+        return max(exptime, self.exptime) <= factor * min(exptime, self.exptime)
+
+
+@dataclass
+class FilterSession:
+    """One filter of one target: its exposure groups and what is shared by them (sky shape, seeing, depth)."""
+
+    name: str
+    groups: list[ExposureGroup] = field(default_factory=list)   # longest exposure first
+    offset_shape: np.ndarray | None = None   # sky shape from the offset frame (mean 1), on the frame grid
+    fwhm_history: list[float] = field(default_factory=list)
+    n_rejected: int = 0
+    limiting_mag_history: list[float] = field(default_factory=list)
+    snr_at_mag: float = float("nan")
+    saturation_mag: dict[str, float] = field(default_factory=dict)   # by group label: brightest unsaturated
+    last_raw_preview: np.ndarray | None = None
+
+    @property
+    def main(self) -> ExposureGroup:
+        """The longest group with frames (``stack.fits``, the previews, the depth)."""
+        stacked = [g for g in self.groups if g.n_stacked]
+        return stacked[0] if stacked else self.groups[0]
+
+    @property
+    def n_stacked(self) -> int:
+        return sum(g.n_stacked for g in self.groups)
+
+    @property
+    def total_exptime(self) -> float:
+        return sum(g.total_exptime for g in self.groups)
+
+    @property
+    def exptime(self) -> float:
+        return self.main.exptime
+
+    @property
+    def stack_preview(self) -> np.ndarray | None:
+        return self.main.stack_preview
+
+    def group_for(self, exptime: float, factor: float) -> ExposureGroup | None:
+        """The group a frame of ``exptime`` joins, if one exists."""
+        return next((g for g in self.groups if g.takes(exptime, factor)), None)
+
+    def add_group(self, group: ExposureGroup) -> ExposureGroup:
+        self.groups.append(group)
+        self.groups.sort(key=lambda g: -g.exptime)
+        return group
 
     def baseline_fwhm(self) -> float | None:
         """Running median FWHM of the frames stacked so far (the relative seeing baseline)."""

@@ -73,6 +73,8 @@ class SimSettings:
     target: str = "M35"
     filters: tuple[str, ...] = ("blue", "green")
     frames: int = 10
+    short_frames: int = 0                   # short frames per filter after the long ones (for the bright stars)
+    short_exptime: float = 3.0
     size: int = 2048
     cadence: float = 0.0
     seed: int = 1
@@ -125,6 +127,9 @@ class SimSettings:
             raise ConfigError(f"expected frames >= 1 and size >= 64, got frames={self.frames}, size={self.size}")
         if self.cadence < 0 or self.fill_seconds < 0:
             raise ConfigError("cadence and fill_seconds must be >= 0")
+        if self.short_frames < 0 or not self.short_exptime > 0:
+            raise ConfigError(f"expected short_frames >= 0 and short_exptime > 0, got {self.short_frames} and "
+                              f"{self.short_exptime}")
         if not 0 < self.exptime_range[0] <= self.exptime_range[1]:
             raise ConfigError(f"exptime_range: expected 0 < low <= high, got {self.exptime_range}")
 
@@ -593,10 +598,13 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
     times: dict[tuple[int, int], float] = {}
     offset_times: dict[int, float] = {}
     t_s = 0.0
+    def exptime_of(f: str, k: int) -> float:
+        return exptimes[f] if k < s.frames else s.short_exptime
+
     for fi, f in enumerate(s.filters):
-        for k in range(s.frames):
+        for k in range(s.frames + s.short_frames):
             times[(fi, k)] = t_s
-            t_s += exptimes[f] + _READOUT_S
+            t_s += exptime_of(f, k) + _READOUT_S
         offset_times[fi] = t_s + _SLEW_S
         t_s = offset_times[fi] + exptimes[f] + _READOUT_S + _SLEW_S + _FILTER_CHANGE_S
     span = max(max(times.values()), 1.0)      # the science frames: tracking is logged over these
@@ -632,17 +640,19 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
         return 1.12 - 0.12 * tt / night + rng.normal(0.0, 0.01)
 
     for fi, f in enumerate(s.filters):
-        for k in range(s.frames):
+        for k in range(s.frames + s.short_frames):
             tt = times[(fi, k)]
             dx, dy, rot = tracking(tt)
             is_cloud = (fi, k) == clouded
-            add(file=f"{s.target}_{f}_{k + 1:03d}.fits", kind="science", filter=f,
-                date_obs=start + timedelta(seconds=tt), exptime=exptimes[f], psf=psf_for(f, (fi, k) == trailed),
+            name = f"{s.target}_{f}_{k + 1:03d}" if k < s.frames else f"{s.target}_{f}_short_{k - s.frames + 1:03d}"
+            add(file=f"{name}.fits", kind="science", filter=f,
+                date_obs=start + timedelta(seconds=tt), exptime=exptime_of(f, k),
+                psf=psf_for(f, (fi, k) == trailed),
                 dx=round(dx, 4), dy=round(dy, 4), rotation_deg=round(rot, 5),
                 sky_rate=_sky_rate(s, f) * sky_drift(tt) * (1.25 if is_cloud else 1.0),
                 transparency=s.cloud_transparency if is_cloud else round(1.0 - abs(rng.normal(0, 0.015)), 4),
                 trailed=(fi, k) == trailed, clouded=is_cloud, satellite=(fi, k) == satellite, ccd_temp=temp(),
-                n_cosmics=cosmics(exptimes[f]), ra_deg=s.ra_deg, dec_deg=s.dec_deg, object=s.target)
+                n_cosmics=cosmics(exptime_of(f, k)), ra_deg=s.ra_deg, dec_deg=s.dec_deg, object=s.target)
         tt = offset_times[fi]
         add(file=f"{s.target}_offset_{f}.fits", kind="offset", filter=f, date_obs=start + timedelta(seconds=tt),
             exptime=exptimes[f], psf=psf_for(f, False), sky_rate=_sky_rate(s, f) * sky_drift(tt),

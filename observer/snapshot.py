@@ -18,7 +18,7 @@ import numpy as np
 
 from observer.config import Settings
 from observer.session import FilterSession, NightState, TargetSession
-from observer.state import FilterStatus, Kind, Snapshot, TargetState
+from observer.state import FilterStatus, Kind, Snapshot, Suggestion, TargetState
 
 #: Free space below which the observer is warned (bytes).
 LOW_DISK_BYTES = 2 * 1024 ** 3
@@ -102,30 +102,116 @@ def target_state(state: NightState, settings: Settings, target: TargetSession, l
             total_exptime=session.total_exptime, has_offset=session.offset_shape is not None,
             limiting_mag=session.limiting_mag_history[-1] if session.limiting_mag_history else float("nan"),
             limiting_mag_history=tuple(session.limiting_mag_history), snr_at_mag=session.snr_at_mag,
-            stack_preview=session.stack_preview, raw_preview=session.last_raw_preview)
+            stack_preview=session.stack_preview, raw_preview=session.last_raw_preview,
+            saturation_mag=session.saturation_mag.get(session.main.label, float("nan")) if session.groups
+            else float("nan"),
+            groups=tuple((g.exptime, g.n_stacked) for g in session.groups))
         needed = max(needed, frames_still_needed(session, settings))
     missing = [f for f in settings.cmd.color_filters if f not in target.filters]
     no_offset = [f for f, s in target.filters.items() if s.offset_shape is None] \
         if settings.completion.require_offset else []
     if missing:
         needed = max(needed, settings.completion.min_frames)
-    done = not missing and not no_offset and needed == 0
-    if done:
-        verdict = "done: move to the next target"
-    else:
-        parts = []
-        if needed:
-            parts.append(f"about {needed} more frame{'s' if needed != 1 else ''} per filter")
-        if missing:
-            parts.append(f"no {', '.join(missing)} frames yet")
-        if no_offset:
-            parts.append(f"take an offset frame in {', '.join(no_offset)}")
-        verdict = "keep going: " + "; ".join(parts) + " to reach the goal"
+    turnoff_reason, suggested = turnoff_advice(state, settings, target)
+    reasons = []
+    if needed:
+        reasons.append(f"about {needed} more frame{'s' if needed != 1 else ''} per filter")
+    if missing:
+        reasons.append(f"no {', '.join(missing)} frames yet")
+    if no_offset:
+        reasons.append(f"take an offset frame in {', '.join(no_offset)}")
+    if turnoff_reason:
+        reasons.append(turnoff_reason)
+    done = not reasons
+    verdict = "done: move to the next target" if done else "keep going: " + "; ".join(reasons) + " to reach the goal"
     return TargetState(name=target.name, filters=statuses, cmd=state.cmd.get(target.name),
                        age=state.age.get(target.name), done=done, verdict=verdict,
                        frames_needed=None if done else needed,
                        warnings=tuple(_warnings(state, settings, target, low_disk)),
-                       completion_mag=mag)
+                       completion_mag=mag, reasons=tuple(reasons), suggested=tuple(suggested))
+
+
+#: Exposure times an observer would pick (s); a suggestion is rounded down to one of them. None is
+#: below 1 s: a mechanical shutter's opening and closing make shorter exposures uneven over the field.
+NICE_EXPTIMES = (1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0)
+
+
+def turnoff_advice(state: NightState, settings: Settings, target: TargetSession) -> tuple[str | None,
+                                                                                           list[Suggestion]]:
+    """Is the turn-off saturated? Then the reason, and per filter the short exposure that measures it.
+
+    The turn-off counts as saturated when it is brighter than the saturation
+    magnitude of the shortest exposure group and more than
+    ``completion.turnoff_saturated_fraction`` of the stars within 2 mag of that
+    saturation level are saturated (a saturated star's magnitude is only a
+    limit, so they pile up there; a young cluster that simply has no star at its
+    fitted turn-off is no reason for short frames). The short exposure keeps a star ``short_margin_mag`` brighter
+    than the turn-off below saturation (from the measured saturation magnitude of
+    the filter's shortest group); the count reaches ``target_snr`` at the
+    turn-off by the CCD equation, and at least ``min_short_frames``.
+    """
+    completion = settings.completion
+    age, cmd = state.age.get(target.name), state.cmd.get(target.name)
+    if not completion.require_turnoff or age is None or cmd is None or not cmd.n:
+        return None, []
+    to_color, to_mag = (float(v) for v in age.turnoff)
+    saturated = np.asarray(cmd.saturated, bool)
+    mags = np.asarray(cmd.mag, float)
+    session = target.filters.get(settings.cmd.magnitude)
+    sat_mag = session.saturation_mag.get(session.groups[-1].label, float("nan")) \
+        if session is not None and session.groups else float("nan")
+    if not math.isfinite(sat_mag):
+        sat_mag = float(mags[~saturated].min()) if (~saturated).any() else float("inf")
+    upper = mags <= sat_mag + 2.0
+    fraction = float(saturated[upper].mean()) if upper.any() else 0.0
+    if to_mag >= sat_mag or fraction <= completion.turnoff_saturated_fraction:
+        return None, []
+    label = f"turn-off saturated ({cmd.mag_label} < {sat_mag:.1f})"
+    suggested = [s for f in settings.cmd.color_filters
+                 if (s := _short_exposure(settings, target, f, _in_filter(settings, f, to_mag, to_color), label))]
+    if not suggested:
+        return f"{label}: take short frames", []
+    by_plan: dict[tuple[int, float], list[str]] = {}
+    for s in suggested:
+        by_plan.setdefault((s.count, s.exptime), []).append(s.filter)
+    plans = ", ".join(f"{count} x {exptime:g} s in {' and '.join(filters)}"
+                      for (count, exptime), filters in by_plan.items())
+    return f"{label}: take {plans}", suggested
+
+
+def _in_filter(settings: Settings, fname: str, mag: float, color: float) -> float:
+    """The turn-off's magnitude in ``fname``, from its CMD magnitude and colour (nan: not a colour filter)."""
+    first, second = settings.cmd.color_filters
+    magnitude = settings.cmd.magnitude
+    if fname == magnitude:
+        return mag
+    if fname == first and magnitude == second:
+        return mag + color
+    if fname == second and magnitude == first:
+        return mag - color
+    return float("nan")
+
+
+def _short_exposure(settings: Settings, target: TargetSession, fname: str, mag: float,
+                    why: str) -> Suggestion | None:
+    session = target.filters.get(fname)
+    if session is None or not session.groups or not math.isfinite(mag):
+        return None
+    shortest = session.groups[-1]
+    sat_mag = session.saturation_mag.get(shortest.label, float("nan"))
+    if not math.isfinite(sat_mag):
+        return None
+    wanted = mag - settings.completion.short_margin_mag
+    exptime = shortest.exptime * 10 ** (0.4 * (wanted - sat_mag))
+    exptime = max([t for t in NICE_EXPTIMES if t <= exptime], default=NICE_EXPTIMES[0])
+    gain = shortest.gain or 1.0
+    signal = 10 ** (-0.4 * (mag - settings.filters.zeropoint(fname))) * exptime * gain
+    fwhm = session.baseline_fwhm() or settings.reduction.fwhm_guess_px
+    npix = math.pi * (settings.photometry.aperture_fwhm * fwhm) ** 2
+    sky = shortest.sky_level * exptime / shortest.exptime * gain
+    snr = signal / math.sqrt(signal + npix * (sky + shortest.read_noise ** 2))
+    count = max(settings.completion.min_short_frames, math.ceil((settings.completion.target_snr / snr) ** 2))
+    return Suggestion(filter=fname, exptime=exptime, count=count, why=why)
 
 
 def build_snapshot(state: NightState, settings: Settings, outdir: Path, queue_length: int = 0) -> Snapshot:

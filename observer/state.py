@@ -73,6 +73,7 @@ class FrameRecord:
     transparency: float = float("nan")  # relative to the best frame of its (target, filter)
     reg_rms: float = float("nan")       # registration residual, px
     fwhm_arcsec: float = float("nan")
+    group: str = ""                     # exposure group of its filter's stack, e.g. "3s"
     seen_at: float = 0.0                # unix time the service finished the frame
     step_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -111,6 +112,18 @@ class FilterStatus:
     snr_at_mag: float                      # SNR of the stack at the completion magnitude
     stack_preview: np.ndarray | None       # downsampled stack (float32), for the dashboard
     raw_preview: np.ndarray | None         # downsampled last raw frame
+    saturation_mag: float = float("nan")   # brightest unsaturated magnitude of the longest group
+    groups: tuple[tuple[float, int], ...] = ()   # (exposure time, frames) of each exposure group
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """Frames the observer should take next (status.json ``suggested``)."""
+
+    filter: str
+    exptime: float
+    count: int
+    why: str
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,8 @@ class TargetState:
     frames_needed: int | None
     warnings: tuple[str, ...]
     completion_mag: float          # the magnitude at which SNR is judged
+    reasons: tuple[str, ...] = ()  # why it is not done yet (empty when done)
+    suggested: tuple[Suggestion, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ write and when (``observer.night``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ from observer.config import Settings, settings_to_dict
 from observer.figures import plot_cmd, plot_stack
 from observer.measure import stack_image
 from observer.products import atomic_write_fits, atomic_write_json, atomic_write_table
-from observer.session import TargetSession
-from observer.state import FRAME_COLUMNS, AgeEstimate, CmdData, FrameRecord
+from observer.session import ExposureGroup, TargetSession
+from observer.state import FRAME_COLUMNS, AgeEstimate, CmdData, FrameRecord, TargetState
 
 _FRAME_DTYPES = [str, str, str, str, str, float, str, str, float, float, float, int, float, float, float, float,
                  float, float, str]
@@ -36,9 +37,23 @@ def write_frames_table(outdir: Path, records: Sequence[FrameRecord]) -> Path:
     return atomic_write_table(outdir / "frames.ecsv", table)
 
 
-def write_stack(outdir: Path, target: TargetSession, fname: str, settings: Settings) -> Path:
-    """One filter's stack.fits with its header (what, how many, how reduced) and the NFRAMES extension."""
+def write_stacks(outdir: Path, target: TargetSession, fname: str, label: str, settings: Settings) -> list[Path]:
+    """One exposure group's stack: ``stack_<EXPTIME>s.fits`` when the filter has several groups, and
+    ``stack.fits`` when it is the longest group (the only one, usually)."""
     session = target.filters[fname]
+    group = next(g for g in session.groups if g.label == label)
+    hdul = _stack_hdus(target, fname, group, settings)
+    folder = outdir / target.name / fname
+    written = []
+    if len(session.groups) > 1:
+        written.append(atomic_write_fits(folder / f"stack_{label}.fits", hdul))
+    if group is session.main:
+        written.append(atomic_write_fits(folder / "stack.fits", hdul))
+    return written
+
+
+def _stack_hdus(target: TargetSession, fname: str, session: ExposureGroup, settings: Settings) -> fits.HDUList:
+    """The stack with its header (what, how many, how reduced) and the NFRAMES extension."""
     header = fits.Header()
     if target.wcs_header:
         header.update(fits.Header(target.wcs_header))
@@ -58,13 +73,12 @@ def write_stack(outdir: Path, target: TargetSession, fname: str, settings: Setti
         header.add_history(f"input {name}")
     nframes = fits.ImageHDU(session.accumulator.nframes().astype(np.int16), name="NFRAMES")
     nframes.header["BUNIT"] = "frames"
-    path = outdir / target.name / fname / "stack.fits"
-    return atomic_write_fits(path, fits.HDUList([fits.PrimaryHDU(stack_image(session), header=header), nframes]))
+    return fits.HDUList([fits.PrimaryHDU(stack_image(session), header=header), nframes])
 
 
 def write_stack_pngs(outdir: Path, target: TargetSession) -> list[Path]:
     """``<target>/<filter>/stack.png`` for every filter with frames stacked."""
-    return [plot_stack(stack_image(s), outdir / target.name / fname / "stack.png",
+    return [plot_stack(stack_image(s.main), outdir / target.name / fname / "stack.png",
                        title=f"{target.name} {fname}: {s.n_stacked} frames x {s.exptime:g} s")
             for fname, s in target.filters.items() if s.n_stacked]
 
@@ -87,3 +101,30 @@ def write_cmd_figure(outdir: Path, tname: str, cmd: CmdData, age: AgeEstimate | 
 def write_age(outdir: Path, tname: str, record: dict) -> Path:
     """``<target>/age.json``: the fit's record, or ``{"target", "fitted": false, "reason"}`` when there is none."""
     return atomic_write_json(outdir / tname / "age.json", record)
+
+
+def status_record(state: TargetState) -> dict:
+    """status.json's content (without ``updated``): the verdict for schedulers and scripts."""
+    return {
+        "target": state.name,
+        "verdict": "done" if state.done else "keep going",
+        "reasons": list(state.reasons),
+        "filters": {f: {"frames": s.n_stacked, "rejected": s.n_rejected, "exposure_s": s.total_exptime,
+                        "limiting_mag": _finite(s.limiting_mag), "snr_at_mag": _finite(s.snr_at_mag),
+                        "saturation_mag": _finite(s.saturation_mag),
+                        "groups": [{"exptime": e, "frames": n} for e, n in s.groups]}
+                    for f, s in state.filters.items()},
+        "suggested": [{"filter": g.filter, "exptime": g.exptime, "count": g.count, "why": g.why}
+                      for g in state.suggested],
+    }
+
+
+def write_status(outdir: Path, record: dict) -> Path:
+    """``<target>/status.json``, stamped with the time it changed."""
+    stamped = {**record, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return atomic_write_json(outdir / record["target"] / "status.json", stamped)
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an unknown figure is null."""
+    return round(float(value), 4) if np.isfinite(value) else None

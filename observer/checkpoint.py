@@ -29,7 +29,7 @@ from reduction.stacking import StackAccumulator
 
 log = logging.getLogger(__name__)
 
-_FILTER_SCALARS = ("fwhm_history", "n_rejected", "limiting_mag_history", "snr_at_mag", "saturation_mag")
+_FILTER_SCALARS = ("fwhm_history", "elongation_history", "n_rejected", "limiting_mag_history", "snr_at_mag", "saturation_mag")
 _GROUP_SCALARS = ("exptime", "gain", "read_noise", "sky_level", "best_throughput", "total_exptime", "inputs")
 _GROUP_ARRAYS = ("ref_xy", "ref_flux", "stack_preview")
 _FILTER_ARRAYS = ("offset_shape", "last_raw_preview")

@@ -22,6 +22,17 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_SHORT = "3:1"
 
 
+def parse_range(text: str, option: str) -> tuple[float, float]:
+    """``LO:HI`` -> (LO, HI) with 0 < LO <= HI; ConfigError naming the option otherwise."""
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"option '{option}': expected LO:HI (e.g. 1.4:1.7), got {text!r}") from None
+    if not 0 < lo <= hi:
+        raise ConfigError(f"option '{option}': expected 0 < LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def parse_short(text: str) -> tuple[int, float]:
     """``K:SECONDS`` -> (K, SECONDS); ConfigError naming the option otherwise."""
     try:
@@ -67,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"K short frames of SECONDS per filter after the long ones, for the bright stars "
                           f"(default {DEFAULT_SHORT}; 0:0 for none)")
     sim.add_argument("--size", type=int, default=2048, help="frame side in pixels")
+    sim.add_argument("--fwhm", default=None, metavar="LO:HI",
+                     help="seeing range of the night in pixels (default 2.5:4.5), e.g. 1.4:1.7 (undersampled) "
+                          "or 6:8 (poor seeing)")
     sim.add_argument("--cadence", type=float, default=0.0, help="seconds between files (0: at once)")
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--truth", type=Path, default=None,
@@ -117,8 +131,9 @@ def _run_simulate(args: argparse.Namespace, settings: Settings) -> int:
     if args.frames < 1 or args.size < 64 or args.cadence < 0:
         raise ConfigError("options: expected --frames >= 1, --size >= 64 and --cadence >= 0")
     short_frames, short_exptime = parse_short(args.short)
+    seeing = {"seeing_range": parse_range(args.fwhm, "--fwhm")} if args.fwhm else {}
     sim = SimSettings(target=args.target, filters=filters, frames=args.frames, size=args.size,
-                      short_frames=short_frames, short_exptime=short_exptime,
+                      short_frames=short_frames, short_exptime=short_exptime, **seeing,
                       cadence=args.cadence, seed=args.seed, age_myr=args.age_myr,
                       calibration=args.calibration,
                       zeropoints={f: settings.filters.zeropoint(settings.filters.normalise(f) or f)

@@ -223,7 +223,10 @@ def register(state: NightState, settings: Settings, ctx: FrameContext) -> FrameC
                                            min_matches=red.registration_min_matches,
                                            max_rms=red.registration_max_rms_px)
         except RegistrationError as exc:
-            raise FrameRejected(f"registration failed: {exc}") from exc
+            # A trailed or defocused frame often fails to match: its shape is the real reason.
+            session = target.filters.get(ctx.tags.filter)
+            shape = _quality_reason(settings, ctx, session, None)
+            raise FrameRejected(shape or f"registration failed: {exc}") from exc
     t, record = ctx.transform, ctx.record
     record.dx, record.dy, record.rotation, record.reg_rms = t.dx, t.dy, t.rotation_deg, t.rms_px
     return ctx
@@ -231,7 +234,7 @@ def register(state: NightState, settings: Settings, ctx: FrameContext) -> FrameC
 
 def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
     """Transparency against the filter's flux reference, then seeing, shape and stars against the night."""
-    red, q = settings.reduction, settings.quality
+    red = settings.reduction
     ctx.session = session = _filter_session(state, ctx.target, ctx.tags.filter)
     ctx.group = group = _exposure_group(settings, ctx.target, session, ctx.frame)
     ctx.record.group = group.label
@@ -244,13 +247,7 @@ def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCont
         if len(xy) else np.empty(0)
     ctx.throughput = _throughput(group, ctx.transform, xy, total_flux, facts.exptime)
     ctx.record.transparency = ctx.throughput / max(group.best_throughput, ctx.throughput)
-    scale_arcsec = facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec
-    reason = judge_frame(quality.fwhm_px, quality.elongation, ctx.record.transparency, quality.nstars,
-                         session.baseline_fwhm(), max_fwhm_ratio=q.max_fwhm_ratio,
-                         max_elongation=q.max_elongation, min_transparency=q.min_transparency,
-                         min_stars=q.min_stars,
-                         max_fwhm_px=(q.max_fwhm_arcsec / scale_arcsec) if q.max_fwhm_arcsec and scale_arcsec
-                         else None)
+    reason = _quality_reason(settings, ctx, session, ctx.record.transparency)
     session.last_raw_preview = preview_of(ctx.frame.data)
     if reason:
         session.n_rejected += 1
@@ -277,6 +274,7 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
     group.stack_preview = preview_of(group.accumulator.image())
     group.best_throughput = max(group.best_throughput, ctx.throughput)
     ctx.session.fwhm_history.append(ctx.quality.fwhm_px)
+    ctx.session.elongation_history.append(ctx.quality.elongation)
     group.total_exptime += facts.exptime
     n = len(group.inputs)
     group.sky_level = (group.sky_level * n + sky_fit.level) / (n + 1)   # mean sky of the stacked frames
@@ -314,6 +312,23 @@ def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "
 
 
 # --------------------------------------------------------------------- helpers of the steps
+def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSession | None,
+                    transparency: float | None) -> str | None:
+    """Why the frame's seeing, shape, stars or transparency (None: not known) rule it out, if they do.
+
+    Seeing and shape are judged against the filter's accepted frames (``session``) once it has some.
+    """
+    baseline_fwhm = session.baseline_fwhm() if session else None
+    baseline_elongation = session.baseline_elongation() if session else None
+    q, quality = settings.quality, ctx.quality
+    scale_arcsec = ctx.frame.facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec
+    return judge_frame(quality.fwhm_px, quality.elongation, transparency, quality.nstars, baseline_fwhm,
+                       max_fwhm_ratio=q.max_fwhm_ratio, max_elongation=q.max_elongation,
+                       min_transparency=q.min_transparency, min_stars=q.min_stars,
+                       max_fwhm_px=(q.max_fwhm_arcsec / scale_arcsec) if q.max_fwhm_arcsec and scale_arcsec
+                       else None, baseline_elongation=baseline_elongation)
+
+
 def rebuild_masters(state: NightState) -> None:
     """Masters from every calibration file so far (re-read from disk: a handful of files, cheap)."""
     def stack_of(key: str) -> list[Frame]:

@@ -61,6 +61,7 @@ class FilterSession:
     groups: list[ExposureGroup] = field(default_factory=list)   # longest exposure first
     offset_shape: np.ndarray | None = None   # sky shape from the offset frame (mean 1), on the frame grid
     fwhm_history: list[float] = field(default_factory=list)
+    elongation_history: list[float] = field(default_factory=list)
     n_rejected: int = 0
     limiting_mag_history: list[float] = field(default_factory=list)
     snr_at_mag: float = float("nan")
@@ -101,6 +102,11 @@ class FilterSession:
     def baseline_fwhm(self) -> float | None:
         """Running median FWHM of the frames stacked so far (the relative seeing baseline)."""
         return float(np.median(self.fwhm_history)) if self.fwhm_history else None
+
+    def baseline_elongation(self) -> float | None:
+        """Median elongation of the frames stacked so far, once there are two (one frame is no baseline)."""
+        values = [e for e in self.elongation_history if np.isfinite(e)]
+        return float(np.median(values)) if len(values) >= 2 else None
 
 
 @dataclass

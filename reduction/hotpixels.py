@@ -16,7 +16,9 @@ runs in two stages:
    neighbour's level) and by at least ``SPIKE_RATIO`` times that neighbour's height above the
    background.  The second brightest, not the brightest, so that two adjacent hot pixels are both
    found; a star's second brightest neighbour is still >= ~45 % of its peak pixel (ratio <= 0.83
-   over all sub-pixel positions for FWHM 2 px), so a star is never flagged.
+   over all sub-pixel positions for FWHM 2 px). An undersampled star (FWHM 1-1.5 px) can pass
+   that test, so a spike must also have almost nothing in its direct neighbours
+   (:data:`CROSS_RATIO`): a star's profile puts light there, a hot pixel does not.
 
 Cosmic rays pass the same test and are repaired too; telling them apart is :class:`HotPixelMap`'s job
 (hot pixels stay put over frames, cosmic rays and stars do not).
@@ -37,10 +39,17 @@ log = logging.getLogger(__name__)
 #: sky reaches tens.
 SPIKE_RATIO = 2.0
 
+#: ... and its direct neighbours (less the brightest of the four, which may be a hot neighbour) must
+#: hold less than this fraction of its height: an undersampled star (FWHM 1-1.5 px, whose second
+#: brightest neighbour can be a quarter of its peak) holds 0.2-0.7 there, a hot pixel about nothing.
+CROSS_RATIO = 0.15
+
 #: Rows per band in stage 1 (a band's temporaries, ~64 rows x 4096 x 4 bytes each, stay in cache).
 _BAND_ROWS = 64
 
 _NEIGHBOURS_8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+#: Columns of the four direct neighbours in ``_NEIGHBOURS_8``.
+_CROSS = [i for i, (dy, dx) in enumerate(_NEIGHBOURS_8) if abs(dy) + abs(dx) == 1]
 
 
 def _reflect(index: np.ndarray, n: int) -> np.ndarray:
@@ -155,7 +164,12 @@ def _spikes(data: np.ndarray, mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, 
     second = np.where(np.isfinite(second), second, bg)
     lift = np.maximum(second - bg, 0.0)
     exc = data[ys, xs] - second
-    return (exc > sigma * np.sqrt(noise * noise + lift / gain)) & (exc > SPIKE_RATIO * lift)
+    # The profile test: the three faintest of the four direct neighbours, above the background.
+    cross = np.sort(np.where(np.isfinite(neigh[:, _CROSS]), neigh[:, _CROSS], bg[:, None]), axis=1)[:, :3]
+    profile = np.maximum(cross - bg[:, None], 0.0).sum(axis=1)
+    height = data[ys, xs] - bg
+    return (exc > sigma * np.sqrt(noise * noise + lift / gain)) & (exc > SPIKE_RATIO * lift) \
+        & (profile < CROSS_RATIO * height)
 
 
 def repair_pixels(data: np.ndarray, mask: np.ndarray) -> np.ndarray:

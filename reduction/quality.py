@@ -107,6 +107,10 @@ def _find_peaks(data: np.ndarray, rms: float, fwhm_guess: float, sigma: float,
     best = np.argmax(np.stack([data[ys + dy, xs + dx] for dy, dx in near]), axis=0)
     ys = ys + np.array([o[0] for o in near])[best]
     xs = xs + np.array([o[1] for o in near])[best]
+    # That step can move a peak into the edge margin, where the caller's cut-out would leave the
+    # frame (off the top it raised; off the bottom it wrapped round silently): such stars go.
+    inside = (ys >= edge) & (ys < h - edge) & (xs >= edge) & (xs < w - edge)
+    ys, xs, centre = ys[inside], xs[inside], centre[inside]
     raw = data[ys, xs]
     n4 = 0.25 * (data[ys - 1, xs] + data[ys + 1, xs] + data[ys, xs - 1] + data[ys, xs + 1])
     real = n4 >= _MIN_NEIGHBOUR_FRACTION * raw
@@ -301,10 +305,14 @@ def relative_transparency(flux: np.ndarray, ref_flux: np.ndarray, exptime: float
     return float(np.median(f[ok] / r[ok]))
 
 
+#: With a baseline, a frame whose elongation exceeds the night's median by this much is trailed.
+ELONGATION_MARGIN = 0.12
+
+
 def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, nstars: int,
                 baseline_fwhm: float | None, max_fwhm_ratio: float = 1.5, max_elongation: float = 1.35,
                 min_transparency: float = 0.6, min_stars: int = 10,
-                max_fwhm_px: float | None = None) -> str | None:
+                max_fwhm_px: float | None = None, baseline_elongation: float | None = None) -> str | None:
     """The reason to reject a frame, or None to stack it.
 
     Limits are relative to the target's running baseline (``baseline_fwhm``: the night's median
@@ -312,14 +320,20 @@ def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, n
     not reject everything.  Elongation is checked before FWHM: trailing also widens the mean FWHM,
     and "trailed" is the diagnosis the observer can act on.  ``max_fwhm_px`` is an optional
     absolute limit (the caller converts the config's arcsec limit with the plate scale, when one
-    is known).
+    is known). With ``baseline_elongation`` (the median of the night's accepted frames), the
+    elongation is judged against the night's own stars, like the FWHM: a frame is trailed when it
+    is ``ELONGATION_MARGIN`` (or half the baseline's own excess) more elongated than that, so comatic optics (every frame at 1.4) are not trailing, and a short trail in poor seeing
+    (1.2 against the night's 1.04) is.
     """
     if nstars < min_stars:
         return f"only {nstars} stars (< {min_stars})"
     if not (fwhm_px is not None and np.isfinite(fwhm_px)):
         return "no measurable stars (FWHM unknown)"
-    if elongation is not None and np.isfinite(elongation) and elongation > max_elongation:
-        return f"elongation {elongation:.2f} > {max_elongation:.2f} (trailed?)"
+    limit = max_elongation
+    if baseline_elongation is not None and np.isfinite(baseline_elongation):
+        limit = baseline_elongation + max(ELONGATION_MARGIN, 0.5 * (baseline_elongation - 1.0))
+    if elongation is not None and np.isfinite(elongation) and elongation > limit:
+        return f"elongation {elongation:.2f} > {limit:.2f} (trailed?)"
     if baseline_fwhm and np.isfinite(baseline_fwhm) and fwhm_px > max_fwhm_ratio * baseline_fwhm:
         return (f"FWHM {fwhm_px:.1f} px is {fwhm_px / baseline_fwhm:.1f}x the night's median "
                 f"{baseline_fwhm:.1f} px")

@@ -115,3 +115,23 @@ def test_hot_pixel_map_from_a_dark_and_state_round_trip(tmp_path):
     assert back.mask[10, 20] and back.mask[63, 63] and not back.mask[5, 5]
     with pytest.raises(ValueError, match="shape"):
         hpm.update(np.zeros((10, 10), dtype=bool))
+
+
+@pytest.mark.parametrize("fwhm", [1.2, 1.4, 1.7])
+def test_undersampled_stars_are_not_hot_pixels(fwhm):
+    """At FWHM 1.2-1.7 px a star's second brightest neighbour can be a quarter of its peak; its
+    direct neighbours still hold its profile, so its core is not taken for a hot pixel."""
+    rng = np.random.default_rng(5)
+    img, _, stars = moffat_field(N, 150, fwhm=fwhm, seed=7, flux_range=(2e3, 5e5))
+    hot = np.unique(rng.integers(3, N - 3, (60, 2)), axis=0)
+    hot = hot[cKDTree(stars[:, :2]).query(hot)[0] > 4]
+    dirty = img.copy()
+    dirty[hot[:, 1], hot[:, 0]] += np.float32(40.0 * 50)
+    mask = find_hot_pixels(dirty, sigma=6.0, box=5)
+    assert mask[hot[:, 1], hot[:, 0]].mean() >= 0.98
+    cores = np.rint(stars[:, :2]).astype(int)
+    inside = (cores >= 0).all(axis=1) & (cores < N).all(axis=1)
+    near_star = np.zeros_like(mask)
+    for x, y in cores[inside]:
+        near_star[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = True
+    assert int((mask & near_star).sum()) <= 1

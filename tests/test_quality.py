@@ -131,6 +131,21 @@ def test_edge_stars_are_excluded():
     assert stars["x"][0] == pytest.approx(150.0, abs=0.05) and stars["y"][0] == pytest.approx(150.0, abs=0.05)
 
 
+@pytest.mark.parametrize("fwhm", [7.0, 9.0])
+def test_wide_stars_near_the_edge_neither_crash_nor_wrap(fwhm):
+    """At poor seeing a peak's refinement can step into the edge margin; such a star is dropped,
+    never cut out across the frame's edge (off the far side it raised; off the near side it wrapped)."""
+    n = 256
+    xy = np.array([[n - 14.0, 128.0], [13.5, 60.0], [128.0, n - 14.0], [128.0, 13.0], [128.0, 128.0]])
+    img, _, _ = moffat_field(n, 0, fwhm=fwhm, seed=9, xy=xy, flux_range=(2e5, 2e5 * 1.0001))
+    sky = sky_model(img)
+    stars = detect_stars(img - sky.model, sky.rms, fwhm_guess=fwhm)
+    assert 1 <= len(stars) <= 5
+    central = np.hypot(stars["x"] - 128.0, stars["y"] - 128.0) < 1.0
+    assert central.sum() == 1
+    assert (np.asarray(stars["x"]) > 1.5 * fwhm).all() and (np.asarray(stars["y"]) > 1.5 * fwhm).all()
+
+
 def test_judge_frame_reasons():
     assert judge_frame(3.6, 1.05, 0.95, 200, 3.6) is None
     assert judge_frame(7.1, 1.05, 0.95, 200, 3.6) == "FWHM 7.1 px is 2.0x the night's median 3.6 px"
@@ -140,6 +155,11 @@ def test_judge_frame_reasons():
     assert judge_frame(3.6, 1.05, 0.95, 200, None, max_fwhm_px=3.0).startswith("FWHM 3.6 px >")
     # relative limits: a soft but uniform night is fine
     assert judge_frame(5.0, 1.05, 0.95, 200, 4.8) is None
+    # elongation against the night's own frames: a short trail in poor seeing is trailed ...
+    assert judge_frame(8.0, 1.22, 0.95, 200, 7.0, baseline_elongation=1.04) == "elongation 1.22 > 1.16 (trailed?)"
+    # ... while comatic optics that elongate every frame are not
+    assert judge_frame(3.6, 1.45, 0.95, 200, 3.6, baseline_elongation=1.39) is None
+    assert judge_frame(3.6, 1.70, 0.95, 200, 3.6, baseline_elongation=1.39).startswith("elongation 1.70 > 1.58")
 
 
 def test_relative_transparency():

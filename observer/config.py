@@ -183,6 +183,7 @@ class ServiceSettings:
     rescan_seconds: float = _num(30.0)
     product_throttle_seconds: float = field(default=3.0, metadata=_check(_non_negative, "a number >= 0"))
     queue_size: int = field(default=1024, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    reprocess_checkpoint_frames: int = field(default=10, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
 
 
 @dataclass

@@ -91,7 +91,7 @@ def process_existing(nightdir: str | Path, outdir: str | Path, settings: Setting
                 progress(done, len(fits_paths), record)
         with service.night.lock:
             service.publish(None, service.write_products(force=True))
-            service.night.checkpoint()
+            service.save_state()
     finally:
         service.ledger.close()
     return service.night

@@ -118,6 +118,7 @@ class Service:
                  night_factory: NightFactory | None = None, live: bool = True) -> None:
         self.camdir, self.outdir = check_folders(camdir, outdir)
         self.settings = settings
+        self.live = live
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.outdir / LEDGER_NAME)
         self.night = (night_factory or _restore_night)(settings, self.outdir)
@@ -133,6 +134,7 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._ingest_lock = threading.Lock()       # held while ready files go from the tracker to the queue
         self._products_stale = False               # frames since the last forced (catalogue) product write
+        self._uncommitted: list[Callable[[], None]] = []   # offline: ledger outcomes awaiting a checkpoint
         self._snapshot = self.night.snapshot()
         self._publish_lock = threading.Lock()
         self._resume_from_ledger()
@@ -186,7 +188,7 @@ class Service:
         # Not under the night's lock: the measuring thread applies its results under it.
         if not self.measurements.finish(STOP_MEASURE_TIMEOUT):
             log.warning("stopping before the last catalogue/age update finished")
-        self.night.checkpoint()
+        self.save_state()
         self.ledger.close()
         log.info("service stopped")
 
@@ -377,17 +379,32 @@ class Service:
             record.step_seconds["queue"] = queued
             self._products_stale = True
             step = time.perf_counter()
-            products = self.write_products(force=False)
+            # Offline nobody watches the stacks grow: they are written once, at the end.
+            products = self.write_products(force=False) if self.live else []
             record.step_seconds["products"] = time.perf_counter() - step
             self.publish(record, products)
             step = time.perf_counter()
-            try:
-                self.night.checkpoint()
-                commit()
-            except Exception:  # noqa: BLE001 - e.g. disk full: the ledger stays 'processing', a restart redoes it
-                log.exception("%s: saving the state failed", job.path)
+            self._uncommitted.append(commit)
+            if self.live or len(self._uncommitted) >= self.settings.service.reprocess_checkpoint_frames:
+                self.save_state()
             record.step_seconds["checkpoint"] = time.perf_counter() - step
             return record
+
+    def save_state(self) -> None:
+        """Checkpoint the night, then commit the outcomes it holds to the ledger (in that order).
+
+        Live this runs after every file (exactly once across kill -9). Offline it
+        runs every ``service.reprocess_checkpoint_frames`` files and at the end: a
+        killed reprocess resumes from its last checkpoint and redoes the files
+        after it (the ledger still says ``processing`` for them).
+        """
+        try:
+            self.night.checkpoint()
+            for commit in self._uncommitted:
+                commit()
+        except Exception:  # noqa: BLE001 - e.g. disk full: the ledger stays 'processing', a restart redoes it
+            log.exception("saving the state failed")
+        self._uncommitted.clear()
 
     def _recorded(self, path: Path, sha256: str, status: Status) -> bool:
         """Already recorded so? (The reason may differ: a quarantine's says how long it waited.)"""

@@ -146,6 +146,8 @@ def _run_archive(args: argparse.Namespace, settings: Settings) -> int:
 
     logging.getLogger("observer.archive").setLevel(min(logging.INFO, logging.getLogger().level))
     if args.verbose < 2:        # the scheduler's own INFO lines (workers joining, leaving) only with -vv
+        import distributed  # noqa: F401  (its import sets its loggers' levels: set ours after it)
+
         logging.getLogger("distributed").setLevel(logging.WARNING)
     rows = run_archive(args.archive, args.out, settings, scheduler=args.scheduler, workers=args.workers,
                        only=args.only, force=args.force)

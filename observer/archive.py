@@ -203,7 +203,7 @@ def write_table(out: Path, rows: dict[str, dict]) -> None:
 def _previous_rows(out: Path, keep: set[str]) -> dict[str, dict]:
     """Rows of an earlier archive.ecsv for nights this run leaves alone (``--only``), so none is lost."""
     try:
-        table = Table.read(out / TABLE, format="ascii.ecsv")
+        table = Table.read(out / TABLE, format="ascii.ecsv").filled("")     # ECSV reads "" back as masked
     except (OSError, ValueError):
         return {}
     return {str(r["night"]): {col: r[col].item() for col in COLUMNS} for r in table if r["night"] in keep}
@@ -317,5 +317,6 @@ def _run_pending(archive: Path, out: Path, pending: list[str], config: dict, row
                 row = _empty_row(status="failed", reason=f"{type(exc).__name__}: {exc}",
                                  config_hash=config_hash(config))
             rows[name] = {**row, "night": name}
+            remove_temporaries(out / name)      # what an attempt on a worker that died left
             write_table(out, rows)
             progress(rows[name])

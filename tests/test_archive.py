@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def archive_cli(archive: Path, out: Path, config: Path, *extra: str) -> tuple[in
 
 def by_night(table: Table) -> dict[str, dict]:
     assert len(set(table["night"])) == len(table), "a night twice in archive.ecsv"
+    table = table.filled("")                                    # ECSV reads "" back as masked
     return {str(row["night"]): {name: row[name] for name in table.colnames} for row in table}
 
 
@@ -127,6 +129,9 @@ def test_rerun_skips_finished_nights(archive, first_run):
     assert {name: rows[name]["status"] for name in rows} == {**{n: "skipped" for n in GOOD}, BROKEN: "failed"}
     for name in GOOD:                   # a skipped row keeps what the run that made the products measured
         assert rows[name]["stacked"] == first_run["rows"][name]["stacked"]
+    # --only: nothing else is looked at, and the other nights' rows stay (no cluster is started for nothing)
+    code, table = archive_cli(archive["archive"], first_run["out"], archive["config"], "--only", "lab/*")
+    assert code == 1 and by_night(table) == rows
 
 
 def test_a_night_that_gained_a_file_is_recomputed(archive, first_run, tmp_path):
@@ -142,22 +147,26 @@ def test_a_night_that_gained_a_file_is_recomputed(archive, first_run, tmp_path):
     assert not temporaries(out)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1; yields (address, worker addresses)."""
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1; yields a client of it.
+
+    The scheduler retries a task whose worker died once, as observer's LocalCluster does.
+    """
     from distributed import Client
 
     dask = str(Path(sys.executable).with_name("dask"))
-    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file = tmp_path_factory.mktemp("cluster") / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                               "--scheduler-file", str(scheduler_file)], stderr=subprocess.DEVNULL)]
+                               "--scheduler-file", str(scheduler_file)], stderr=subprocess.DEVNULL, env=env)]
     try:
         for name in ("w1", "w2"):
             procs.append(subprocess.Popen([dask, "worker", "--scheduler-file", str(scheduler_file), "--nthreads",
                                            "1", "--name", name, "--no-dashboard"], stderr=subprocess.DEVNULL))
         with Client(scheduler_file=str(scheduler_file), timeout="60s") as client:
             client.wait_for_workers(2, timeout=120)
-            yield client.scheduler.address, set(client.scheduler_info()["workers"])
+            yield client
     finally:
         for proc in procs:
             proc.kill()
@@ -166,9 +175,9 @@ def cluster(tmp_path):
 
 
 def test_an_existing_cluster_through_scheduler(archive, references, cluster, tmp_path):
-    address, workers = cluster
+    workers = set(cluster.scheduler_info()["workers"])
     out = tmp_path / "out"
-    code, table = archive_cli(archive["archive"], out, archive["config"], "--scheduler", address)
+    code, table = archive_cli(archive["archive"], out, archive["config"], "--scheduler", cluster.scheduler.address)
     rows = by_night(table)
     assert code == 1 and rows[BROKEN]["status"] == "failed"
     assert {rows[name]["worker"] for name in rows} <= workers
@@ -176,6 +185,26 @@ def test_an_existing_cluster_through_scheduler(archive, references, cluster, tmp
         assert rows[name]["status"] == "done"
         target = GOOD[name].target
         assert_same_catalog(out / name / target / "catalog.ecsv", references / name / target / "catalog.ecsv")
+
+
+def test_a_worker_killed_mid_night_is_retried_elsewhere(archive, cluster, tmp_path):
+    night = "2026-01/06"
+    out = tmp_path / "out"
+    run = threading.Thread(target=archive_cli, args=(archive["archive"], out, archive["config"], "--only", night,
+                                                     "--scheduler", cluster.scheduler.address))
+    run.start()
+    try:
+        busy = None
+        while busy is None and run.is_alive():
+            busy = next((w for w, keys in cluster.processing().items() if keys), None)
+            time.sleep(0.05)
+        assert busy is not None, "the night finished before its worker could be killed"
+        os.kill(cluster.run(os.getpid, workers=[busy])[busy], signal.SIGKILL)    # its nanny starts another
+    finally:
+        run.join()
+    row = by_night(Table.read(out / "archive.ecsv"))[night]
+    assert row["status"] == "done" and row["worker"] and row["worker"] != busy
+    assert not temporaries(out)
 
 
 def test_a_killed_client_then_a_rerun_does_every_night_once(archive, tmp_path):

@@ -47,7 +47,7 @@ from astropy.table import Table
 from observer.config import ConfigError, Settings, settings_from_dict, settings_to_dict
 from observer.ingest import is_fits_name
 from observer.products import atomic_write_json, atomic_write_table
-from observer.reprocess import BAR_WIDTH
+from observer.reprocess import BAR_WIDTH, reprocess
 from observer.watcher import inside, scan
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,9 @@ def _empty_row(**values: Any) -> dict:
 def run_night(nightdir: str, config: dict, outdir: str) -> dict:
     """Reprocess one night into ``outdir`` as ``observer reprocess`` would; return its archive.ecsv row.
 
-    Never raises: an exception here would be retried by Dask (``retries`` is for
-    a lost worker), and a broken night fails the same way twice.
+    Never raises: Dask would rerun a task that raised (``retries``), and a broken
+    night fails the same way twice. A worker lost mid-night is the scheduler's to
+    retry (``allowed-failures``); its temporary folder is left for the client.
     """
     start = time.monotonic()
     final = Path(outdir)
@@ -116,8 +117,6 @@ def run_night(nightdir: str, config: dict, outdir: str) -> dict:
     chash = config_hash(config)
     row = _empty_row(worker=_worker_address(), config_hash=chash)
     try:
-        from observer.reprocess import reprocess
-
         prints = fingerprint(Path(nightdir))
         night = reprocess(nightdir, temp, settings_from_dict(config), progress=False)
         row.update(_summary(night.records, temp))
@@ -305,9 +304,9 @@ def _run_pending(archive: Path, out: Path, pending: list[str], config: dict, row
         if "dashboard" in client.scheduler_info().get("services", {}):
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         run = uuid.uuid4().hex[:8]
-        futures = {client.submit(run_night, str(archive / name), config, str(out / name),
-                                 key=f"observer-night-{name}-{run}", retries=1, pure=False): name
-                   for name in pending}
+        # retries: for a failure outside run_night (which never raises), e.g. unpickling its arguments
+        futures = {client.submit(run_night, str(archive / name), config, str(out / name), pure=False, retries=1,
+                                 key=f"observer-night-{name}-{run}"): name for name in pending}
         progress = NightProgress(len(pending))
         for future in as_completed(futures):
             name = futures[future]

@@ -5,10 +5,11 @@ process (no Dask). Figures:
 
 - nights/min for serial reprocess, the archive on 1 worker and on 2 workers
   (wall clock, cluster start and stop included, as a user waits for it);
-- overhead per night task: the archive on 1 worker minus the serial reprocess,
-  cluster start excluded, per night (Dask round trip, the task's fingerprint,
-  marker and rename, and a fresh process's first imports); and the bare Dask
-  round trip of an empty task;
+- overhead per night task, on 1 worker: the wall clock minus the cluster start
+  minus the seconds measured inside the tasks, per night (scheduling, transfer,
+  the row's round trip); the tasks' own seconds against the serial reprocess
+  (the fingerprint, marker and rename, one BLAS thread, a fresh process's first
+  imports); and the bare Dask round trip of an empty task;
 - an up-to-date rerun (every night skipped): the cost of checking the markers.
 
     /work/venv/bin/python bench/archive.py                   # 4 nights of 512 px, 3 frames per filter
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -73,30 +75,33 @@ def main() -> None:
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     settings = Settings()
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-archive-") as tmp:
         root = Path(tmp)
         archive = simulate_archive(root, args.nights, args.size, args.frames)
         nights = sorted(p for p in archive.iterdir())
         serial, _ = timed(lambda: [reprocess(n, root / "serial" / n.name, settings, progress=False) for n in nights])
         start1 = cluster_start_seconds(1)
-        walls = {}
+        walls, inside = {}, {}
         for workers in (1, 2):
-            walls[workers], _ = timed(run_archive, archive, root / f"out{workers}", settings, workers=workers)
+            walls[workers], rows = timed(run_archive, archive, root / f"out{workers}", settings, workers=workers)
+            inside[workers] = sum(row["seconds"] for row in rows.values())
         rerun, rows = timed(run_archive, archive, root / "out2", settings, workers=2)
         assert all(row["status"] == "skipped" for row in rows.values())
         trip = round_trip_seconds()
         shutil.rmtree(root / "serial")
 
     n = args.nights
-    print(f"archive of {n} nights, {args.size} px, {args.frames} frames per filter (2 filters + offsets)")
+    print(f"archive of {n} nights, {args.size} px, {args.frames} frames per filter (2 filters + offsets); "
+          f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"  serial reprocess (no Dask): {serial:6.1f} s  {n / serial * 60:5.2f} nights/min")
     for workers, wall in walls.items():
         print(f"  archive, {workers} worker{'s' if workers > 1 else ' '}:        {wall:6.1f} s  "
               f"{n / wall * 60:5.2f} nights/min  ({serial / wall:.2f}x serial)")
     print(f"  2 workers / 1 worker: {walls[1] / walls[2]:.2f}x")
     print(f"  LocalCluster start + close (1 worker): {start1:.1f} s per run")
-    print(f"  overhead per night task: {(walls[1] - start1 - serial) / n:+.2f} s "
-          f"(archive on 1 worker - cluster start - serial, per night)")
+    print(f"  overhead per night task (1 worker): {(walls[1] - start1 - inside[1]) / n:.2f} s outside the task; "
+          f"inside it {inside[1] / n:.1f} s against {serial / n:.1f} s serial")
     print(f"  Dask round trip of an empty task: {trip * 1000:.1f} ms")
     print(f"  up-to-date rerun (all {n} skipped, no cluster started): {rerun:.2f} s")
 

@@ -268,8 +268,9 @@ def run_archive(archive: str | Path, out: str | Path, settings: Settings, *, sch
         raise OSError(f"{archive}: no such folder")
     if inside(out, archive):
         raise ConfigError(f"option '--out': {out} is inside the archive {archive}; give a folder elsewhere")
-    if workers is not None and workers < 1:
-        raise ConfigError("option '--workers': expected an integer >= 1")
+    if workers is not None and (workers < 1 or scheduler):
+        raise ConfigError("option '--workers': expected an integer >= 1, and no --scheduler (its cluster has "
+                          "its own workers)")
     every = find_nights(archive)
     nights = [n for n in every if only is None or fnmatch.fnmatch(n, only)]
     if not nights:

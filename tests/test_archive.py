@@ -243,5 +243,6 @@ def test_usage_errors(archive, tmp_path):
     assert main(["archive", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 1   # no nights
     assert main(["archive", str(archive["archive"]), "--out", str(archive["archive"] / "out")]) == 2
     assert main(["archive", str(archive["archive"]), "--out", str(tmp_path / "out"), "--only", "nothing*"]) == 1
+    assert main(["archive", str(archive["archive"]), "--out", str(tmp_path / "out"), "--workers", "0"]) == 2
     assert main(["archive", str(archive["archive"]), "--out", str(tmp_path / "out"), "--force",
                  "--scheduler", "tcp://127.0.0.1:not-a-port"]) == 1

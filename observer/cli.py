@@ -1,4 +1,4 @@
-"""The ``observer`` command line: simulate, watch, reprocess, demo.
+"""The ``observer`` command line: simulate, watch, reprocess, demo, archive.
 
 Exit codes (DESIGN.md): 0 success, 2 bad usage or bad configuration (the message
 names the key), 1 failure.
@@ -113,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--frames", type=int, default=10)
     demo.add_argument("--headless", action="store_true")
     _add_config(demo)
+
+    arch = verbs.add_parser("archive", help="reprocess every night of an archive on Dask, resumable",
+                            description="Reprocess every sub-folder of ARCHIVE that holds camera files as one "
+                                        "Dask task into OUT/<night>/ (as reprocess writes it), on a LocalCluster "
+                                        "or an existing cluster; nights whose products are current are skipped. "
+                                        "OUT/archive.ecsv has one row per night.")
+    arch.add_argument("archive", type=Path)
+    arch.add_argument("--out", type=Path, required=True, help="output folder (not inside ARCHIVE)")
+    arch.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://host:8786")
+    arch.add_argument("--workers", type=int, help="LocalCluster worker processes (default: the cores)")
+    arch.add_argument("--only", metavar="PATTERN", help="only nights whose relative path matches (glob)")
+    arch.add_argument("--force", action="store_true", help="recompute nights whose products are current")
+    _add_config(arch)
     return parser
 
 
@@ -180,7 +193,25 @@ def _run_demo(args: argparse.Namespace, settings: Settings) -> int:
                     headless=args.headless)
 
 
-RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo}
+def _run_archive(args: argparse.Namespace, settings: Settings) -> int:
+    from observer.archive import run_archive
+
+    logging.getLogger("observer.archive").setLevel(min(logging.INFO, logging.getLogger().level))
+    if args.verbose < 2:        # the scheduler's own INFO lines (workers joining, leaving) only with -vv
+        import distributed  # noqa: F401  (its import sets its loggers' levels: set ours after it)
+
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    rows = run_archive(args.archive, args.out, settings, scheduler=args.scheduler, workers=args.workers,
+                       only=args.only, force=args.force)
+    failed = sum(row["status"] == "failed" for row in rows.values())
+    if failed:
+        print(f"observer archive: {failed} of {len(rows)} nights failed (see {args.out / 'archive.ecsv'})",
+              file=sys.stderr)
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo,
+           "archive": _run_archive}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -295,9 +295,8 @@ def _validate_cross(settings: Settings) -> None:
 
 def load_settings(path: str | Path | None = None) -> Settings:
     """Defaults, overridden by the YAML file at ``path`` when given."""
-    settings = Settings()
     if path is None:
-        return settings
+        return Settings()
     path = Path(path)
     try:
         text = path.read_text()
@@ -307,9 +306,15 @@ def load_settings(path: str | Path | None = None) -> Settings:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML ({exc})") from exc
+    return settings_from_dict(data)
+
+
+def settings_from_dict(data: dict | None) -> Settings:
+    """Defaults overridden by ``data``: a parsed config file, or ``settings_to_dict``'s output (how a task
+    on another machine gets the settings: a plain dict travels, a file path may not exist there)."""
     if data is None:
-        return settings
-    settings = _merge(settings, data, "")
+        return Settings()
+    settings = _merge(Settings(), data, "")
     _validate_cross(settings)
     return settings
 

@@ -21,7 +21,7 @@ from observer import advice, checkpoint, writers
 from observer.config import Settings
 from observer.session import FilterSession, TargetSession
 from observer.state import FrameRecord, Snapshot
-from observer.tagging import TaggingError, Tags, tag_frame
+from observer.tagging import TaggingError, Tags, tag_facts
 from reduction.background import offset_sky_shape, sky_model
 from reduction.calibration import Masters, apply_calibration, combine_masters
 from reduction.frames import Frame, FrameError, load_frame
@@ -127,7 +127,7 @@ class Night:
         steps: dict[str, float] = {}
         try:
             start = time.perf_counter()
-            frame = load_frame(path)
+            frame = load_frame(path, self.settings.header.keywords())
             steps["load"] = time.perf_counter() - start
             self._fill_header_columns(record, frame)
             tags = self._tag(path, frame)
@@ -165,11 +165,8 @@ class Night:
         record.exptime = float(facts.exptime) if facts.exptime is not None else float("nan")
 
     def _tag(self, path: Path, frame: Frame) -> Tags:
-        facts = frame.facts
-        pointing = (facts.ra_deg, facts.dec_deg) if facts.ra_deg is not None and facts.dec_deg is not None \
-            else None
         pointings = {name: t.pointing for name, t in self.targets.items() if t.pointing is not None}
-        return tag_frame(path, facts.imagetyp, facts.object, facts.filter, pointing, self.settings, pointings)
+        return tag_facts(path, frame.facts, self.settings, pointings)
 
     # ----------------------------------------------------------------- calibration and offsets
     def _take_calibration(self, path: Path, tags: Tags) -> None:

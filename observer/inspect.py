@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from astropy.io import fits
 from astropy.time import Time
 
 from observer.config import Settings
@@ -37,7 +38,7 @@ class Row:
     shape: tuple[int, ...] = ()
     tags: Tags | None = None
     reason: str = ""
-    header_keys: tuple[str, ...] = ()
+    header: fits.Header | None = None
 
     @property
     def action(self) -> str:
@@ -83,7 +84,7 @@ def inspect_night(camdir: str | Path, settings: Settings) -> Report:
             rows.append(Row(path=path, facts=None, reason=str(exc)))
             continue
         rows.append(Row(path=path, facts=header_facts(header, keywords), shape=shape,
-                        header_keys=tuple(header.keys())))
+                        header=header))
     rows.sort(key=_date_key)
     pointings: dict[str, tuple[float, float]] = {}
     for row in rows:
@@ -176,7 +177,12 @@ _MISSING = {"no FILTER": ("filter", r"FILT|FLT"), "flat without a filter": ("fil
 
 def _candidate_keys(row: Row, pattern: str, configured: list[str]) -> list[str]:
     """Header keys that look like they hold a fact (``pattern``) but are not in its keyword list."""
-    return [k for k in row.header_keys if re.search(pattern, k) and k not in configured]
+    return [k for k in (row.header or {}) if re.search(pattern, k) and k not in configured]
+
+
+def _plain_or_quoted(key: str) -> str:
+    """A keyword as a YAML flow-list item: patterns ('* FILT* NAME') need quotes."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else f"'{key}'"
 
 
 def propose_config(report: Report, settings: Settings) -> list[str]:
@@ -185,16 +191,23 @@ def propose_config(report: Report, settings: Settings) -> list[str]:
     header: dict[str, list[str]] = {}
     notes: list[str] = []
     default_filter = False
+    def alias(value: str) -> None:
+        if settings.filters.normalise(value) is None:
+            aliases[value] = re.sub(r"[^a-z0-9]+", "", value.lower()) or "filter"
+
     for row in report.untagged:
         value = _unknown_filter(row.reason)
         if value is not None:
-            aliases[value] = re.sub(r"[^a-z0-9]+", "", value.lower()) or "filter"
+            alias(value)
             continue
         fix = next((v for k, v in _MISSING.items() if row.reason.startswith(k)), None)
         keys = _candidate_keys(row, fix[1], getattr(settings.header, fix[0])) if fix else []
         if keys:
             listed = header.setdefault(fix[0], list(getattr(settings.header, fix[0])))
             listed.extend(k for k in keys if k not in listed)
+            if fix[0] == "filter":
+                for key in keys:
+                    alias(str(row.header[key]).strip())
         elif fix and fix[0] == "filter":
             default_filter = True
         else:
@@ -210,7 +223,7 @@ def propose_config(report: Report, settings: Settings) -> list[str]:
             lines.append(f"  default_filter: luminance   # the camera writes no filter; one of: {canonical}")
     if header:
         lines.append("header:")
-        lines.extend(f"  {fact}: [{', '.join(keys)}]" for fact, keys in sorted(header.items()))
+        lines.extend(f"  {fact}: [{', '.join(map(_plain_or_quoted, keys))}]" for fact, keys in sorted(header.items()))
     return lines + notes
 
 

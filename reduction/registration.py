@@ -40,9 +40,14 @@ Method (in the spirit of astroalign, Beroiz et al. 2020):
    :class:`RegistrationError` rather than returned as a wrong transform.
 
 If the brightest ``n`` points are swamped by spurious detections the search is
-repeated with more points (``_N_BRIGHT``), and last with a vote over all
-point-pair offsets on a grid of small rotations (needs no brightness order;
-rotations up to 3 degrees), so the cheap case stays cheap.
+repeated with more points (``_N_BRIGHT``), then with the shift from FFT phase
+correlation of the two star-position images (numpy FFT; every point counts the
+same), and last with a vote over all point-pair offsets on a grid of small
+rotations (needs no brightness order; rotations up to 3 degrees), so the cheap
+case stays cheap.  A short exposure's centroids scatter with photon noise: when
+no transform has a residual below ``max_rms``, one fitted on enough stars whose
+standard error (rms / sqrt(matches)) is below ``_PRECISION_FRAC * max_rms`` is
+accepted, since the transform, not each centroid, is what the stack needs.
 
 Conventions: pixel coordinates are 0-based (x, y) = (column, row).
 :class:`Transform` maps REFERENCE-grid (x, y) to FRAME (x, y), which is the

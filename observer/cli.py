@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--only", metavar="PATTERN", help="only nights whose relative path matches (glob)")
     arch.add_argument("--force", action="store_true", help="recompute nights whose products are current")
     _add_config(arch)
+    insp = verbs.add_parser("inspect", help="what observer makes of every file, from the headers alone",
+                            description="Tag every FITS file of CAMDIR from its header (nothing is reduced): a "
+                                        "table of kind, target, filter, exposure, gain, date, shape and what "
+                                        "observer would do, a summary per target and filter, and the config "
+                                        "lines that would tag the files it cannot. Exit code 0 when every file "
+                                        "tags, 1 when some cannot, 2 for a bad config.")
+    insp.add_argument("camdir", type=Path)
+    _add_config(insp)
     return parser
 
 
@@ -212,6 +220,14 @@ def _run_archive(args: argparse.Namespace, settings: Settings) -> int:
 
 RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo,
            "archive": _run_archive}
+def _run_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from observer.inspect import run_inspect
+
+    return run_inspect(args.camdir, settings, sys.stdout)
+
+
+RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo,
+           "archive": _run_archive, "inspect": _run_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ expected; the command line turns them into exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from reduction.frames import DEFAULT_KEYWORDS
 
 
 class ConfigError(ValueError):
@@ -62,26 +65,39 @@ class FilterSettings:
                                                                   "luminance": 25.0})
     bands: dict[str, str] = field(default_factory=lambda: {"blue": "B", "green": "V", "red": "R"})
     default_zeropoint: float = _num(25.0)
+    #: Filter of a camera that writes none (a filterless or one-filter camera); null: none assumed.
+    default_filter: str | None = None
 
     def normalise(self, name: str | None) -> str | None:
-        """Canonical filter name for a header value (case and spacing forgiven), or None."""
+        """Canonical filter name for a header value, or None when the alias table does not know it.
+
+        Observatories decorate the band with its system ('JohnsonB', 'B-Bessell', 'V (Johnson)',
+        'sloan_g', "g'", 'SDSS-r'): the value is tried as written, then case-insensitively, then with
+        the system words, primes and separators stripped, so one alias per band covers them all.
+        """
         if name is None:
             return None
         raw = str(name).strip()
         if raw in self.aliases:
             return self.aliases[raw]
         lowered = {k.lower(): v for k, v in self.aliases.items()}
-        return lowered.get(raw.lower(), raw.lower() or None)
-
-    def known(self, name: str | None) -> str | None:
-        """Canonical name only when ``name`` is in the alias table (for guesses from file names)."""
-        if name is None:
-            return None
-        lowered = {k.lower(): v for k, v in self.aliases.items()}
-        return lowered.get(str(name).strip().lower())
+        for candidate in (raw.lower(), _strip_system(raw)):
+            if candidate in lowered:
+                return lowered[candidate]
+        return None
 
     def zeropoint(self, name: str) -> float:
+        """The configured zeropoint of a canonical filter, else the default."""
         return self.zeropoints.get(name, self.default_zeropoint)
+
+
+#: Words naming a photometric system rather than a band; stripped before the alias look-up.
+_SYSTEM_WORDS = re.compile(r"johnson|bessell?|cousins|sloan|sdss|kron|filter|generic|broad|band", re.IGNORECASE)
+
+
+def _strip_system(name: str) -> str:
+    """'JohnsonB', 'B-Bessell', 'V (Johnson)', "g'", 'SDSS-r' -> 'b', 'b', 'v', 'g', 'r'."""
+    return re.sub(r"[\s_\-.:/()'\[\]]+", "", _SYSTEM_WORDS.sub("", name)).lower()
 
 
 @dataclass
@@ -98,6 +114,31 @@ class CmdSettings:
         return first, second
 
 
+def _keywords(*names: str) -> Any:
+    return field(default_factory=lambda: list(names), metadata=_check(
+        lambda v: len(v) >= 1 and all(k.strip() for k in v), "a non-empty list of FITS keywords"))
+
+
+@dataclass
+class HeaderSettings:
+    """Which header keywords carry each fact, tried in order (the dialects of acquisition programs
+    and observatory systems). An entry with ``*`` is a pattern over the header's keys, for HIERARCH
+    cards ('* FILT* NAME' matches 'ESO INS FILT1 NAME'). The defaults equal reduction.frames'.
+    """
+
+    filter: list[str] = _keywords(*DEFAULT_KEYWORDS["filter"])
+    kind: list[str] = _keywords(*DEFAULT_KEYWORDS["kind"])
+    exposure: list[str] = _keywords(*DEFAULT_KEYWORDS["exposure"])
+    gain: list[str] = _keywords(*DEFAULT_KEYWORDS["gain"])
+    read_noise: list[str] = _keywords(*DEFAULT_KEYWORDS["read_noise"])
+    date: list[str] = _keywords(*DEFAULT_KEYWORDS["date"])
+    target: list[str] = _keywords(*DEFAULT_KEYWORDS["target"])
+
+    def keywords(self) -> dict[str, tuple[str, ...]]:
+        """The lists in the form ``reduction.frames.header_facts`` takes."""
+        return {name: tuple(getattr(self, name)) for name in DEFAULT_KEYWORDS}
+
+
 @dataclass
 class TaggingSettings:
     """Rules that tag frames when the header alone does not say (header first, these second)."""
@@ -107,6 +148,8 @@ class TaggingSettings:
     target_from_filename: str = field(default=r"^(?P<target>[A-Za-z]+[ _-]?\d+)", metadata=_check(
         lambda v: "(?P<target>" in v, "a regular expression with a (?P<target>...) group"))
     filter_from_filename: str = r"[_-](?P<filter>[A-Za-z]+)[_-]?\d*\.f"
+    #: A frame whose OBJECT names no known target but points this close to one belongs to it (typos).
+    same_field_arcmin: float = _num(2.0)
 
 
 @dataclass
@@ -205,6 +248,7 @@ class Settings:
     """Everything observer can be told; see config.yaml for the documented defaults."""
 
     filters: FilterSettings = field(default_factory=FilterSettings)
+    header: HeaderSettings = field(default_factory=HeaderSettings)
     cmd: CmdSettings = field(default_factory=CmdSettings)
     tagging: TaggingSettings = field(default_factory=TaggingSettings)
     reduction: ReductionSettings = field(default_factory=ReductionSettings)
@@ -277,6 +321,9 @@ def _merge(instance: Any, overrides: dict, prefix: str) -> Any:
             changes[key] = _merge(getattr(instance, key), value or {}, f"{dotted}.")
             continue
         coerced = _coerce(value, tp, dotted)
+        if isinstance(coerced, dict):
+            # Tables (aliases, zeropoints, bands) merge into the defaults: "only the keys you change".
+            coerced = {**getattr(instance, key), **coerced}
         meta = fields[key].metadata
         if coerced is not None and "check" in meta and not meta["check"](coerced):
             raise ConfigError(f"config key '{dotted}': expected {meta['expected']}, got {value!r}")
@@ -287,6 +334,9 @@ def _merge(instance: Any, overrides: dict, prefix: str) -> Any:
 def _validate_cross(settings: Settings) -> None:
     """Checks that involve more than one key."""
     known = set(settings.filters.aliases.values())
+    default = settings.filters.default_filter
+    if default is not None and settings.filters.normalise(default) is None:
+        raise ConfigError(f"config key 'filters.default_filter': expected a name in filters.aliases, got {default!r}")
     for name in (*settings.cmd.color_filters, settings.cmd.magnitude):
         if name not in known:
             raise ConfigError(f"config key 'cmd': filter '{name}' is not a canonical name in filters.aliases "

@@ -30,7 +30,7 @@ from observer.config import Settings
 from observer.session import ExposureGroup, FilterSession, NightState, TargetSession
 from observer.snapshot import preview_of
 from observer.state import CALIBRATION_KINDS, FrameRecord, Kind, Status
-from observer.tagging import TaggingError, Tags, tag_frame
+from observer.tagging import TaggingError, Tags, tag_facts
 from reduction.background import SkyModel, offset_sky_shape, sky_model
 from reduction.calibration import apply_calibration, combine_masters
 from reduction.frames import Frame, FrameError, load_frame
@@ -103,7 +103,7 @@ def timed(name: str, seconds: dict[str, float]) -> Iterator[None]:
 # --------------------------------------------------------------------- the steps
 def load(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
     """Read the file into float32 and fill the header columns of its record."""
-    ctx.frame = load_frame(ctx.path)
+    ctx.frame = load_frame(ctx.path, settings.header.keywords())
     facts = ctx.frame.facts
     ctx.record.date_obs = facts.date_obs.isot if facts.date_obs is not None else ""
     ctx.record.exptime = float(facts.exptime) if facts.exptime is not None else float("nan")
@@ -112,17 +112,13 @@ def load(state: NightState, settings: Settings, ctx: FrameContext) -> FrameConte
 
 def tag(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
     """Kind, target and filter; calibration frames go to the masters and end here."""
-    facts = ctx.frame.facts
-    pointing = (facts.ra_deg, facts.dec_deg) if facts.ra_deg is not None and facts.dec_deg is not None \
-        else None
     pointings = {name: t.pointing for name, t in state.targets.items() if t.pointing is not None}
-    ctx.tags = tags = tag_frame(ctx.path, facts.imagetyp, facts.object, facts.filter, pointing, settings,
-                                pointings)
+    ctx.tags = tags = tag_facts(ctx.path, ctx.frame.facts, settings, pointings)
     ctx.record.kind, ctx.record.target, ctx.record.filter = tags.kind, tags.target, tags.filter
     if tags.kind in CALIBRATION_KINDS:
         key = tags.kind if tags.kind != Kind.FLAT else f"flat:{tags.filter}"
         state.calibration_files.setdefault(key, []).append(str(ctx.path))
-        rebuild_masters(state)
+        rebuild_masters(state, settings)
         ctx.record.status, ctx.record.reason = Status.CALIBRATION, f"{tags.kind} frame for the masters"
         ctx.done = True
         return ctx
@@ -329,10 +325,12 @@ def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSessio
                        else None, baseline_elongation=baseline_elongation)
 
 
-def rebuild_masters(state: NightState) -> None:
+def rebuild_masters(state: NightState, settings: Settings) -> None:
     """Masters from every calibration file so far (re-read from disk: a handful of files, cheap)."""
+    keywords = settings.header.keywords()
+
     def stack_of(key: str) -> list[Frame]:
-        return [load_frame(p) for p in state.calibration_files.get(key, [])]
+        return [load_frame(p, keywords) for p in state.calibration_files.get(key, [])]
 
     bias = stack_of("bias")
     darks = stack_of("dark")

@@ -54,7 +54,7 @@ class Night:
         self._written: set[tuple[str, str, str]] = set()    # groups whose stack_<EXPTIME>s.fits exists
         if state is not None:
             if any(state.calibration_files.values()):
-                rebuild_masters(state)
+                rebuild_masters(state, settings)
             self._stacks_dirty.update((t, f, g.label) for t, target in state.targets.items()
                                       for f, s in target.filters.items() for g in s.groups)
             self._catalog_dirty.update(state.targets)

@@ -53,7 +53,7 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _date_obs_key(path: Path) -> tuple[int, float, str]:
+def _date_obs_key(path: Path, keywords: dict[str, tuple[str, ...]] | None = None) -> tuple[int, float, str]:
     """Sort key: DATE-OBS (read from the header only), files without one last, ties by name."""
     from astropy.io import fits
 
@@ -62,7 +62,7 @@ def _date_obs_key(path: Path) -> tuple[int, float, str]:
     try:
         with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
             for hdu in hdul[:2]:
-                date = header_facts(hdu.header).date_obs
+                date = header_facts(hdu.header, keywords).date_obs
                 if date is not None:
                     return (0, float(date.mjd), path.name)
     except Exception:  # noqa: BLE001 - unreadable or not FITS: it still gets its record, last
@@ -83,7 +83,8 @@ def process_existing(nightdir: str | Path, outdir: str | Path, settings: Setting
     service = Service(nightdir, outdir, settings, night_factory=night_factory, live=False)
     try:
         paths = [p for p in scan(service.camdir) if inside(p, service.camdir)]
-        fits_paths = sorted((p for p in paths if is_fits_name(p.name)), key=_date_obs_key)
+        keywords = settings.header.keywords()
+        fits_paths = sorted((p for p in paths if is_fits_name(p.name)), key=lambda p: _date_obs_key(p, keywords))
         service.note_existing(paths)
         for done, path in enumerate(fits_paths, start=1):
             record = service.handle(_existing_job(path))

@@ -10,19 +10,21 @@ and is not guessed.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from observer.config import Settings
+from observer.config import FilterSettings, Settings
+from reduction.frames import HeaderFacts
 
-KINDS = ("science", "offset", "bias", "dark", "flat")
+log = logging.getLogger(__name__)
 
 #: Words of IMAGETYP values -> kind, checked in order (so "Dark Flat" is a flat's dark... rare; first wins).
 _TYPE_WORDS = (
     ("bias", "bias"), ("zero", "bias"), ("offset", "offset"),
-    ("dark", "dark"), ("flat", "flat"), ("sky", "offset"),
+    ("dark", "dark"), ("flat", "flat"), ("dome", "flat"), ("twilight", "flat"), ("sky", "offset"),
     ("light", "science"), ("object", "science"), ("science", "science"), ("target", "science"),
 )
 
@@ -65,11 +67,20 @@ def matches_offset_pattern(text: str | None, patterns: list[str]) -> bool:
     return any(re.search(rf"(^|[^a-z]){re.escape(p.lower())}([^a-z]|$)", lowered) for p in patterns)
 
 
-def normalise_target(name: str, patterns: list[str]) -> str:
-    """'M35', 'm 35', 'M35_offset', 'NGC 2168 sky' -> 'M35' / 'NGC2168': offset words and separators removed."""
+def normalise_target(name: str, patterns: list[str], filters: FilterSettings | None = None) -> str:
+    """'M35', 'm 35', 'M35_offset', 'NGC 2168 sky' -> 'M35' / 'NGC2168': offset words and separators removed.
+
+    With ``filters``, a trailing filter name is removed too ('M35 B', 'M35_Blue', 'NGC2420-V'): many
+    observers write the filter into OBJECT, and it must not split one cluster into one target per filter.
+    """
     text = str(name)
     for p in patterns:
         text = re.sub(rf"(?i)(^|[^a-z]){re.escape(p)}([^a-z]|$)", r"\1\2", text)
+    if filters is not None:
+        last = re.fullmatch(r"(?P<head>.*?[^\s_\-])[\s_\-]+(?P<tail>[^\s_\-]*[A-Za-z][^\s_\-]*)",
+                            text.strip(" _-"))
+        if last and filters.normalise(last["tail"]):
+            text = last["head"]
     text = re.sub(r"[\s_\-.:/]+", "", text)
     return text.upper()
 
@@ -81,46 +92,106 @@ def angular_distance_arcmin(ra1: float, dec1: float, ra2: float, dec2: float) ->
     return math.degrees(2 * math.asin(min(1.0, math.sqrt(h)))) * 60.0
 
 
-def tag_frame(path: str | Path, imagetyp: str | None, obj: str | None, filt: str | None,
-              pointing: tuple[float, float] | None, settings: Settings,
+def _filter_of(name: str, facts: HeaderFacts, kind: str, settings: Settings) -> str:
+    """Canonical filter from the header cards, else the file name, else the configured default.
+
+    Two cards naming different known filters are a contradiction, not a choice; a header name the
+    alias table does not know is an error that says where to add it (``filters.aliases``).
+    """
+    filters = settings.filters
+    known = [(key, value, filters.normalise(value)) for key, value in facts.filter_cards]
+    if facts.filter is not None and not known:
+        known = [(facts.sources.get("filter", "FILTER"), facts.filter, filters.normalise(facts.filter))]
+    named = [k for k in known if k[2]]
+    other = next((k for k in named if k[2] != named[0][2]), None)
+    if other is not None:
+        first = named[0]
+        raise TaggingError(f"contradictory filter keywords: {first[0]}='{first[1]}' ({first[2]}) but "
+                           f"{other[0]}='{other[1]}' ({other[2]}); fix the header or list only one keyword "
+                           f"under header.filter")
+    if known and known[0][2] is None and kind not in ("bias", "dark"):
+        key, value, _ = known[0]
+        raise TaggingError(f"unknown filter {key}='{value}': add it under filters.aliases "
+                           f"(e.g. filters: {{aliases: {{'{value}': <canonical name>}}}})")
+    if named:
+        return named[0][2]
+    match = re.search(settings.tagging.filter_from_filename, name, re.IGNORECASE)
+    guess = filters.normalise(match.group("filter")) if match else None
+    return guess or (filters.normalise(filters.default_filter) if filters.default_filter else "") or ""
+
+
+def _nearest_target(pointing: tuple[float, float] | None, pointings: dict[str, tuple[float, float]],
+                    radius_arcmin: float) -> str:
+    """The known target whose science pointing is nearest ``pointing`` and within the radius, or ''."""
+    if pointing is None or not pointings:
+        return ""
+    distance, name = min((angular_distance_arcmin(*pointing, *ref), name) for name, ref in pointings.items())
+    return name if distance <= radius_arcmin else ""
+
+
+def _target_of(name: str, obj: str | None, pointing: tuple[float, float] | None, settings: Settings,
+               pointings: dict[str, tuple[float, float]]) -> str:
+    """Target from OBJECT, else the file name, else the pointing; a new name pointing at a known field
+    (a typo, 'NCG2420' for 'NGC2420') is that field's target."""
+    rules = settings.tagging
+    target = normalise_target(obj, rules.offset_patterns, settings.filters) if obj else ""
+    if not target:
+        match = re.search(rules.target_from_filename, name, re.IGNORECASE)
+        if match:
+            target = normalise_target(match.group("target"), rules.offset_patterns, settings.filters)
+    if not target:
+        return _nearest_target(pointing, pointings, rules.offset_distance_arcmin)
+    if target not in pointings:
+        same = _nearest_target(pointing, pointings, rules.same_field_arcmin)
+        if same:
+            log.info("%s: OBJECT %r points at %s's field: taken as %s", name, obj, same, same)
+            return same
+    return target
+
+
+def tag_facts(path: str | Path, facts: HeaderFacts, settings: Settings,
               science_pointings: dict[str, tuple[float, float]]) -> Tags:
     """Tags for one frame from its header facts and the night so far.
 
-    ``science_pointings`` maps a target to the pointing of its science frames
-    (known once its first science frame is in); it lets an offset frame written
-    as a plain light frame of the target be recognised by distance.
+    ``science_pointings`` maps a target to the pointing of its science frames (known once its first
+    science frame is in): it recognises an offset frame written as a plain light frame of the target,
+    and a frame's target when OBJECT is missing or misspelt. An untaggable frame raises
+    :class:`TaggingError` and is logged once as a warning naming the file, keyword and value.
     """
-    rules = settings.tagging
     name = Path(path).name
-    kind = kind_from_type(imagetyp) or _kind_from_name(name)
+    try:
+        return _tag(name, facts, settings, science_pointings)
+    except TaggingError as exc:
+        log.warning("%s: %s", name, exc)
+        raise
+
+
+def _tag(name: str, facts: HeaderFacts, settings: Settings,
+         science_pointings: dict[str, tuple[float, float]]) -> Tags:
+    rules = settings.tagging
+    obj = facts.object
+    pointing = (facts.ra_deg, facts.dec_deg) if facts.ra_deg is not None and facts.dec_deg is not None else None
+    kind = kind_from_type(facts.imagetyp) or _kind_from_name(name) or _kind_from_name(obj or "")
     if kind is None:
-        if obj or re.search(rules.target_from_filename, name):
+        if obj or re.search(rules.target_from_filename, name, re.IGNORECASE) or \
+                _nearest_target(pointing, science_pointings, rules.offset_distance_arcmin):
             kind = "science"
         else:
-            raise TaggingError("no frame type (IMAGETYP/FRAMETYP/FRAME) and no OBJECT or target in the file name")
-
-    filter_name = settings.filters.normalise(filt)
-    if filter_name is None and kind != "bias" and kind != "dark":
-        # A guess from the file name counts only when it is a known filter name ("no_filter.fits" is not).
-        match = re.search(rules.filter_from_filename, name)
-        filter_name = settings.filters.known(match.group("filter")) if match else None
-    if kind in ("bias", "dark"):
-        return Tags(kind=kind, target="", filter=filter_name or "")
-    if filter_name is None:
-        raise TaggingError("no FILTER in the header and none recognised in the file name")
-    if kind == "flat":
+            raise TaggingError("no frame type (header.kind keywords: IMAGETYP, FRAMETYP, FRAME, OBSTYPE) "
+                               "and no OBJECT or target in the file name")
+    filter_name = _filter_of(name, facts, kind, settings)
+    if kind in ("bias", "dark", "flat"):
+        # Calibration frames never create targets, whatever their OBJECT says.
+        if kind == "flat" and not filter_name:
+            raise TaggingError("flat without a filter (header.filter keywords) and none in the file name")
         return Tags(kind=kind, target="", filter=filter_name)
-
-    target = ""
-    if obj and normalise_target(obj, rules.offset_patterns):
-        target = normalise_target(obj, rules.offset_patterns)
-    else:
-        match = re.search(rules.target_from_filename, name)
-        if match:
-            target = normalise_target(match.group("target"), rules.offset_patterns)
+    if not filter_name:
+        raise TaggingError("no FILTER (or another header.filter keyword) in the header and none recognised in "
+                           "the file name; set filters.default_filter for a camera without filters")
+    target = _target_of(name, obj, pointing, settings, science_pointings)
     if not target:
-        raise TaggingError("no OBJECT in the header and no target recognised in the file name")
-
+        raise TaggingError("no OBJECT (header.target keywords) in the header, no target recognised in the "
+                           "file name and no known target at this pointing")
     if kind == "science":
         if matches_offset_pattern(obj, rules.offset_patterns) or matches_offset_pattern(
                 Path(name).stem, rules.offset_patterns):
@@ -130,3 +201,13 @@ def tag_frame(path: str | Path, imagetyp: str | None, obj: str | None, filt: str
             if angular_distance_arcmin(*pointing, *ref) > rules.offset_distance_arcmin:
                 kind = "offset"
     return Tags(kind=kind, target=target, filter=filter_name)
+
+
+def tag_frame(path: str | Path, imagetyp: str | None, obj: str | None, filt: str | None,
+              pointing: tuple[float, float] | None, settings: Settings,
+              science_pointings: dict[str, tuple[float, float]]) -> Tags:
+    """:func:`tag_facts` for callers holding loose values (the per-frame path before the restructure)."""
+    ra, dec = pointing if pointing is not None else (None, None)
+    facts = HeaderFacts(imagetyp=imagetyp, object=obj, filter=filt, ra_deg=ra, dec_deg=dec,
+                        sources={"filter": "FILTER"} if filt is not None else {})
+    return tag_facts(path, facts, settings, science_pointings)

@@ -41,6 +41,7 @@ class Masters:
     flat: np.ndarray | None = None
     dark_includes_bias: bool = False
     dark_exptime: float | None = None  # typical exposure of the darks, for the no-bias case
+    flat_mjd: float | None = None  # mean MJD of the flats, to say how old they are when applied
 
 
 def _clipped_mean(frames: Sequence[np.ndarray], sigma: float) -> np.ndarray:
@@ -124,14 +125,58 @@ def _arrays_and_times(items: Sequence[Any], exptimes: Sequence[float] | None
     return arrays, times
 
 
+Geometry = tuple[tuple[int, ...], tuple[int, int]]
+
+
+def _geometry(item: Any) -> Geometry:
+    """(shape, (xbin, ybin)) of a frame or array: masters mix only frames of one geometry."""
+    facts = getattr(item, "facts", None)
+    return np.shape(getattr(item, "data", item)), (getattr(facts, "xbin", 1), getattr(facts, "ybin", 1))
+
+
+def _same_geometry(groups: dict[str, Sequence[Any]], geometry: Geometry | None) -> dict[str, list[int]]:
+    """Indices of each group's frames of ``geometry`` (default: the commonest over all groups); the
+    rest are logged.
+
+    A 2x2-binned bias or a subframe flat in the folder must not be averaged into (or break) the
+    masters of the full-frame 1x1 science frames.
+    """
+    every = [_geometry(it) for items in groups.values() for it in items]
+    if not every:
+        return {name: [] for name in groups}
+    if geometry is None:
+        geometry = max(set(every), key=every.count)
+    out = {}
+    for name, items in groups.items():
+        out[name] = [i for i, it in enumerate(items) if _geometry(it) == geometry]
+        if len(out[name]) < len(items):
+            log.info("%s: %d of %d frames left out of the master: not of shape %s and binning %dx%d",
+                     name, len(items) - len(out[name]), len(items), geometry[0], *geometry[1])
+    return out
+
+
+def _mean_mjd(items: Sequence[Any]) -> float | None:
+    dates = [d.mjd for it in items if (d := getattr(getattr(it, "facts", None), "date_obs", None)) is not None]
+    return float(np.mean(dates)) if dates else None
+
+
 def combine_masters(bias: Sequence[Any] = (), darks: Sequence[Any] = (), flats: Sequence[Any] = (), *,
                     dark_exptimes: Sequence[float] | None = None, flat_exptimes: Sequence[float] | None = None,
-                    sigma: float = 3.0) -> Masters:
+                    sigma: float = 3.0, geometry: Geometry | None = None) -> Masters:
     """Build whichever masters the given frames allow (flats: one filter per call).
 
     Items are loaded frames (``Frame``: the exposure time comes from its header facts) or plain
     arrays (then pass ``dark_exptimes``/``flat_exptimes``).  Empty inputs give ``None`` masters.
+    Only frames of one ``geometry`` ((ny, nx), (xbin, ybin)) are combined: the given one (the
+    science frame's), else the commonest among the inputs.
     """
+    keep = _same_geometry({"bias": bias, "dark": darks, "flat": flats}, geometry)
+
+    def kept(name: str, values: Sequence[Any] | None) -> list[Any] | None:
+        return None if values is None else [values[i] for i in keep[name]]
+
+    bias, darks, flats = kept("bias", bias), kept("dark", darks), kept("flat", flats)
+    dark_exptimes, flat_exptimes = kept("dark", dark_exptimes), kept("flat", flat_exptimes)
     bias_arrays, _ = _arrays_and_times(bias, None)
     dark_arrays, dark_times = _arrays_and_times(darks, dark_exptimes)
     flat_arrays, flat_times = _arrays_and_times(flats, flat_exptimes)
@@ -146,13 +191,21 @@ def combine_masters(bias: Sequence[Any] = (), darks: Sequence[Any] = (), flats: 
                     "exposures matching the darks' (%s s)", sorted(set(dark_times)))
     return Masters(bias=master_bias, dark_per_s=master_dark, flat=master_flat,
                    dark_includes_bias=master_dark is not None and master_bias is None,
-                   dark_exptime=float(np.median(dark_times)) if dark_arrays else None)
+                   dark_exptime=float(np.median(dark_times)) if dark_arrays else None,
+                   flat_mjd=_mean_mjd(flats))
 
 
-def apply_calibration(data: np.ndarray, exptime: float | None, masters: Masters | None) -> np.ndarray:
+#: Flats older (or younger) than this many days are from another night: their age is logged.
+FLAT_AGE_NOTE_DAYS = 0.5
+
+
+def apply_calibration(data: np.ndarray, exptime: float | None, masters: Masters | None,
+                      date_mjd: float | None = None) -> np.ndarray:
     """Bias-, dark- and flat-correct a frame: a new float32 array (``data`` itself when nothing applies).
 
-    ``exptime`` (s) scales the dark; without it the dark is skipped (logged).
+    ``exptime`` (s) scales the dark; without it the dark is skipped (logged).  With the frame's
+    ``date_mjd``, a flat from another night is applied with a log line giving its age (dust moves:
+    the observer should know the flat is not tonight's).
     """
     if masters is None or (masters.bias is None and masters.dark_per_s is None and masters.flat is None):
         return data
@@ -173,5 +226,9 @@ def apply_calibration(data: np.ndarray, exptime: float | None, masters: Masters 
                             masters.dark_exptime, exptime)
             out -= masters.dark_per_s * np.float32(exptime)
     if masters.flat is not None:
+        if date_mjd is not None and masters.flat_mjd is not None and \
+                abs(date_mjd - masters.flat_mjd) > FLAT_AGE_NOTE_DAYS:
+            log.info("flat field from another night applied: %.1f days %s the frame",
+                     abs(date_mjd - masters.flat_mjd), "before" if masters.flat_mjd < date_mjd else "after")
         out /= masters.flat
     return out

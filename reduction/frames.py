@@ -8,6 +8,7 @@ cannot be used is refused with a :class:`FrameError` whose message is shown to t
 """
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import logging
 import math
@@ -32,6 +33,26 @@ log = logging.getLogger(__name__)
 MAX_NONFINITE_FRACTION = 0.5
 #: arcsec per radian / 1000: plate scale ["/px] = pixel size [um] / focal length [mm] * 206.265.
 _ARCSEC_PER_UM_PER_MM = 206.264806
+
+
+#: Header keywords per fact, tried in order: the dialects of acquisition programs (MaxIm DL, N.I.N.A.,
+#: SBIG) and observatory systems (NOAO/IRAF, ESO HIERARCH, Calar Alto, NOT).  An entry with ``*`` is a
+#: pattern over the header's keys (HIERARCH cards are keyed without the word HIERARCH).  The
+#: observer config's ``header`` section defaults to these lists and may replace them.
+DEFAULT_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "filter": ("FILTER", "FILTER1", "FILTER2", "FILTNAME", "FILTNAM", "FILT", "INSFLNAM", "INSFILTE",
+               "ALFLTNM", "FILTERS", "* FILT* NAME"),
+    "kind": ("IMAGETYP", "FRAMETYP", "FRAME", "IMGTYPE", "OBSTYPE"),
+    "exposure": ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME"),
+    "gain": ("GAIN", "EGAIN", "CCDGAIN"),
+    "read_noise": ("RDNOISE", "READNOIS", "RDNOIS", "RON", "CCDRON", "READNOISE"),
+    "date": ("DATE-OBS", "DATE_OBS", "MJD-OBS", "MJD_OBS", "JD", "JD-OBS"),
+    "target": ("OBJECT", "OBJNAME", "FIELD"),
+}
+#: A gain outside this range is not e-/ADU (some cameras write a driver setting, 0-600, under GAIN).
+PLAUSIBLE_GAIN = (0.05, 20.0)
+#: Filter-wheel positions that hold no filter: a second wheel reading 'Open' says nothing.
+_EMPTY_WHEEL = {"clear", "open", "empty", "none", "air", "blank", "no filter", "nofilter", "-", "---"}
 
 
 class FrameError(Exception):
@@ -61,6 +82,10 @@ class HeaderFacts:
     saturate: float | None = None  # ADU
     wcs: WCS | None = None  # celestial part only
     instrument: str | None = None
+    #: fact name ('filter', 'kind', 'exposure', 'gain', ...) -> the keyword it was read from.
+    sources: dict[str, str] = field(default_factory=dict)
+    #: every (keyword, value) holding a filter name, so the tagger can see contradictions.
+    filter_cards: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -155,7 +180,7 @@ def _replace_nonfinite(data: np.ndarray, path: str) -> int:
     return nbad
 
 
-def load_frame(path: str | Path) -> Frame:
+def load_frame(path: str | Path, keywords: dict[str, tuple[str, ...]] | None = None) -> Frame:
     """Load the first image in a FITS file as a 2-D float32 frame.
 
     Accepts ``*.fits``/``*.fit``/``*.fts``, gzip (``.gz``) and tile-compressed (``.fz``) files; the
@@ -170,7 +195,7 @@ def load_frame(path: str | Path) -> Frame:
     A few NaN/inf pixels are replaced by the frame's median and counted in ``Frame.nonfinite``;
     more than half non-finite raises ``FrameError``.  So do an empty file, a non-FITS file, a file
     whose data unit is shorter than its header promises (still being written, or cut), a header
-    without image data, and anything astropy cannot read.
+    without image data, and anything astropy cannot read.  ``keywords`` go to :func:`header_facts`.
     """
     p = Path(path)
     try:
@@ -205,8 +230,20 @@ def load_frame(path: str | Path) -> Frame:
 
     notes = [str(w.message) for w in caught]
     nonfinite = _replace_nonfinite(data, str(p))
-    return Frame(path=str(p), data=data, header=header, facts=header_facts(header),
+    return Frame(path=str(p), data=data, header=header, facts=header_facts(header, keywords),
                  nonfinite=nonfinite, hdu_index=idx, notes=notes)
+
+
+def read_header(path: str | Path) -> tuple[fits.Header, tuple[int, ...]]:
+    """The image HDU's header and data shape without reading the data (for ``observer inspect``)."""
+    try:
+        with fits.open(Path(path), memmap=False) as hdul:
+            hdu = hdul[_image_hdu_index(hdul)]
+            return hdu.header.copy(), tuple(int(n) for n in hdu.shape)
+    except FrameError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever astropy raises, the file is refused with a reason
+        raise FrameError(_read_failure_reason(exc, [])) from exc
 
 
 def _read_failure_reason(exc: Exception, caught: list[warnings.WarningMessage]) -> str:
@@ -226,9 +263,21 @@ def _read_failure_reason(exc: Exception, caught: list[warnings.WarningMessage]) 
 # Header facts
 # ----------------------------------------------------------------------------------------------
 
-def _first(header: fits.Header, keys: tuple[str, ...], convert: Callable[[Any], Any]) -> Any:
-    """The first of ``keys`` whose value converts; odd values are skipped with a debug log."""
+def _expand(header: fits.Header, keys: tuple[str, ...]) -> list[str]:
+    """``keys`` in order, each pattern (``*``) replaced by the header keys it matches."""
+    out: list[str] = []
     for key in keys:
+        if "*" in key:
+            out.extend(k for k in header.keys() if fnmatch.fnmatchcase(k.upper(), key.upper()))
+        else:
+            out.append(key)
+    return out
+
+
+def _all(header: fits.Header, keys: tuple[str, ...], convert: Callable[[Any], Any]) -> list[tuple[str, Any]]:
+    """Every (keyword, converted value) of ``keys`` present and readable; odd values skipped (debug log)."""
+    found = []
+    for key in dict.fromkeys(_expand(header, keys)):
         if key not in header:
             continue
         value = header[key]
@@ -240,8 +289,19 @@ def _first(header: fits.Header, keys: tuple[str, ...], convert: Callable[[Any], 
             log.debug("header %s=%r skipped: %s", key, value, exc)
             continue
         if out is not None:
-            return out
-    return None
+            found.append((key, out))
+    return found
+
+
+def _found(header: fits.Header, keys: tuple[str, ...], convert: Callable[[Any], Any]) -> tuple[Any, str | None]:
+    """The first readable value of ``keys`` and the keyword it came from, or (None, None)."""
+    hits = _all(header, keys, convert)
+    return (hits[0][1], hits[0][0]) if hits else (None, None)
+
+
+def _first(header: fits.Header, keys: tuple[str, ...], convert: Callable[[Any], Any]) -> Any:
+    """The first of ``keys`` whose value converts; odd values are skipped with a debug log."""
+    return _found(header, keys, convert)[0]
 
 
 def _positive_float(value: Any) -> float:
@@ -261,6 +321,14 @@ def _nonneg_float(value: Any) -> float:
     out = float(str(value).strip()) if isinstance(value, str) else float(value)
     if not math.isfinite(out) or out < 0:
         raise ValueError(f"{out} is not a number >= 0")
+    return out
+
+
+def _gain(value: Any) -> float:
+    """e-/ADU only when plausible: a CCDGAIN of 2 (a driver setting) or 100 is not a gain."""
+    out = _positive_float(value)
+    if not PLAUSIBLE_GAIN[0] <= out <= PLAUSIBLE_GAIN[1]:
+        raise ValueError(f"{out} is not a plausible gain in e-/ADU ({PLAUSIBLE_GAIN[0]}-{PLAUSIBLE_GAIN[1]})")
     return out
 
 
@@ -337,19 +405,24 @@ def _parse_date_obs(date: str, time_obs: str | None) -> Time:
                 scale="utc")
 
 
-def _date_obs(header: fits.Header) -> Time | None:
+def _date_obs(header: fits.Header, keys: tuple[str, ...]) -> tuple[Time | None, str | None]:
+    """The observation time and its keyword: MJD*/JD* keys are day numbers, the others dates
+    (ISO or 'dd/mm/yy', completed by TIME-OBS/UT when they carry no time)."""
     time_obs = _first(header, ("TIME-OBS", "UT", "UTSTART", "UT-START"), _text)
 
-    def parse(v: Any) -> Time:
-        return _parse_date_obs(_text(v), time_obs)
+    def parse_for(key: str) -> Callable[[Any], Time]:
+        name = key.upper()
+        if name.startswith("MJD"):
+            return lambda v: Time(_positive_float(v), format="mjd", scale="utc")
+        if name.startswith("JD"):
+            return lambda v: Time(_positive_float(v), format="jd", scale="utc")
+        return lambda v: _parse_date_obs(_text(v), time_obs)
 
-    out = _first(header, ("DATE-OBS", "DATE_OBS"), parse)
-    if out is None:
-        out = _first(header, ("MJD-OBS", "MJD_OBS"),
-                     lambda v: Time(_positive_float(v), format="mjd", scale="utc"))
-    if out is None:
-        out = _first(header, ("JD", "JD-OBS"), lambda v: Time(_positive_float(v), format="jd", scale="utc"))
-    return out
+    for key in _expand(header, keys):
+        value, source = _found(header, (key,), parse_for(key))
+        if value is not None:
+            return value, source
+    return None, None
 
 
 def _angle_deg(value: Any, string_unit: u.Unit) -> float:
@@ -430,23 +503,42 @@ def _plate_scale(header: fits.Header, wcs: WCS | None) -> float | None:
     return None
 
 
-def header_facts(header: fits.Header) -> HeaderFacts:
+def _filter_cards(header: fits.Header, keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Every filter card; empty wheel positions ('Open', 'Clear') only when no wheel holds a filter."""
+    cards = _all(header, keys, _text)
+    return [c for c in cards if c[1].lower() not in _EMPTY_WHEEL] or cards
+
+
+def header_facts(header: fits.Header, keywords: dict[str, tuple[str, ...]] | None = None) -> HeaderFacts:
     """Read exposure, filter, kind, time, gain, noise, binning, pointing and scale with fallbacks.
 
-    Never raises on odd values: a keyword whose value cannot be read is skipped (debug log) and the
-    next spelling tried; a fact nobody wrote stays ``None``.
+    ``keywords`` replaces the lists of :data:`DEFAULT_KEYWORDS` per fact (the observer config's
+    ``header`` section), so a new dialect needs a config line, not code.  Never raises on odd values:
+    a keyword whose value cannot be read is skipped (debug log) and the next one tried; a fact nobody
+    wrote stays ``None``.  ``sources`` remembers the keyword of each fact found.
     """
+    keys = {**DEFAULT_KEYWORDS, **(keywords or {})}
     wcs = _celestial_wcs(header)
     xbin, ybin = _binning(header)
     ra, dec = _pointing(header, wcs)
+    cards = _filter_cards(header, keys["filter"])
+    found = {
+        "exposure": _found(header, keys["exposure"], _nonneg_float),
+        "target": _found(header, keys["target"], _text),
+        "kind": _found(header, keys["kind"], _frame_kind),
+        "date": _date_obs(header, keys["date"]),
+        "gain": _found(header, keys["gain"], _gain),
+        "read_noise": _found(header, keys["read_noise"], _positive_float),
+        "filter": (cards[0][1], cards[0][0]) if cards else (None, None),
+    }
     return HeaderFacts(
-        exptime=_first(header, ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME"), _nonneg_float),
-        filter=_first(header, ("FILTER", "FILTNAME", "FILTER1"), _text),
-        object=_first(header, ("OBJECT", "OBJNAME"), _text),
-        imagetyp=_first(header, ("IMAGETYP", "FRAMETYP", "FRAME", "IMGTYPE", "OBSTYPE"), _frame_kind),
-        date_obs=_date_obs(header),
-        gain=_first(header, ("GAIN", "EGAIN", "CCDGAIN"), _positive_float),
-        read_noise=_first(header, ("RDNOISE", "READNOIS", "RDNOIS", "RON", "READNOISE"), _positive_float),
+        exptime=found["exposure"][0],
+        filter=found["filter"][0],
+        object=found["target"][0],
+        imagetyp=found["kind"][0],
+        date_obs=found["date"][0],
+        gain=found["gain"][0],
+        read_noise=found["read_noise"][0],
         xbin=xbin,
         ybin=ybin,
         ra_deg=ra,
@@ -455,4 +547,6 @@ def header_facts(header: fits.Header) -> HeaderFacts:
         saturate=_first(header, ("SATURATE", "DATAMAX", "SATLEVEL"), _positive_float),
         wcs=wcs,
         instrument=_first(header, ("INSTRUME", "CAMERA"), _text),
+        sources={name: key for name, (value, key) in found.items() if key is not None},
+        filter_cards=tuple(cards),
     )

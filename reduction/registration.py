@@ -40,9 +40,14 @@ Method (in the spirit of astroalign, Beroiz et al. 2020):
    :class:`RegistrationError` rather than returned as a wrong transform.
 
 If the brightest ``n`` points are swamped by spurious detections the search is
-repeated with more points (``_N_BRIGHT``), and last with a vote over all
-point-pair offsets on a grid of small rotations (needs no brightness order;
-rotations up to 3 degrees), so the cheap case stays cheap.
+repeated with more points (``_N_BRIGHT``), then with the shift from FFT phase
+correlation of the two star-position images (numpy FFT; every point counts the
+same), and last with a vote over all point-pair offsets on a grid of small
+rotations (needs no brightness order; rotations up to 3 degrees), so the cheap
+case stays cheap.  A short exposure's centroids scatter with photon noise: when
+no transform has a residual below ``max_rms``, one fitted on enough stars whose
+standard error (rms / sqrt(matches)) is below ``_PRECISION_FRAC * max_rms`` is
+accepted, since the transform, not each centroid, is what the stack needs.
 
 Conventions: pixel coordinates are 0-based (x, y) = (column, row).
 :class:`Transform` maps REFERENCE-grid (x, y) to FRAME (x, y), which is the
@@ -80,6 +85,11 @@ _OFFSET_MAX_ROT_DEG = 3.0
 _OFFSET_ROT_STEP_DEG = 0.5
 _OFFSET_MAX_SHIFT_FRAC = 0.25
 _OFFSET_BIN_PX = 4.0
+#: Phase-correlation fallback: largest side (bins) of the padded point images.
+_PHASE_MAX_BINS = 1024
+#: A transform whose residual exceeds max_rms is still accepted when its own standard error,
+#: rms / sqrt(matches), is below this fraction of max_rms (a short exposure's noisy centroids).
+_PRECISION_FRAC = 0.25
 #: Hypotheses refined on all points.
 _N_REFINE = 5
 #: Matching radii (px) of the successive least-squares refinements.
@@ -324,6 +334,38 @@ def _offset_candidates(frame_xy: np.ndarray, ref_xy: np.ndarray, frame_flux: np.
     return np.array([m for _, m in peaks[:_N_REFINE]]).reshape(-1, 2, 3)
 
 
+def _phase_candidates(frame_xy: np.ndarray, ref_xy: np.ndarray, frame_flux: np.ndarray | None,
+                      ref_flux: np.ndarray | None) -> np.ndarray:
+    """Translation hypothesis (1, 2, 3) from FFT phase correlation of the two star-position images.
+
+    Every point counts the same and no triangle has to survive, so a short exposure with a few
+    bright stars among many noise detections still finds its shift; the refinement on matched
+    stars then makes it sub-pixel (and the rotation search follows if this fails).
+    """
+    f = _brightest(frame_xy, frame_flux, _OFFSET_NPTS)
+    r = _brightest(ref_xy, ref_flux, _OFFSET_NPTS)
+    lo = np.minimum(f.min(axis=0), r.min(axis=0))
+    extent = float(np.max(np.maximum(f.max(axis=0), r.max(axis=0)) - lo)) + 1.0
+    # padded to twice the field so that a shift does not wrap onto another
+    bin_px = max(1.0, 2.0 * extent / _PHASE_MAX_BINS)
+    n = int(math.ceil(2.0 * extent / bin_px))
+
+    def image(pts: np.ndarray) -> np.ndarray:
+        img = np.zeros((n, n))
+        ij = ((pts - lo) / bin_px).astype(np.int64).clip(0, n - 1)
+        np.add.at(img, (ij[:, 1], ij[:, 0]), 1.0)
+        return img
+
+    cross = np.fft.rfft2(image(f)) * np.conj(np.fft.rfft2(image(r)))
+    # a Gaussian taper (sigma ~ 1 bin) keeps the whitened peak from being one noisy pixel
+    ky, kx = np.meshgrid(np.fft.fftfreq(n), np.fft.rfftfreq(n), indexing="ij")
+    taper = np.exp(-2.0 * math.pi ** 2 * (kx ** 2 + ky ** 2))
+    corr = np.fft.irfft2(cross / np.maximum(np.abs(cross), 1e-12) * taper, s=(n, n))
+    iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    shift = np.array([ix if ix < n // 2 else ix - n, iy if iy < n // 2 else iy - n], float) * bin_px
+    return np.array([[[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]]]])
+
+
 def _refine(m: np.ndarray, frame_xy: np.ndarray, ref_xy: np.ndarray, tree: cKDTree
             ) -> tuple[np.ndarray, int, float]:
     """Least-squares refit on all points matched within shrinking radii; (matrix, nmatch, rms)."""
@@ -418,16 +460,25 @@ def find_transform(frame_xy: np.ndarray, ref_xy: np.ndarray, frame_flux: np.ndar
     best: tuple[int, float, np.ndarray] = (0, math.inf, np.eye(2, 3))
     searches = [lambda n=n: _triangle_candidates(frame_xy, ref_xy, frame_flux, ref_flux, n, tree_all)
                 for n in _N_BRIGHT if n <= max(len(frame_xy), len(ref_xy)) or n == _N_BRIGHT[0]]
+    searches.append(lambda: _phase_candidates(frame_xy, ref_xy, frame_flux, ref_flux))
     searches.append(lambda: _offset_candidates(frame_xy, ref_xy, frame_flux, ref_flux))
+    noisy: list[tuple[int, float, np.ndarray]] = []
     for search in searches:
         for hyp in search():
             m, nmatch, rms = _refine(hyp, frame_xy, ref_xy, tree_all)
-            scale = math.hypot(m[0, 0], m[1, 0])
-            if (abs(scale - 1.0) <= _MAX_SCALE_DEV and rms <= max_rms
-                    and (nmatch, -rms) > (best[0], -best[1])):
+            if abs(math.hypot(m[0, 0], m[1, 0]) - 1.0) > _MAX_SCALE_DEV:
+                continue
+            if rms <= max_rms and (nmatch, -rms) > (best[0], -best[1]):
                 best = (nmatch, rms, m)
+            elif nmatch >= need and rms / math.sqrt(nmatch) <= _PRECISION_FRAC * max_rms:
+                noisy.append((nmatch, rms, m))
         if best[0] >= need:
             break
+    if best[0] < need and noisy:
+        # A short exposure's centroids scatter with their photon noise, so its residual exceeds
+        # max_rms although the transform, fitted on many stars, is precise: accept it on that.
+        best = max(noisy, key=lambda c: (c[0], -c[1]))
+        log.info("registered on noisy centroids: rms %.2f px over %d stars", best[1], best[0])
     nmatch, rms, m = best
     if nmatch < need:
         raise RegistrationError(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +296,26 @@ def test_masters_on_a_simulated_calibration_night(tmp_path):
     # dust rings left), so it matches the simulator's sky shape to 1 %, corners included
     truth_sky = det.sky_shape * np.median(sky.model / det.sky_shape)
     assert np.abs(sky.model / truth_sky - 1).max() < 0.01
+
+
+def test_masters_only_from_frames_of_one_geometry_and_old_flats_logged(tmp_path, caplog):
+    """A 2x2-binned bias and a subframe flat in the folder stay out of the 1x1 full-frame masters;
+    a flat from five nights before is applied with its age in the log."""
+    def frame(name: str, value: float, shape=(64, 80), binning: int = 1, mjd: float = 61050.0):
+        header = fits.Header({"XBINNING": binning, "YBINNING": binning, "EXPTIME": 1.0, "MJD-OBS": mjd})
+        return load_frame(_write(tmp_path / name, fits.HDUList([fits.PrimaryHDU(
+            np.full(shape, value, np.float32), header=header)])))
+
+    biases = [frame(f"b{i}.fits", 100.0) for i in range(3)] + [frame("b2x2.fits", 400.0, (32, 40), 2)]
+    flats = [frame(f"f{i}.fits", 1000.0 + i, mjd=61045.0) for i in range(3)] + \
+        [frame("fsub.fits", 5.0, (32, 32))]
+    with caplog.at_level(logging.INFO, logger="reduction.calibration"):
+        masters = combine_masters(bias=biases, flats=flats)
+        assert masters.bias.shape == (64, 80) and float(masters.bias.mean()) == pytest.approx(100.0)
+        assert masters.flat.shape == (64, 80) and masters.flat_mjd == pytest.approx(61045.0)
+        out = apply_calibration(np.full((64, 80), 600.0, np.float32), 1.0, masters, date_mjd=61050.0)
+    assert float(out.mean()) == pytest.approx(500.0, rel=1e-3)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("bias: 1 of 4 frames left out" in m for m in messages)
+    assert any("flat: 1 of 4 frames left out" in m for m in messages)
+    assert any("5.0 days before the frame" in m for m in messages)

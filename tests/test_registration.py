@@ -297,3 +297,25 @@ def test_offset_frames_are_never_registered(sim_night: tuple) -> None:
         fxy, ff = detected_stars(camdir / row["file"])
         with pytest.raises(RegistrationError, match="no consistent star pattern match"):
             find_transform(fxy, ref_xy, ff, ref_f, shape=(SIZE, SIZE))
+
+
+def test_short_exposure_with_noisy_centroids_registers_to_a_long_reference() -> None:
+    """A 3 s frame: 20 bright stars whose centroids scatter by 0.45 px, among 130 noise detections,
+    shifted by under a pixel from a 60 s reference. Its residual is above max_rms, but the transform
+    fitted on 20 stars is good to ~0.1 px: it must register (it failed with 'best 0 matched stars')."""
+    rng = np.random.default_rng(2)
+    ref = rng.uniform(20, 1000, (109, 2))
+    ref_flux = 10 ** rng.uniform(2.5, 5.5, 109)
+    bright = np.argsort(-ref_flux)[:20]
+    shift = np.array([0.4, -0.3])
+    stars = ref[bright] + shift + rng.normal(0, 0.45, (20, 2))
+    frame_xy = np.vstack([stars, rng.uniform(0, 1024, (130, 2))])
+    frame_flux = np.concatenate([ref_flux[bright] / 20, 10 ** rng.uniform(1.0, 3.6, 130)])
+    t = find_transform(frame_xy, ref, frame_flux=frame_flux, ref_flux=ref_flux, shape=(1024, 1024),
+                       min_matches=6, max_rms=0.5)
+    assert t.nmatch >= 15
+    np.testing.assert_allclose([t.dx, t.dy], shift, atol=0.3)
+    # The same noisy short frame of another field is still refused, with its reason.
+    with pytest.raises(RegistrationError, match="no consistent star pattern match"):
+        find_transform(frame_xy, rng.uniform(20, 1000, (109, 2)), frame_flux=frame_flux, ref_flux=ref_flux,
+                       shape=(1024, 1024))

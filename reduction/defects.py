@@ -1,0 +1,72 @@
+"""Detector defects: zeroed rows or columns and bad (hot or dead) columns, as a bad-pixel mask.
+
+Why a separate test from hot pixels: a defective column is a line, not a spike.  Every pixel of it
+has two normal neighbours above and below in the same column, so the spike test of
+:mod:`reduction.hotpixels` passes it, and the background and star finder then take it for sky (a
+dead column drags the background down) or for a trail of stars (a hot one).  A line shows in the
+profile of per-column medians: stars hardly move a median over hundreds of rows, a sky gradient
+is smooth over a few columns, and a defect is a jump of one or a few columns.
+
+A defect may be in some frames only (a readout glitch) or in the flats, so this is run per frame
+and returns a mask; repairing or ignoring the pixels is the caller's choice
+(:func:`reduction.hotpixels.repair_pixels`).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from reduction.background import pixel_noise
+
+#: Columns of the running median that a column's median is compared with (odd; wider than a defect).
+PROFILE_WINDOW = 15
+#: A line of which at least this fraction of pixels hold the same exact value is dead (zeroed, or
+#: clipped to one value by a readout fault): real sky never repeats one float that often.
+CONSTANT_FRACTION = 0.5
+#: Smallest line length (pixels) judged: shorter profiles have too noisy a median.
+MIN_LENGTH = 16
+
+
+def _constant_lines(data: np.ndarray) -> np.ndarray:
+    """Per column (axis 0 reduced): True where most pixels share one exact value (zeroed columns).
+
+    A value held by more than half of a column's pixels is its middle order statistic, so counting
+    the pixels equal to that one value per column is enough (no sort, no run lengths).
+    """
+    middle = np.partition(data, data.shape[0] // 2, axis=0)[data.shape[0] // 2]
+    return np.count_nonzero(data == middle[None, :], axis=0) > CONSTANT_FRACTION * data.shape[0]
+
+
+def _deviant_lines(data: np.ndarray, sigma: float) -> np.ndarray:
+    """Per column: True where the column's median jumps away from its neighbours' running median.
+
+    The scale is the robust spread of those jumps over all columns (fixed-pattern noise included),
+    floored at the noise of a median of ``ny`` pixels, so a clean detector flags nothing.
+    """
+    profile = np.median(data, axis=0)
+    jump = profile - ndimage.median_filter(profile, size=PROFILE_WINDOW, mode="nearest")
+    # the standard error of a median of n Gaussian values is 1.2533 sigma / sqrt(n)
+    floor = 1.2533 * pixel_noise(data) / np.sqrt(data.shape[0])
+    spread = max(1.4826 * float(np.median(np.abs(jump - np.median(jump)))), floor)
+    return np.abs(jump) > sigma * spread
+
+
+def _bad_columns(data: np.ndarray, sigma: float) -> np.ndarray:
+    if data.shape[0] < MIN_LENGTH or data.shape[1] < 3:
+        return np.zeros(data.shape[1], bool)
+    return _constant_lines(data) | _deviant_lines(data, sigma)
+
+
+def find_defects(data: np.ndarray, sigma: float = 8.0) -> np.ndarray:
+    """Boolean mask of the pixels of defective columns and rows (zeroed, dead or hot lines).
+
+    ``sigma`` is the threshold on a line's median jump against its neighbours, in units of the robust
+    spread of such jumps; 8 keeps a clean frame free of false lines over thousands of columns.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 2:
+        raise ValueError(f"expected a 2-D frame, got shape {data.shape}")
+    mask = np.zeros(data.shape, bool)
+    mask[:, _bad_columns(data, sigma)] = True
+    mask[_bad_columns(data.T, sigma), :] = True
+    return mask

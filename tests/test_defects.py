@@ -1,0 +1,45 @@
+"""Detector defects: zeroed rows and columns, hot and dead columns are masked; a clean frame with
+stars and a sky gradient is not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reduction.defects import find_defects
+from reduction.hotpixels import repair_pixels
+
+NY, NX = 300, 400
+
+
+def sky_frame(seed: int = 1) -> np.ndarray:
+    """Sky with a gradient, read + Poisson noise and a few hundred stars (some bright)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:NY, :NX]
+    sky = 800.0 + 0.8 * xx + 0.3 * yy
+    for x, y, f in zip(rng.uniform(0, NX, 300), rng.uniform(0, NY, 300), 10 ** rng.uniform(3, 5.5, 300)):
+        sky += f / (2 * np.pi * 2.0 ** 2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.0 ** 2))
+    return (rng.poisson(sky) + rng.normal(0, 6, sky.shape)).astype(np.float32)
+
+
+def test_clean_frame_has_no_defects():
+    assert not find_defects(sky_frame()).any()
+
+
+@pytest.mark.parametrize("axis, index, spoil", [
+    (1, 123, lambda line: 0.0 * line),          # a zeroed column
+    (0, 77, lambda line: 0.0 * line),           # a zeroed row
+    (1, 250, lambda line: line + 60.0),         # a hot column: a few sigma per pixel, but over 300 rows
+    (1, 10, lambda line: 0.6 * line),           # a dead (low-response) column near the edge
+])
+def test_defect_lines_are_masked_and_repaired(axis, index, spoil):
+    data = sky_frame(2)
+    view = data if axis == 1 else data.T
+    view[:, index] = spoil(view[:, index])
+    mask = find_defects(data)
+    expected = np.zeros_like(mask)
+    (expected if axis == 1 else expected.T)[:, index] = True
+    np.testing.assert_array_equal(mask, expected)
+    repaired = repair_pixels(data, mask)
+    line, beside = (repaired if axis == 1 else repaired.T)[:, [index, index + 1]].T
+    assert abs(np.median(line) - np.median(beside)) < 10

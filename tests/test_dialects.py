@@ -19,7 +19,7 @@ from astropy.time import Time
 
 from observer.config import Settings
 from observer.inspect import inspect_night, propose_config, run_inspect
-from observer.service import process_existing
+from observer.reprocess import process_existing
 from observer.simulator import SimSettings, simulate_night
 
 SIZE = 256

@@ -567,8 +567,11 @@ def test_dashboard_on_real_service_and_simulated_night(tmp_path):
             try:
                 for count, path in enumerate(truth.files, start=1):
                     os.replace(path, camdir / path.name)    # the camera's file appears complete
+                    # ... and its measurement is applied (the CMD grows visibly, whatever the machine's load)
                     await wait_for(pilot, lambda: table.row_count >= count and app.snapshot is not None
-                                   and not app.snapshot.busy)
+                                   and not app.snapshot.busy and not service.measurements.busy
+                                   and app.snapshot.version == service.snapshot().version)
+                    await pilot.pause(0.2)                  # the panels redraw from that snapshot
                     seen.append((table.row_count, hr.n_points, str(verdict.render())))
                 rejected = [r for r in app.snapshot.frames if r.status == "rejected"]
                 assert rejected, "the simulated trailed / clouded frames should be rejected"

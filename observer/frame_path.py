@@ -34,6 +34,7 @@ from observer.tagging import TaggingError, Tags, tag_facts
 from reduction.background import SkyModel, offset_sky_shape, sky_model
 from reduction.calibration import apply_calibration, combine_masters
 from reduction.frames import Frame, FrameError, load_frame
+from reduction.defects import find_defects
 from reduction.hotpixels import find_hot_pixels, repair_pixels
 from reduction.quality import FrameQuality, detect_stars, judge_frame, measure_quality
 from reduction.registration import RegistrationError, Transform, find_transform, warp_to_reference
@@ -67,6 +68,7 @@ class FrameContext:
     data: np.ndarray | None = None              # the working image (float32, cleaned, then sky-subtracted)
     saturation: float = float("inf")
     saturated: np.ndarray | None = None         # raw pixels at or above saturation
+    defects: np.ndarray | None = None           # zeroed, dead or hot rows and columns of this frame
     sky: SkyModel | None = None
     stars: Table | None = None
     quality: FrameQuality | None = None
@@ -152,13 +154,17 @@ def calibrate(state: NightState, settings: Settings, ctx: FrameContext) -> Frame
 
 
 def hotpixels(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """This frame's spikes and the camera's persistent map, repaired from their neighbours."""
+    """This frame's spikes, the camera's persistent map and defective lines, repaired from their neighbours.
+
+    The defective lines are also kept out of the stack (repaired values are no measurement).
+    """
     red = settings.reduction
     spikes = find_hot_pixels(ctx.data, sigma=red.hot_pixel_sigma, box=red.hot_pixel_box,
                              gain=ctx.frame.facts.gain or settings.camera.gain)
     hot_map = state.hot_map(ctx.data.shape)
     hot_map.update(spikes)
-    ctx.data = repair_pixels(ctx.data, spikes | hot_map.mask)
+    ctx.defects = find_defects(ctx.data)
+    ctx.data = repair_pixels(ctx.data, spikes | hot_map.mask | ctx.defects)
     return ctx
 
 
@@ -254,6 +260,8 @@ def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCont
 def warp(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
     """Resample the frame onto the target's grid."""
     ctx.warped, ctx.valid = warp_to_reference(ctx.data, ctx.transform, ctx.target.shape)
+    if ctx.defects is not None and ctx.defects.any():
+        ctx.valid = ctx.valid & ~mask_on_grid(ctx.defects, ctx.transform, ctx.target.shape)
     return ctx
 
 
@@ -266,7 +274,7 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
     weight = 1.0 / (sky_fit.rms ** 2 * scale ** 2)
     group.accumulator.add(ctx.record.sha256 or str(ctx.frame.path), ctx.warped, noise_var=noise_var,
                           valid=ctx.valid, scale=scale, weight=weight,
-                          saturated=saturated_on_grid(ctx.saturated, ctx.transform, ctx.target.shape))
+                          saturated=mask_on_grid(ctx.saturated, ctx.transform, ctx.target.shape))
     group.stack_preview = preview_of(group.accumulator.image())
     group.best_throughput = max(group.best_throughput, ctx.throughput)
     ctx.session.fwhm_history.append(ctx.quality.fwhm_px)
@@ -344,14 +352,15 @@ def rebuild_masters(state: NightState, settings: Settings) -> None:
         state.masters[name] = combine_masters(bias=bias, darks=darks, flats=stack_of(f"flat:{name}"))
 
 
-def saturated_on_grid(saturated: np.ndarray, transform: Transform, shape: tuple[int, int]) -> np.ndarray:
-    """A frame's saturated pixels carried onto the reference grid (with a 1 px margin for the resampling).
+def mask_on_grid(mask: np.ndarray, transform: Transform, shape: tuple[int, int]) -> np.ndarray:
+    """A frame's masked pixels (saturated, defective) carried onto the reference grid, with a 1 px margin
+    for the resampling.
 
-    Saturated pixels are a few thousand at most: mapping their coordinates costs
-    far less than resampling a whole mask plane.
+    They are a few thousand at most: mapping their coordinates costs far less
+    than resampling a whole mask plane.
     """
     out = np.zeros(shape, bool)
-    ys, xs = np.nonzero(saturated)
+    ys, xs = np.nonzero(mask)
     if ys.size == 0:
         return out
     ref = transform.inverse_apply(np.column_stack([xs, ys]).astype(float))

@@ -43,3 +43,38 @@ def test_defect_lines_are_masked_and_repaired(axis, index, spoil):
     repaired = repair_pixels(data, mask)
     line, beside = (repaired if axis == 1 else repaired.T)[:, [index, index + 1]].T
     assert abs(np.median(line) - np.median(beside)) < 10
+
+
+def test_a_zeroed_column_is_kept_out_of_the_stack(tmp_path):
+    """Through the per-frame path: a frame with a zeroed column adds nothing there (NFRAMES one lower),
+    and the stack shows no dark line."""
+    from astropy.io import fits
+
+    from observer.config import Settings
+    from observer.night import Night
+    from observer.simulator import SimSettings, simulate_night
+
+    truth = simulate_night(tmp_path / "cam", SimSettings(size=256, frames=3, filters=("blue",), fill_seconds=0.0,
+                                                         bad_frames=False, satellite=False),
+                           truth_path=tmp_path / "truth.ecsv")
+    science = sorted(p for p in truth.files if "offset" not in p.name)
+    with fits.open(science[1], mode="update") as hdul:      # a copy the test owns: the camera's glitch
+        hdul[0].data[:, 120] = 0
+    night = Night(Settings(), tmp_path / "out")
+    status = {path.name: night.process(path) for path in sorted(truth.files,
+                                                                 key=lambda p: fits.getheader(p)["DATE-OBS"])}
+    assert status[science[1].name].status == "stacked", status[science[1].name].reason
+    stacked = sum(r.status == "stacked" for r in status.values())
+    night.write_products()
+    with fits.open(tmp_path / "out" / "M35" / "blue" / "stack.fits") as hdul:
+        image, nframes = hdul[0].data, hdul["NFRAMES"].data
+    glitch = status[science[1].name]
+    column = 120 - glitch.dx          # the frame's column 120 on the reference grid (it drifted by dx)
+    assert nframes.max() == stacked >= 2
+    profile = nframes[30:-30, 60:200].mean(axis=0)          # frames per column, away from the edges
+    dip = int(np.argmin(profile)) + 60
+    assert abs(dip - column) <= 2.0          # the mask has a 1 px margin either side
+    assert profile.min() <= np.median(profile) - 0.9          # one frame fewer down that column
+    line = image[30:-30, dip]
+    sky = np.median(image[30:-30, 100:140], axis=1)
+    assert np.median(line - sky) > -3 * np.std(image[30:-30, 20:40] - np.median(image[30:-30, 20:40]))

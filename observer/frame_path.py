@@ -185,6 +185,8 @@ def sky(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContex
         return ctx
     offset_shape = session.offset_shape if session else state.pending_offsets.get(key)
     ctx.sky = sky_model(ctx.data, box=red.background_box, filter_size=red.background_filter, shape=offset_shape)
+    if not ctx.sky.rms > 0:
+        raise FrameRejected("no noise in the sky (rms 0): a constant or synthetic image, not a camera frame")
     ctx.data -= ctx.sky.model
     ctx.session = session
     return ctx

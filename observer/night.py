@@ -52,6 +52,7 @@ class Night:
         self._told_one_filter: set[str] = set()             # targets already told they have no colour
         self._status_written: dict[str, dict] = {}          # the last status.json of each target
         self._written: set[tuple[str, str, str]] = set()    # groups whose stack_<EXPTIME>s.fits exists
+        self._frames_written = -1                           # records_version of the frames.ecsv on disk
         if state is not None:
             if any(state.calibration_files.values()):
                 rebuild_masters(state, settings)
@@ -129,7 +130,10 @@ class Night:
     def write_products(self) -> list[Path]:
         """frames.ecsv and the stacks that changed since the last call."""
         with self.lock:
-            written = [writers.write_frames_table(self.outdir, self._state.records)]
+            written = []
+            if self._state.records_version != self._frames_written:
+                written.append(writers.write_frames_table(self.outdir, self._state.records))
+                self._frames_written = self._state.records_version
             for tname, fname, label in sorted(self._stacks_dirty):
                 written += writers.write_stacks(self.outdir, self._state.targets[tname], fname, label, self.settings)
                 if len(self._state.targets[tname].filters[fname].groups) > 1:

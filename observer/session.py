@@ -142,6 +142,7 @@ class NightState:
     cmd: dict[str, CmdData] = field(default_factory=dict)
     age: dict[str, AgeEstimate] = field(default_factory=dict)
     version: int = 0
+    records_version: int = 0       # changes of ``records`` alone (frames.ecsv is rewritten only then)
 
     def append(self, record: FrameRecord) -> None:
         """Add a record; a file quarantined earlier and taken now replaces its quarantine row."""
@@ -150,6 +151,7 @@ class NightState:
                             if not (r.path == record.path and r.status == Status.QUARANTINED)]
         self.records.append(record)
         self.version += 1
+        self.records_version += 1
 
     def hot_map(self, shape: tuple[int, int]) -> HotPixelMap:
         """The camera's persistent hot-pixel map for frames of this shape (created on first use)."""

@@ -326,7 +326,7 @@ def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, n
     (1.2 against the night's 1.04) is.
     """
     if nstars < min_stars:
-        return f"only {nstars} stars (< {min_stars})"
+        return f"only {nstars} star{'s' if nstars != 1 else ''} (< {min_stars})"
     if not (fwhm_px is not None and np.isfinite(fwhm_px)):
         return "no measurable stars (FWHM unknown)"
     limit = max_elongation

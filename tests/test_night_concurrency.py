@@ -153,3 +153,29 @@ def test_stop_returns_while_measuring(small_night, tmp_path):
     # Liveness, not speed: the old deadlock-prone stop waited its whole 120 s measurement timeout.
     assert stopped_in < 100
     assert (out / "M35" / "catalog.ecsv").exists() and (out / "M35" / "age.json").exists()
+
+
+def test_headless_log_one_line_per_file(small_night, tmp_path, capsys):
+    """The headless printer: one line per file with its status, and frames.ecsv reported once per change."""
+    from observer.service import _headless_printer
+
+    cam, out = tmp_path / "cam", tmp_path / "out"
+    cam.mkdir()
+    service = Service(cam, out, _settings())
+    service.subscribe(_headless_printer(service))
+    service.start()
+    try:
+        for path in small_night:
+            shutil.copy(path, cam / path.name)
+        deadline = time.monotonic() + 300
+        while not (len(service.night.records) == len(small_night) and service.idle) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        service.stop()
+    lines = capsys.readouterr().out.splitlines()
+    for path in small_night:
+        mine = [line for line in lines if f"  {path.name}  " in line]
+        assert len(mine) == 1, (path.name, mine)
+        assert any(status in mine[0] for status in ("stacked", "offset", "rejected"))
+    updates = [line for line in lines if "products updated:" in line and "frames.ecsv" in line]
+    assert len(small_night) <= len(updates) <= len(small_night) + 1

@@ -79,3 +79,20 @@ def synthetic_cmd(log_age: float, n_members: int = 1000, *, mh: float = 0.0, ban
         obs1[sat] = obs2[sat] + rng.uniform(-0.5, 1.5, sat.sum())
     return {"color": obs1 - obs2, "mag": obs2, "color_err": np.hypot(e1, e2), "mag_err": e2,
             "usable": usable, "member": member}
+
+
+def random_cluster(rng: np.random.Generator, n_members: int = 1000) -> tuple[dict, dict]:
+    """One cluster of the coverage benchmark: (truth, catalogue).
+
+    Ages between grid nodes (0.05 dex apart: never within 0.01 of one), [M/H] in -0.5..+0.1,
+    colour scale 0.9-1.1, 30 % binaries, 0-30 % field stars, unknown zeropoints.
+    """
+    log_age = float(rng.uniform(7.8, 9.6))
+    while abs(log_age / 0.05 - round(log_age / 0.05)) * 0.05 < 0.01:
+        log_age = float(rng.uniform(7.8, 9.6))
+    truth = {"log_age": log_age, "mh": float(rng.uniform(-0.5, 0.1)), "color_scale": float(rng.uniform(0.9, 1.1))}
+    cat = synthetic_cmd(log_age, n_members, mh=truth["mh"], color_scale=truth["color_scale"],
+                        distance_modulus=float(rng.uniform(9.0, 12.0)), ebv=float(rng.uniform(0.05, 0.4)),
+                        zeropoint=(float(rng.uniform(-4, -2)), float(rng.uniform(-0.3, 0.3))),
+                        field_fraction=float(rng.uniform(0.0, 0.3)), rng=rng)
+    return truth, cat

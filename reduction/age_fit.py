@@ -10,7 +10,8 @@
   age fitting much worse than a neighbour is refitted from the neighbour's shifts.
   That scan runs at the [M/H] the prior centres on; at the other [M/H] nodes
   (0.2 dex apart, isochrones interpolated) only the ages along the age-[M/H] ridge
-  are fitted, started from the neighbouring node's solutions.
+  are fitted, started from the neighbouring node's solutions; around the best cell
+  the ages half-way between grid ages are fitted too (isochrones interpolated in age).
 * The likelihood, maximised over the shifts, colour scale and the binary and field
   fractions (profiled), times the [M/H] prior, is integrated over [M/H] (linear in
   lnL between nodes) and interpolated in age by a cubic spline: the age posterior.

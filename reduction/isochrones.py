@@ -2,16 +2,16 @@
 
 The package's own ``Isochrone`` class relies on a pandas option that pandas 3
 removed, so we read its data file directly. Parsing the 36 MB text table takes
-a few seconds; the parsed columns are cached as a compressed ``.npz`` next to
-the user's cache directory so that every later start (simulator, age fit) costs
-well under a second.
+a few seconds; ``reduction`` writes no files, so a caller that can persist the
+parsed columns (``observer.isochrone_cache``) installs a loader with
+``set_table_loader``; without one the table is parsed once per process.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,18 +46,15 @@ class Isochrone:
         return self.mags[band]
 
 
-def _data_path() -> Path:
+def data_path() -> Path:
+    """The PARSEC table shipped by ``uwastro465isos``."""
     from uwastro465isos.data import get_data_path
 
     return Path(get_data_path("isochrones_ubvrijhk.dat"))
 
 
-def _cache_path(source: Path) -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "observer"
-    return base / f"parsec_ubvrijhk_{source.stat().st_size}.npz"
-
-
-def _parse(source: Path) -> dict[str, np.ndarray]:
+def parse_table(source: Path) -> dict[str, np.ndarray]:
+    """The PARSEC text table as flat float columns (see ``COLUMNS``)."""
     import pandas as pd
 
     header: list[str] | None = None
@@ -69,6 +66,7 @@ def _parse(source: Path) -> dict[str, np.ndarray]:
             break
     if header is None:
         raise RuntimeError(f"{source}: no column header found")
+    log.info("parsing PARSEC isochrones from %s", source)
     table = pd.read_csv(source, sep=r"\s+", comment="#", names=header, skiprows=1,
                         usecols=list(COLUMNS), engine="c", dtype=str)
     # The file repeats its column header between blocks: those rows are not numbers.
@@ -76,29 +74,24 @@ def _parse(source: Path) -> dict[str, np.ndarray]:
     return {name: numeric[name].to_numpy(dtype=np.float64) for name in COLUMNS}
 
 
+_loader: Callable[[], dict[str, np.ndarray]] = lambda: parse_table(data_path())  # noqa: E731
+
+
+def set_table_loader(loader: Callable[[], dict[str, np.ndarray]]) -> None:
+    """Where ``load_table`` gets the columns from (e.g. a disk cache); the table is re-read on next use."""
+    global _loader
+    _loader = loader
+    load_table.cache_clear()
+    grid.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def load_table() -> dict[str, np.ndarray]:
-    """All isochrones as flat columns (see ``COLUMNS``), parsed once per process and cached on disk."""
-    source = _data_path()
-    cache = _cache_path(source)
-    if cache.exists():
-        try:
-            with np.load(cache) as npz:
-                return {name: npz[name] for name in COLUMNS}
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("isochrone cache %s unreadable (%s); re-parsing", cache, exc)
-    log.info("parsing PARSEC isochrones from %s (once)", source)
-    columns = _parse(source)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez_compressed(tmp, **columns)
-        os.replace(tmp, cache)
-    except OSError as exc:
-        log.warning("could not write isochrone cache %s: %s", cache, exc)
-    return columns
+    """All isochrones as flat columns (see ``COLUMNS``), loaded once per process."""
+    return _loader()
 
 
+@functools.lru_cache(maxsize=1)
 def grid() -> tuple[np.ndarray, np.ndarray]:
     """The (log age, [M/H]) values present in the table, each sorted and unique."""
     table = load_table()

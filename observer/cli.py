@@ -218,8 +218,6 @@ def _run_archive(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo,
-           "archive": _run_archive}
 def _run_inspect(args: argparse.Namespace, settings: Settings) -> int:
     from observer.inspect import run_inspect
 

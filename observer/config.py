@@ -253,8 +253,6 @@ class AgeSettings:
     distance_modulus: float | None = None
     ebv: float | None = None
     calibrated_zeropoints: bool = False
-    #: Unused since the intervals come from the posterior; kept until writers.py stops passing it.
-    bootstrap: int = field(default=30, metadata=_check(_non_negative, "an integer >= 0"))
     throttle_seconds: float = field(default=20.0, metadata=_check(_non_negative, "a number >= 0"))
 
 

@@ -607,8 +607,7 @@ def _with_floor(centre: float, lo: float, hi: float, floor: float) -> tuple[floa
 
 def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B", "V"),
             mh: float = 0.0, fit_mh: bool = True, distance_modulus: float | None = None,
-            ebv: float | None = None, calibrated: bool = False, bootstrap: int | None = None,
-            rng: np.random.Generator | int | None = None, mag_limit: float | None = None,
+            ebv: float | None = None, calibrated: bool = False, mag_limit: float | None = None,
             bright_limit: float | None = None, x: np.ndarray | None = None,
             y: np.ndarray | None = None, *, mh_sigma: float | None = None,
             mh_range: tuple[float, float] = MH_RANGE, color_scale: float | None = None,
@@ -638,13 +637,10 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     than it show saturation, else 1 mag above it) truncates the model at the bright end.
     ``x``, ``y`` (pixel positions on one grid) add a spatial membership prior
     (``reduction.membership``); the result then holds ``spatial``, ``membership_prior``
-    and ``membership`` (per input star).  ``bootstrap`` and ``rng`` are accepted for
-    older callers and unused: the intervals come from the posterior.
+    and ``membership`` (per input star).
     Raises AgeFitError (a ValueError) when no age can be fitted, with the reason.
     """
     t0 = time.perf_counter()
-    if bootstrap:
-        log.debug("age fit: bootstrap=%s ignored (intervals from the posterior)", bootstrap)
     bands = (str(bands[0]), str(bands[1]))
     color, mag, color_err, mag_err = (as_float(v) for v in (color, mag, color_err, mag_err))
     usable = np.ma.asarray(usable).filled(False).astype(bool)

@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--frames", type=int, default=10)
     demo.add_argument("--headless", action="store_true")
     _add_config(demo)
+
+    send = verbs.add_parser("send", help="send the catalogue and stacks to a running SAMP hub (TOPCAT, DS9)",
+                            description="Broadcast each target's catalogue (as a VOTable) and stacks to the "
+                                        "SAMP hub that TOPCAT, DS9 or Aladin runs. Without a hub: one line, "
+                                        "exit code 1.")
+    send.add_argument("outdir", type=Path, help="the output folder of watch or reprocess")
+    send.add_argument("--target", action="append", help="only this target (repeatable; default: all)")
+    _add_config(send)
     return parser
 
 
@@ -180,7 +188,19 @@ def _run_demo(args: argparse.Namespace, settings: Settings) -> int:
                     headless=args.headless)
 
 
-RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo}
+def _run_send(args: argparse.Namespace, _settings: Settings) -> int:
+    from observer.samp import SampError, broadcast
+
+    try:
+        print(f"observer send: {broadcast(args.outdir, args.target)}")
+    except SampError as exc:
+        print(f"observer send: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo,
+           "send": _run_send}
 
 
 def main(argv: list[str] | None = None) -> int:

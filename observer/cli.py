@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("camdir", type=Path)
     watch.add_argument("--out", type=Path, required=True, help="output folder (not inside CAMDIR)")
     watch.add_argument("--headless", action="store_true", help="log lines instead of the dashboard")
+    _add_web(watch, "[HOST:]PORT")
     _add_config(watch)
 
     rep = verbs.add_parser("reprocess", help="run the same pipeline over a saved night and exit",
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cadence", type=float, default=3.0)
     demo.add_argument("--frames", type=int, default=10)
     demo.add_argument("--headless", action="store_true")
+    _add_web(demo, "PORT")
     _add_config(demo)
 
     send = verbs.add_parser("send", help="send the catalogue and stacks to a running SAMP hub (TOPCAT, DS9)",
@@ -121,7 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("outdir", type=Path, help="the output folder of watch or reprocess")
     send.add_argument("--target", action="append", help="only this target (repeatable; default: all)")
     _add_config(send)
+
+    view = verbs.add_parser("view", help="the dashboard of a service running with --web (read-only)",
+                            description="Show the dashboard of the service that `observer watch --web` runs "
+                                        "into OUTDIR; what each browser session of --web runs.")
+    view.add_argument("outdir", type=Path)
+    _add_config(view)
     return parser
+
+
+def _add_web(parser: argparse.ArgumentParser, metavar: str) -> None:
+    parser.add_argument("--web", metavar=metavar, default=None,
+                        help="serve the dashboard to browsers instead of this terminal (localhost unless a "
+                             "HOST is given; no authentication)")
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -156,6 +170,10 @@ def _run_watch(args: argparse.Namespace, settings: Settings) -> int:
     from observer.service import Service, run_headless_until
 
     service = Service(args.camdir, args.out, settings)
+    if args.web:
+        from observer.web import run_web
+
+        return run_web(service, args.web)
     app_class = None
     if not args.headless:
         try:
@@ -185,7 +203,15 @@ def _run_demo(args: argparse.Namespace, settings: Settings) -> int:
     from observer.demo import run_demo
 
     return run_demo(settings, size=args.size, cadence=args.cadence, frames=args.frames,
-                    headless=args.headless)
+                    headless=args.headless, web=args.web)
+
+
+def _run_view(args: argparse.Namespace, _settings: Settings) -> int:
+    from observer.web import PublishedSnapshot
+    from tui.app import ObserverApp
+
+    ObserverApp(PublishedSnapshot(args.outdir)).run()
+    return EXIT_OK
 
 
 def _run_send(args: argparse.Namespace, _settings: Settings) -> int:
@@ -200,7 +226,7 @@ def _run_send(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo,
-           "send": _run_send}
+           "send": _run_send, "view": _run_view}
 
 
 def main(argv: list[str] | None = None) -> int:

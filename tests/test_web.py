@@ -23,7 +23,8 @@ import pytest
 from astropy.io import fits
 
 from observer.simulator import SimSettings, simulate_night
-from observer.web import parse_address
+from observer.state import Snapshot
+from observer.web import PublishedSnapshot, SnapshotPublisher, parse_address
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,41 @@ window.WebSocket = class extends Original {
 };
 """
 ESCAPES = re.compile(r"\x1b(\[[0-9;?<>=]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[()][A-Z0-9]|[=>78MDEc])")
+
+
+class FakeService:
+    """What the publisher needs of the service: its output folder, snapshots and save_pngs."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+        self.version = 1
+        self.saved: list[str] = []
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(version=self.version, frames=(), targets={}, outdir=str(self.outdir))
+
+    def save_pngs(self, target: str) -> list[Path]:
+        self.saved.append(target)
+        return [self.outdir / target / "cmd.png"]
+
+
+def test_published_snapshot_follows_the_service(tmp_path):
+    service = FakeService(tmp_path)
+    view = PublishedSnapshot(tmp_path)
+    with pytest.raises(RuntimeError, match="no service publishes"):
+        view.snapshot()
+    publisher = SnapshotPublisher(service, interval=0.05)
+    publisher.start()
+    try:
+        assert view.snapshot().version == 1
+        service.version = 2
+        _wait("version 2", lambda: view.snapshot().version == 2, 60)
+        assert view.save_pngs("M35") == [tmp_path / "M35" / "cmd.png"]
+        assert service.saved == ["M35"]
+    finally:
+        publisher.stop()
+    with pytest.raises(RuntimeError, match="no service publishes"):
+        view.snapshot()
 
 
 def test_parse_address():
@@ -98,7 +134,8 @@ def test_dashboard_in_a_browser(tmp_path):
     cam, out = tmp_path / "cam", tmp_path / "out"
     cam.mkdir()
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # No SAMP hub of the machine's: s must say there is none.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMP_HUB": f"std-lockurl:{(tmp_path / 'no.lock').as_uri()}"}
     service = subprocess.Popen([sys.executable, "-m", "observer.cli", "watch", str(cam), "--out", str(out),
                                 "--web", f"127.0.0.1:{port}"], env=env, cwd=tmp_path,
                                stdout=open(tmp_path / "watch.out", "w"), stderr=subprocess.STDOUT)
@@ -121,6 +158,8 @@ def test_dashboard_in_a_browser(tmp_path):
             names = [p.name for p in files]
             _wait("the frame log to list every frame",
                   lambda: all(n in _screen_text(page) for n in names))
+            _wait("the HR diagram", lambda: re.search(r"M35: \d+ stars", _screen_text(page)))
+            assert (out / "M35" / "stars.reg").is_file()
             page.wait_for_timeout(1500)             # let the last redraw reach the canvas
             for folder in shots:
                 page.screenshot(path=str(folder / "web-dashboard.png"))
@@ -141,6 +180,11 @@ def test_dashboard_in_a_browser(tmp_path):
             for folder in shots:
                 page.screenshot(path=str(folder / "web-dashboard-raw.png"))
             assert "last raw frames" not in _screen_text(other, seen_other)
+
+            # s: the service saves the PNGs for the browser, then the SAMP broadcast says there is no hub.
+            page.keyboard.press("s")
+            _wait("the PNGs", lambda: (out / "M35" / "green" / "stack.png").is_file())
+            _wait("the SAMP line", lambda: "no SAMP hub is running" in _screen_text(page, seen))
 
             page.close()                            # a closed tab never stops the service
             other.wait_for_timeout(2000)

@@ -1,4 +1,4 @@
-"""The ``observer`` command line: simulate, watch, reprocess, demo.
+"""The ``observer`` command line: simulate, watch, reprocess, demo, send (SAMP), view (a --web dashboard).
 
 Exit codes (DESIGN.md): 0 success, 2 bad usage or bad configuration (the message
 names the key), 1 failure.

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from observer.config import ConfigError
 from observer.products import atomic_write_bytes, atomic_write_json
@@ -184,7 +184,7 @@ class WebServer:
         self._server = Server(command, host=host, port=port, title="observer")
         self._server.console = Console(quiet=True)      # its banner; the service prints where to look
         self._loop = asyncio.new_event_loop()
-        self._runner = None
+        self._runner: Any = None               # aiohttp's AppRunner, once started
         self._thread: threading.Thread | None = None
 
     @property
@@ -202,6 +202,7 @@ class WebServer:
             self._loop.run_until_complete(web.TCPSite(self._runner, self.host, self.port).start())
         except OSError as exc:
             self._loop.run_until_complete(self._runner.cleanup())
+            self._loop.close()
             raise OSError(f"cannot serve on {self.host}:{self.port}: {exc.strerror or exc}") from None
         self._thread = threading.Thread(target=self._loop.run_forever, name="observer-web", daemon=True)
         self._thread.start()

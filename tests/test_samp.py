@@ -10,16 +10,21 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
 from astropy.io import fits
-from astropy.samp import SAMPHubServer, SAMPIntegratedClient
 from astropy.table import Table
+from astropy.utils.exceptions import AstropyDeprecationWarning
 
 from observer.cli import main
+
+with warnings.catch_warnings():      # astropy 8 deprecates astropy.samp (for pyvo.samp); observer.samp says why
+    warnings.simplefilter("ignore", AstropyDeprecationWarning)
+    from astropy.samp import SAMPHubServer, SAMPIntegratedClient
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -451,7 +451,7 @@ def _headless_printer(service: Service) -> Callable[[ServiceEvent], None]:
     def show(event: ServiceEvent) -> None:
         lines = []
         if event.record is not None:
-            lines.append(format_record(event.record, service._display(event.record.path)))
+            lines.append(format_record(event.record, service.display(event.record.path)))
         if event.products:
             names = ", ".join(sorted({_relative(p, service.outdir) for p in event.products}))
             lines.append(f"{time.strftime('%H:%M:%S')}  products updated: {names}")

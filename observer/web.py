@@ -85,6 +85,8 @@ class SnapshotPublisher:
     def start(self) -> None:
         for sub in ("requests", "replies"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
+            for stale in (self.folder / sub).glob("*.json"):   # left by a run that stopped: nobody waits
+                stale.unlink(missing_ok=True)
         self.publish()
         self._thread = threading.Thread(target=self._loop, name="observer-web-publisher", daemon=True)
         self._thread.start()

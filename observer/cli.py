@@ -1,4 +1,5 @@
-"""The ``observer`` command line: simulate, watch, reprocess, demo, archive.
+"""The ``observer`` command line: simulate, watch, reprocess, demo, inspect, archive, send (SAMP), view (a
+``--web`` dashboard).
 
 Exit codes (DESIGN.md): 0 success, 2 bad usage or bad configuration (the message
 names the key), 1 failure.
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("camdir", type=Path)
     watch.add_argument("--out", type=Path, required=True, help="output folder (not inside CAMDIR)")
     watch.add_argument("--headless", action="store_true", help="log lines instead of the dashboard")
+    _add_web(watch, "[HOST:]PORT")
     _add_config(watch)
 
     rep = verbs.add_parser("reprocess", help="run the same pipeline over a saved night and exit",
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cadence", type=float, default=3.0)
     demo.add_argument("--frames", type=int, default=10)
     demo.add_argument("--headless", action="store_true")
+    _add_web(demo, "PORT")
     _add_config(demo)
 
     arch = verbs.add_parser("archive", help="reprocess every night of an archive on Dask, resumable",
@@ -134,7 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
                                         "tags, 1 when some cannot, 2 for a bad config.")
     insp.add_argument("camdir", type=Path)
     _add_config(insp)
+    send = verbs.add_parser("send", help="send the catalogue and stacks to a running SAMP hub (TOPCAT, DS9)",
+                            description="Broadcast each target's catalogue (as a VOTable) and stacks to the "
+                                        "SAMP hub that TOPCAT, DS9 or Aladin runs. Without a hub: one line, "
+                                        "exit code 1.")
+    send.add_argument("outdir", type=Path, help="the output folder of watch or reprocess")
+    send.add_argument("--target", action="append", help="only this target (repeatable; default: all)")
+    _add_config(send)
+
+    view = verbs.add_parser("view", help="the dashboard of a service running with --web (read-only)",
+                            description="Show the dashboard of the service that `observer watch --web` runs "
+                                        "into OUTDIR; what each browser session of --web runs.")
+    view.add_argument("outdir", type=Path)
+    _add_config(view)
     return parser
+
+
+def _add_web(parser: argparse.ArgumentParser, metavar: str) -> None:
+    parser.add_argument("--web", metavar=metavar, default=None,
+                        help="serve the dashboard to browsers instead of this terminal (localhost unless a "
+                             "HOST is given; no authentication)")
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -169,6 +191,10 @@ def _run_watch(args: argparse.Namespace, settings: Settings) -> int:
     from observer.service import Service, run_headless_until
 
     service = Service(args.camdir, args.out, settings)
+    if args.web:
+        from observer.web import run_web
+
+        return run_web(service, args.web)
     app_class = None
     if not args.headless:
         try:
@@ -198,7 +224,7 @@ def _run_demo(args: argparse.Namespace, settings: Settings) -> int:
     from observer.demo import run_demo
 
     return run_demo(settings, size=args.size, cadence=args.cadence, frames=args.frames,
-                    headless=args.headless)
+                    headless=args.headless, web=args.web)
 
 
 def _run_archive(args: argparse.Namespace, settings: Settings) -> int:
@@ -224,8 +250,27 @@ def _run_inspect(args: argparse.Namespace, settings: Settings) -> int:
     return run_inspect(args.camdir, settings, sys.stdout)
 
 
+def _run_view(args: argparse.Namespace, _settings: Settings) -> int:
+    from observer.web import PublishedSnapshot
+    from tui.app import ObserverApp
+
+    ObserverApp(PublishedSnapshot(args.outdir)).run()
+    return EXIT_OK
+
+
+def _run_send(args: argparse.Namespace, _settings: Settings) -> int:
+    from observer.samp import SampError, broadcast
+
+    try:
+        print(f"observer send: {broadcast(args.outdir, args.target)}")
+    except SampError as exc:
+        print(f"observer send: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 RUNNERS = {"simulate": _run_simulate, "watch": _run_watch, "reprocess": _run_reprocess, "demo": _run_demo,
-           "archive": _run_archive, "inspect": _run_inspect}
+           "archive": _run_archive, "inspect": _run_inspect, "send": _run_send, "view": _run_view}
 
 
 def main(argv: list[str] | None = None) -> int:

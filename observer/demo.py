@@ -38,8 +38,9 @@ def _simulate_in_background(camdir: Path, truth: Path, sim: SimSettings) -> thre
 
 
 def run_demo(settings: Settings, size: int = 1024, cadence: float = 3.0, frames: int = 10,
-             headless: bool = False, keep: bool = False) -> int:
-    """Simulate and watch; returns the exit code. ``headless`` ends when the night is reduced."""
+             headless: bool = False, keep: bool = False, web: str | None = None) -> int:
+    """Simulate and watch; returns the exit code. ``headless`` ends when the night is reduced;
+    ``web`` (``[HOST:]PORT``) serves the dashboard to browsers until Ctrl-C."""
     from observer.service import Service, run_headless_until
 
     root = Path(tempfile.mkdtemp(prefix="observer-demo-"))
@@ -52,6 +53,10 @@ def run_demo(settings: Settings, size: int = 1024, cadence: float = 3.0, frames:
     try:
         service = Service(camdir, outdir, settings)
         camera = _simulate_in_background(camdir, root / "truth.ecsv", sim)
+        if web:
+            from observer.web import run_web
+
+            return run_web(service, web)
         if headless:
             return run_headless_until(service, lambda: not camera.is_alive() and service.idle)
         from tui.app import ObserverApp

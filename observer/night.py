@@ -184,6 +184,9 @@ class Night:
         written = []
         if result.catalog is not None:
             written.append(writers.write_catalog(self.outdir, result.target, result.catalog))
+            wcs = next((s.wcs for s in request.stacks.values() if s.wcs is not None), None)
+            written.append(writers.write_regions(self.outdir, result.target, result.catalog,
+                                                 self.settings.cmd.magnitude, wcs))
             written.append(writers.write_cmd_figure(self.outdir, result.target, result.cmd, age))
         age_wanted = result.catalog is not None and self.settings.age.enabled
         return written, result.catalog if age_wanted else None

@@ -231,6 +231,12 @@ class Service:
             self.write_products(force=True)
             return self.night.save_pngs(target)
 
+    def send_to_samp(self, target: str) -> str:
+        """The dashboard's broadcast: the target's catalogue and stacks to a running SAMP hub (one line back)."""
+        from observer.samp import broadcast
+
+        return broadcast(self.outdir, [target])
+
     # ----------------------------------------------------------------- watcher and ingest threads
     def _on_path(self, path: Path, closed: bool) -> None:
         """watchdog's thread and scans: note the path, nothing more."""

@@ -1,7 +1,7 @@
 """Product writers (DESIGN.md "Products"): data in, files out, each through one atomic write.
 
 - ``<target>/<filter>/stack.fits``: the stack (float32, ADU per frame of EXPTIME) and ``NFRAMES``;
-- ``<target>/catalog.ecsv``, ``<target>/cmd.png``, ``<target>/age.json``, ``<target>/<filter>/stack.png``;
+- ``<target>/catalog.ecsv``, ``<target>/stars.reg``, ``<target>/cmd.png``, ``<target>/age.json``, ``<target>/<filter>/stack.png``;
 - ``frames.ecsv``: one row per file seen.
 
 They read what they are given and change nothing: the night decides what to
@@ -14,16 +14,22 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
+from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_scales
+from regions import CirclePixelRegion, CircleSkyRegion, PixCoord, RegionMeta, Regions, RegionVisual
 
 from observer.config import Settings, settings_to_dict
 from observer.figures import plot_cmd, plot_stack
 from observer.measure import stack_image
-from observer.products import atomic_write_fits, atomic_write_json, atomic_write_table
+from observer.products import atomic_write_bytes, atomic_write_fits, atomic_write_json, atomic_write_table
 from observer.session import ExposureGroup, TargetSession
 from observer.state import FRAME_COLUMNS, AgeEstimate, CmdData, FrameRecord, TargetState
+from reduction.photometry import FLAG_BLENDED, FLAG_EDGE, FLAG_LOW_COVERAGE, FLAG_SATURATED
 
 _FRAME_DTYPES = [str, str, str, str, str, float, str, str, float, float, float, int, float, float, float, float,
                  float, float, str]
@@ -86,6 +92,41 @@ def write_stack_pngs(outdir: Path, target: TargetSession) -> list[Path]:
 def write_catalog(outdir: Path, tname: str, catalog: Table) -> Path:
     """``<target>/catalog.ecsv``."""
     return atomic_write_table(outdir / tname / "catalog.ecsv", catalog)
+
+
+#: DS9 colour of a star by its worst flag, most serious first; a clean star is green.
+REGION_COLOURS = ((FLAG_SATURATED, "red"), (FLAG_BLENDED, "orange"), (FLAG_EDGE | FLAG_LOW_COVERAGE, "yellow"))
+CLEAN_COLOUR = "green"
+
+
+def region_colour(flags: int) -> str:
+    """The colour a star is drawn in: its flag says how far to trust its magnitude."""
+    return next((colour for bits, colour in REGION_COLOURS if flags & bits), CLEAN_COLOUR)
+
+
+def write_regions(outdir: Path, tname: str, catalog: Table, magnitude: str, wcs: WCS | None = None) -> Path:
+    """``<target>/stars.reg``: a DS9 circle (the photometry aperture) per star, labelled id and magnitude.
+
+    Image coordinates for the stacks; with ``ra, dec`` and a celestial WCS also
+    sky circles (tag ``sky``, unlabelled) so the file overlays any image of the field.
+    Written through ``regions`` so that DS9 and astropy read back what we meant.
+    """
+    radius = float(max(catalog.meta.get("aperture_radius_px", {}).values(), default=3.0))
+    mags = np.asarray(catalog[f"mag_{magnitude}"], float) if f"mag_{magnitude}" in catalog.colnames \
+        else np.full(len(catalog), np.nan)
+    colours = [region_colour(int(f)) for f in catalog["flags"]]
+    regions = [CirclePixelRegion(PixCoord(float(row["x"]), float(row["y"])), radius,
+                                 meta=RegionMeta({"text": f"{row['id']} {mag:.2f}", "tag": ["image"]}),
+                                 visual=RegionVisual({"color": colour}))
+               for row, mag, colour in zip(catalog, mags, colours)]
+    if wcs is not None and wcs.has_celestial and {"ra", "dec"} <= set(catalog.colnames):
+        scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * u.deg
+        sky = SkyCoord(np.asarray(catalog["ra"], float), np.asarray(catalog["dec"], float), unit="deg")
+        regions += [CircleSkyRegion(centre, (radius * scale).to(u.arcsec), meta=RegionMeta({"tag": ["sky"]}),
+                                    visual=RegionVisual({"color": colour}))
+                    for centre, colour in zip(sky, colours)]
+    text = Regions(regions).serialize(format="ds9")
+    return atomic_write_bytes(outdir / tname / "stars.reg", text.encode("utf-8"))
 
 
 def write_cmd_figure(outdir: Path, tname: str, cmd: CmdData, age: AgeEstimate | None) -> Path:

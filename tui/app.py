@@ -42,7 +42,7 @@ POLL_SECONDS = 0.5
 
 
 class SnapshotSource(Protocol):
-    """What the app needs from the service (``subscribe`` and ``save_pngs`` are optional)."""
+    """What the app needs from the service (``subscribe``, ``save_pngs`` and ``send_to_samp`` are optional)."""
 
     def snapshot(self) -> Snapshot: ...
 
@@ -267,11 +267,23 @@ class ObserverApp(App[None]):
             self.call_from_thread(self.notify, f"saving PNGs failed: {exc}", severity="error")
             return
         self.call_from_thread(self._saved, paths)
+        self._send_to_samp(target)
 
     def _saved(self, paths: list[Path]) -> None:
         self.saved_paths = paths
         listing = "\n".join(str(p) for p in paths) or "nothing to save yet"
         self.notify(f"saved {len(paths)} PNG(s):\n{listing}", title="snapshot", timeout=8)
+
+    def _send_to_samp(self, target: TargetState) -> None:
+        """Broadcast the target's catalogue and stacks to TOPCAT/DS9 (worker thread); one line says how it went."""
+        send = getattr(self.source, "send_to_samp", None)
+        if not callable(send):
+            return
+        try:
+            line, severity = send(target.name), "information"
+        except Exception as exc:  # no hub is the usual case: say so in one line, nothing else
+            line, severity = str(exc), "warning"
+        self.call_from_thread(self.notify, line, title="SAMP", severity=severity, timeout=6)
 
     def action_help(self) -> None:
         keys = [(b.key_display or b.key, b.description) for b in self.BINDINGS]

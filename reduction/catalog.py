@@ -21,7 +21,8 @@ import time
 import numpy as np
 from astropy.table import Table
 
-from reduction.photometry import FLAG_BITS, StackProduct, detect_sources_multi, forced_photometry, limiting_magnitude
+from reduction.detection import detect_sources_multi
+from reduction.photometry import FLAG_BITS, StackProduct, forced_photometry, limiting_magnitude
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def build_catalog(stacks: dict[str, StackProduct], color: tuple[str, str] = ("bl
     filters' significance maps, which finds a star bright in any of them (a red
     giant faint in blue, a blue straggler faint in red) at no cost in spurious
     detections.  ``detect_sigma`` is the significance of the PSF-matched filter
-    (see :func:`reduction.photometry.detect_sources_multi`).  All stacks must share
+    (see :func:`reduction.detection.detect_sources_multi`).  All stacks must share
     the reference grid.
     """
     if not stacks:

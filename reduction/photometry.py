@@ -34,19 +34,23 @@ from astropy.table import Table
 from photutils.aperture import CircularAperture, aperture_photometry
 from scipy.spatial import cKDTree
 
+from reduction.psf import PSF_MODEL_ERROR, PSFFit, nearest_distance
+
 log = logging.getLogger(__name__)
 
 #: Bit values of the ``flags`` column (OR-ed over filters in the catalogue).
 FLAG_SATURATED = 1      # a saturated pixel (in any frame) lies inside the aperture
-FLAG_BLENDED = 2        # a neighbour within BLEND_FWHM * FWHM, or neighbours' light in the aperture above
-                        # BLEND_CONTAMINATION of the flux and above half the flux error (a bias that matters)
+FLAG_BLENDED = 2        # neighbours' light left in the aperture (after subtraction of their PSF models, when
+                        # fitted) above blend_level of the flux, or a pair the PSF fit cannot separate
 FLAG_EDGE = 4           # aperture or annulus leaves the image or touches pixels no frame covered
 FLAG_LOW_COVERAGE = 8   # nframes at the star < min_coverage * max(nframes)
 FLAG_BITS = {FLAG_SATURATED: "saturated", FLAG_BLENDED: "blended", FLAG_EDGE: "edge",
              FLAG_LOW_COVERAGE: "low coverage"}
 
-BLEND_FWHM = 2.0
-BLEND_CONTAMINATION = 0.01
+#: Default blend level: fraction of a star's aperture flux from its neighbours (issue 20).
+BLEND_CONTAMINATION = 0.02
+#: Relative error of a saturated star's flux fitted on its wings (the PSF's wings are the least known part).
+SATURATED_PSF_ERROR = 0.1
 #: Radius (in FWHM) of the "total flux" aperture of the curve of growth; inside the sky annulus.
 APCORR_RADIUS_FWHM = 3.5
 #: Radii (in FWHM) at which the curve of growth is sampled (also gives the PSF profile for blending).
@@ -210,14 +214,6 @@ def _source_mask(shape: tuple[int, int], xy: np.ndarray, radii: np.ndarray) -> n
     return mask
 
 
-def nearest_distance(xy: np.ndarray) -> np.ndarray:
-    """Distance to the closest other source (inf when alone)."""
-    if len(xy) < 2:
-        return np.full(len(xy), np.inf)
-    d, _ = cKDTree(xy).query(xy, k=2)
-    return d[:, 1]
-
-
 def _neighbour_contamination(xy: np.ndarray, flux: np.ndarray, r_ap: float,
                              cog_r: np.ndarray, cog_ee: np.ndarray) -> np.ndarray:
     """Fraction of each star's aperture flux that its neighbours put into the aperture.
@@ -255,8 +251,19 @@ def _neighbour_contamination(xy: np.ndarray, flux: np.ndarray, r_ap: float,
 
 def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5,
                       annulus_fwhm: tuple[float, float] = (4.0, 6.0), min_coverage: float = 0.5,
-                      aperture_correction: float | None = None) -> Table:
+                      aperture_correction: float | None = None, psf_fit: PSFFit | None = None,
+                      blend_level: float = BLEND_CONTAMINATION) -> Table:
     """Aperture photometry of ``stack`` at fixed ``positions`` (Table with x, y, or an (N, 2) array).
+
+    With ``psf_fit`` (:func:`reduction.psf.fit_psf` at the same positions) every
+    star is measured with its neighbours' models subtracted (their uncertainty and
+    PSF_MODEL_ERROR of their light join the error), and saturated stars take the
+    PSF flux of their unsaturated wings (SATURATED_PSF_ERROR joins the error).
+    ``contamination`` is the fraction of the aperture flux the neighbours put there;
+    a star is flagged blended when what is left of it after subtraction (or, without
+    a PSF fit, all of it) exceeds ``blend_level``, or when the fit cannot tell it
+    from its neighbour.  ``method`` says what measured each star: ``aperture``,
+    ``subtracted`` (aperture after neighbour subtraction) or ``psf``.
 
     Columns: x, y, flux, fluxerr (aperture-corrected ADU/s), mag, magerr, flags,
     flux_aper (ADU per frame in the aperture, no correction), sky (local residual
@@ -286,7 +293,8 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
     bgvar = stack.background_variance()
     bgvar_finite = np.where(np.isfinite(bgvar), bgvar, 0.0)
     sky_mask = (stack.nframes == 0) | _source_mask(image.shape, xy, _mask_radii(positions, n, fwhm))
-    sky, nsky, sky_var_mean = _annulus_sky(image, bgvar_finite, sky_mask, xy, r_in, r_out)
+    model = psf_fit.model if psf_fit is not None else 0.0
+    sky, nsky, sky_var_mean = _annulus_sky(image - model, bgvar_finite, sky_mask, xy, r_in, r_out)
     npix = np.pi * r_ap ** 2
 
     cog_r = np.array(COG_RADII_FWHM) * fwhm
@@ -296,7 +304,8 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
     full_plane = stack.variance is not None and stack.variance_has_source
     aperture_var = np.where(np.isfinite(stack.variance), stack.variance, 0) if full_plane else bgvar_finite
     var_sum = _sums(np.asarray(aperture_var, float), [aperture])[0]
-    flux_aper = raw - sky * npix
+    neighbours, neighbours_var = _neighbour_light(psf_fit, aperture, r_ap, n)
+    flux_aper = raw - neighbours - sky * npix
 
     # Flags that do not depend on the fluxes of the neighbours.
     flags = np.zeros(n, np.int64)
@@ -308,7 +317,7 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
 
     # Errors (see the module docstring): background in the aperture, the annulus median, the star.
     var = (var_sum + MEDIAN_VARIANCE_FACTOR * npix ** 2 * np.nan_to_num(sky_var_mean) / nsky
-           + stack.source_variance(flux_aper, nf))
+           + stack.source_variance(flux_aper, nf) + neighbours_var)
     err_aper = np.sqrt(var)
 
     # Curve of growth on bright isolated unsaturated stars -> aperture correction and PSF profile.
@@ -340,33 +349,92 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
         apcorr, apcorr_err = 1.0, float("nan")
         log.warning("%s: no star fit for an aperture correction; using 1.0", stack.filter)
 
-    contamination = _neighbour_contamination(xy, flux_aper, r_ap, cog_r, cog_ee)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative_error = np.where(flux_aper > 0, err_aper / flux_aper, np.inf)
-    contaminated = contamination > np.maximum(BLEND_CONTAMINATION, 0.5 * relative_error)
-    flags[(nearest < BLEND_FWHM * fwhm) | contaminated] |= FLAG_BLENDED
-
+    method = np.full(n, "aperture", dtype="<U10")
     rate = flux_aper * apcorr / stack.exptime
     rate_err = err_aper * apcorr / stack.exptime
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if psf_fit is None:
+            contamination = _neighbour_contamination(xy, flux_aper, r_ap, cog_r, cog_ee)
+            left = contamination
+        else:
+            contamination = np.where(flux_aper > 0, np.clip(neighbours, 0, None) / flux_aper, np.inf)
+            left = np.where(flux_aper > 0, np.sqrt(neighbours_var) / flux_aper, np.inf)
+            method[(contamination > blend_level) & np.isfinite(contamination)] = "subtracted"
+    contamination[~np.isfinite(contamination)] = 1.0
+    blended = left > blend_level
+    if psf_fit is not None:
+        blended |= ~psf_fit.separable & (contamination > blend_level)
+        rate, rate_err, scale = _saturated_from_psf(psf_fit, flags, candidates, flux_aper * apcorr, rate,
+                                                    rate_err, stack.exptime, method)
+    flags[blended] |= FLAG_BLENDED
     with np.errstate(divide="ignore", invalid="ignore"):
         mag = np.where(rate > 0, stack.zeropoint - 2.5 * np.log10(np.where(rate > 0, rate, 1)), np.nan)
         magerr = np.where(rate > 0, 2.5 / np.log(10) * rate_err / np.where(rate > 0, rate, 1), np.nan)
 
     table = Table({"x": xy[:, 0], "y": xy[:, 1], "flux": rate, "fluxerr": rate_err, "mag": mag,
                    "magerr": magerr, "flags": flags, "flux_aper": flux_aper, "sky": sky,
-                   "nframes": nf.astype(np.int32), "snr": snr})
+                   "nframes": nf.astype(np.int32), "snr": snr, "contamination": contamination,
+                   "method": method})
     table["flux"].unit = table["fluxerr"].unit = "adu / s"
     table.meta.update(filter=stack.filter, zeropoint=stack.zeropoint, exptime=stack.exptime,
                       aperture_radius_px=r_ap, annulus_px=(r_in, r_out), fwhm_px=fwhm,
                       aperture_correction=apcorr, aperture_correction_scatter=apcorr_err,
                       aperture_correction_nstars=int(len(ratio_used)),
+                      psf_to_total=float(scale) if psf_fit is not None else float("nan"),
                       curve_of_growth={"radius_px": cog_r.tolist(), "fraction": np.asarray(cog_ee).tolist()})
     return table
 
 
+def _neighbour_light(psf_fit: PSFFit | None, aperture: CircularAperture, r_ap: float, n: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours' modelled light in each aperture and its variance (their flux errors, correlated, and
+    PSF_MODEL_ERROR of it for the PSF's own imperfection); zeros without a PSF fit."""
+    if psf_fit is None:
+        return np.zeros(n), np.zeros(n)
+    own = _aperture_fractions(psf_fit, r_ap)
+    err = np.where(np.isfinite(psf_fit.flux_err), psf_fit.flux_err, 0.0)
+    total, sigma = _sums(psf_fit.model, [aperture])[0], _sums(psf_fit.model_sigma, [aperture])[0]
+    light = total - psf_fit.flux * own
+    light_sigma = np.clip(sigma - err * own, 0, None)
+    return light, light_sigma ** 2 + (PSF_MODEL_ERROR * light) ** 2
+
+
+def _aperture_fractions(psf_fit: PSFFit, r_ap: float) -> np.ndarray:
+    """Exact fraction of each star's own unit PSF stamp inside its aperture."""
+    half = psf_fit.stamps.shape[1] // 2
+    out = np.zeros(len(psf_fit.x))
+    for i, mask in enumerate(CircularAperture(np.column_stack([psf_fit.x, psf_fit.y]), r_ap).to_mask(method="exact")):
+        x0 = int(np.rint(psf_fit.x[i])) - half
+        y0 = int(np.rint(psf_fit.y[i])) - half
+        sy = slice(mask.bbox.iymin - y0, mask.bbox.iymax - y0)
+        sx = slice(mask.bbox.ixmin - x0, mask.bbox.ixmax - x0)
+        stamp = psf_fit.stamps[i][sy, sx]
+        if stamp.shape == mask.data.shape:
+            out[i] = float((stamp * mask.data).sum())
+    return out
+
+
+def _saturated_from_psf(psf_fit: PSFFit, flags: np.ndarray, reference: np.ndarray, total_flux: np.ndarray,
+                        rate: np.ndarray, rate_err: np.ndarray, exptime: float, method: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Saturated stars' rates from their wings' PSF flux, on the aperture-corrected scale of the
+    ``reference`` (bright isolated) stars; returns the new rates, errors and the PSF-to-total scale."""
+    good = reference[(psf_fit.flux[reference] > 0) & (total_flux[reference] > 0)]
+    if not len(good):
+        return rate, rate_err, float("nan")
+    scale = float(np.median(total_flux[good] / psf_fit.flux[good]))
+    use = ((flags & FLAG_SATURATED) > 0) & (psf_fit.flux > 0) & np.isfinite(psf_fit.flux_err)
+    rate, rate_err = rate.copy(), rate_err.copy()
+    rate[use] = psf_fit.flux[use] * scale / exptime
+    rate_err[use] = np.hypot(psf_fit.flux_err[use] * scale / exptime, SATURATED_PSF_ERROR * rate[use])
+    method[use] = "psf"
+    return rate, rate_err, scale
+
+
 def _empty_table(stack: StackProduct, r_ap: float) -> Table:
     cols = {"x": float, "y": float, "flux": float, "fluxerr": float, "mag": float, "magerr": float,
-            "flags": np.int64, "flux_aper": float, "sky": float, "nframes": np.int32, "snr": float}
+            "flags": np.int64, "flux_aper": float, "sky": float, "nframes": np.int32, "snr": float,
+            "contamination": float, "method": "<U10"}
     table = Table({k: np.zeros(0, dtype=v) for k, v in cols.items()})
     table.meta.update(filter=stack.filter, zeropoint=stack.zeropoint, aperture_radius_px=r_ap,
                       aperture_correction=1.0, aperture_correction_scatter=float("nan"),

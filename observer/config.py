@@ -127,7 +127,7 @@ class ReductionSettings:
 
 @dataclass
 class PhotometrySettings:
-    """Aperture photometry on the stacks."""
+    """Aperture and PSF photometry on the stacks."""
 
     aperture_fwhm: float = _num(1.5, expected="a number > 0 (aperture radius in units of the FWHM)")
     annulus_fwhm: list[float] = field(default_factory=lambda: [4.0, 6.0], metadata=_check(
@@ -135,6 +135,8 @@ class PhotometrySettings:
     detect_sigma: float = _num(5.0)
     match_radius_px: float = _num(1.5)
     min_coverage: float = field(default=0.5, metadata=_check(_fraction, "a fraction in (0, 1]"))
+    psf: bool = True
+    blend_level: float = field(default=0.02, metadata=_check(_fraction, "a fraction in (0, 1]"))
 
 
 @dataclass

@@ -364,8 +364,8 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
     blended = left > blend_level
     if psf_fit is not None:
         blended |= ~psf_fit.separable & (contamination > blend_level)
-        rate, rate_err, scale = _saturated_from_psf(psf_fit, flags, candidates, flux_aper * apcorr, rate,
-                                                    rate_err, stack.exptime, method)
+        rate, rate_err, scale = _saturated_from_psf(psf_fit, stack.saturated[iy, ix], candidates, flux_aper * apcorr,
+                                                    rate, rate_err, stack.exptime, method)
     flags[blended] |= FLAG_BLENDED
     with np.errstate(divide="ignore", invalid="ignore"):
         mag = np.where(rate > 0, stack.zeropoint - 2.5 * np.log10(np.where(rate > 0, rate, 1)), np.nan)
@@ -414,16 +414,17 @@ def _aperture_fractions(psf_fit: PSFFit, r_ap: float) -> np.ndarray:
     return out
 
 
-def _saturated_from_psf(psf_fit: PSFFit, flags: np.ndarray, reference: np.ndarray, total_flux: np.ndarray,
+def _saturated_from_psf(psf_fit: PSFFit, core_saturated: np.ndarray, reference: np.ndarray, total_flux: np.ndarray,
                         rate: np.ndarray, rate_err: np.ndarray, exptime: float, method: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Saturated stars' rates from their wings' PSF flux, on the aperture-corrected scale of the
-    ``reference`` (bright isolated) stars; returns the new rates, errors and the PSF-to-total scale."""
+    """Rates of the stars saturated at their centre from their wings' PSF flux, on the aperture-corrected
+    scale of the ``reference`` (bright isolated) stars; returns the new rates, errors and the PSF-to-total
+    scale.  A star with only a neighbour's saturated pixels in its aperture keeps its (subtracted) aperture."""
     good = reference[(psf_fit.flux[reference] > 0) & (total_flux[reference] > 0)]
     if not len(good):
         return rate, rate_err, float("nan")
     scale = float(np.median(total_flux[good] / psf_fit.flux[good]))
-    use = ((flags & FLAG_SATURATED) > 0) & (psf_fit.flux > 0) & np.isfinite(psf_fit.flux_err)
+    use = core_saturated & (psf_fit.flux > 0) & np.isfinite(psf_fit.flux_err)
     rate, rate_err = rate.copy(), rate_err.copy()
     rate[use] = psf_fit.flux[use] * scale / exptime
     rate_err[use] = np.hypot(psf_fit.flux_err[use] * scale / exptime, SATURATED_PSF_ERROR * rate[use])

@@ -171,7 +171,7 @@ class ReductionSettings:
 
 @dataclass
 class PhotometrySettings:
-    """Aperture photometry on the stacks."""
+    """Aperture and PSF photometry on the stacks."""
 
     aperture_fwhm: float = _num(1.5, expected="a number > 0 (aperture radius in units of the FWHM)")
     annulus_fwhm: list[float] = field(default_factory=lambda: [4.0, 6.0], metadata=_check(
@@ -179,6 +179,8 @@ class PhotometrySettings:
     detect_sigma: float = _num(5.0)
     min_coverage: float = field(default=0.5, metadata=_check(_fraction, "a fraction in (0, 1]"))
     nonlinear_fraction: float = field(default=0.8, metadata=_check(_fraction, "a fraction in (0, 1]"))
+    psf: bool = True
+    blend_level: float = field(default=0.02, metadata=_check(_fraction, "a fraction in (0, 1]"))
 
 
 @dataclass

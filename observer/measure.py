@@ -127,7 +127,7 @@ def measure_target(request: MeasureRequest, settings: Settings) -> Measurement:
     if all(f in stacks for f in color):
         catalog = build_catalog(stacks, color=color, detect_sigma=phot.detect_sigma,
                                 aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=tuple(phot.annulus_fwhm),
-                                min_coverage=phot.min_coverage)
+                                min_coverage=phot.min_coverage, psf=phot.psf, blend_level=phot.blend_level)
         apcorr = dict(catalog.meta["aperture_correction"])
         if request.groups:
             catalog = merge_exposure_groups(

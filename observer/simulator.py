@@ -28,6 +28,7 @@ or crossed by the satellite (never the first frame of a filter).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -53,6 +54,10 @@ ADC_MAX = 65535
 #: Random streams (second element of the generator seed) so each part of the night is
 #: reproducible on its own: adding a frame never changes the stars or the detector.
 _STREAM_STARS, _STREAM_DETECTOR, _STREAM_PLAN, _STREAM_OFFSET_STARS, _STREAM_FRAME = 0, 1, 2, 3, 1000
+#: Streams of the rich-field and optics options (their own, so the default night is unchanged by them).
+_STREAM_RICH, _STREAM_OPTICS = 4, 5
+#: PSF tiles per axis when the PSF changes across the field.
+_PSF_TILES = 4
 #: Old field populations (log age, [M/H]) the foreground/background stars are drawn from.
 _FIELD_POPULATIONS = ((8.8, 0.0), (9.3, 0.0), (9.7, -0.5), (10.0, -0.5))
 #: Relative seeing per band: the atmosphere blurs blue light a little more (FWHM ~ lambda^-0.2).
@@ -99,6 +104,16 @@ class SimSettings:
     exptime_range: tuple[float, float] = (30.0, 60.0)
     seeing_range: tuple[float, float] = (2.5, 4.5)   # FWHM, px
     moffat_beta: float = 3.0
+    # Optics the pipeline does not assume (issue 13): the night's Moffat beta drawn from beta_range, the
+    # PSF growing and elongating towards the corners by psf_field_variation, vignetting and dust donuts
+    # in the science frames (the flats carry them too, and correct them, on calibration nights).
+    realistic_optics: bool = False
+    beta_range: tuple[float, float] = (2.5, 4.5)
+    psf_field_variation: float = 0.12
+    # A rich field: rich_pairs companions 1-3 px from random stars and rich_neighbours stars within
+    # 3-10 px of the brightest ones (use with n_members/n_field in the thousands).
+    rich_pairs: int = 0
+    rich_neighbours: int = 0
     drift_px: float = 14.0                  # tracking drift by the last science frame
     rotation_deg: float = 0.3               # field rotation by the last science frame (at most)
     bad_frames: bool = True                 # one trailed frame (first filter), one thin-cloud frame (second)
@@ -271,14 +286,18 @@ def make_stars(s: SimSettings) -> Table:
     margin = _margin(s.size)
     mx, my = _plummer_xy(s.n_members, s.size, margin, rng)
     field_ = _field_stars(s.n_field, s, bands, s.size, margin, rng)
+    if s.rich_pairs or s.rich_neighbours:
+        _add_close_companions(s, members, mx, my)
+        mx, my = members.pop("x"), members.pop("y")
     table = Table()
-    table["id"] = np.arange(1, s.n_members + s.n_field + 1, dtype=np.int32)
+    n_members = len(mx)
+    table["id"] = np.arange(1, n_members + len(field_["x"]) + 1, dtype=np.int32)
     table["x"] = np.concatenate([mx, field_["x"]])
     table["y"] = np.concatenate([my, field_["y"]])
     for f in s.filters:
         b = s.band(f)
         table[f"mag_{f}"] = np.concatenate([members["mags"][b], field_[f"mag_{b}"]])
-    table["member"] = np.concatenate([np.ones(s.n_members, bool), np.zeros(s.n_field, bool)])
+    table["member"] = np.concatenate([np.ones(n_members, bool), np.zeros(len(field_["x"]), bool)])
     table["binary"] = np.concatenate([members["binary"], field_["binary"]])
     table["mass"] = np.concatenate([members["mass"], field_["mass"]])
     table["stage"] = np.concatenate([members["stage"], field_["stage"]])
@@ -291,10 +310,28 @@ def make_stars(s: SimSettings) -> Table:
         "ebv": float(s.ebv), "mh": float(iso.mh), "bands": {f: s.band(f) for f in s.filters},
         "zeropoints": {f: s.zeropoint(f) for f in s.filters}, "gain": float(s.gain),
         "read_noise": float(s.read_noise), "bias_level": float(s.bias_level), "saturation": ADC_MAX,
-        "seed": int(s.seed), "size": int(s.size), "plate_scale_arcsec": round(s.plate_scale_arcsec, 4),
+        "seed": int(s.seed), "size": int(s.size), "moffat_beta": night_beta(s), "plate_scale_arcsec": round(s.plate_scale_arcsec, 4),
         "stage_labels": "PARSEC: 0 pre-MS, 1 MS, 2 SGB, 3 RGB, 4-6 core He burning, 7-8 AGB, 9 post-AGB",
     })
     return table
+
+
+def _add_close_companions(s: SimSettings, members: dict, mx: np.ndarray, my: np.ndarray) -> None:
+    """Rich-field companions, as cluster members: ``rich_pairs`` 1-3 px from random members and
+    ``rich_neighbours`` 3-10 px from the brightest tenth, 0-3 mag fainter (``members`` gains x, y)."""
+    rng = np.random.default_rng([s.seed, _STREAM_RICH])
+    vmag = members["mags"]["V"]
+    bright = np.argsort(vmag)[:max(len(vmag) // 10, 1)]
+    hosts = np.r_[rng.integers(0, len(vmag), s.rich_pairs), rng.choice(bright, s.rich_neighbours)]
+    dist = np.r_[rng.uniform(1.0, 3.0, s.rich_pairs), rng.uniform(3.0, 10.0, s.rich_neighbours)]
+    phi = rng.uniform(0, 2 * np.pi, len(hosts))
+    dmag = rng.uniform(0.0, 3.0, len(hosts))
+    members["x"] = np.r_[mx, mx[hosts] + dist * np.cos(phi)]
+    members["y"] = np.r_[my, my[hosts] + dist * np.sin(phi)]
+    for band in members["mags"]:
+        members["mags"][band] = np.r_[members["mags"][band], members["mags"][band][hosts] + dmag]
+    for key in ("mass", "stage", "binary"):
+        members[key] = np.r_[members[key], members[key][hosts]]
 
 
 # --------------------------------------------------------------------------- PSF
@@ -410,6 +447,7 @@ class Detector:
     dark_rate: np.ndarray | None    # e-/s per pixel (calibration nights only; amp glow corner)
     flats: dict[str, np.ndarray]    # relative response per filter (calibration nights only)
     sky_shape: np.ndarray           # light-pollution gradient, median 1
+    illumination: np.ndarray | None = None   # vignetting and dust of the optics (no flats: left in the data)
 
 
 def _hot_pixels(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -452,7 +490,12 @@ def make_detector(s: SimSettings) -> Detector:
     p = np.float32(math.cos(phi)) * xx + np.float32(math.sin(phi)) * yy
     sky_shape = 1.0 + np.float32(0.3) * p + np.float32(0.1) * p * p
     sky_shape /= np.median(sky_shape[::4, ::4])
-    dark_rate, flats = None, {}
+    dark_rate, flats, illumination = None, {}, None
+    if s.realistic_optics and not s.calibration:
+        # The same optics as a calibration night's flats show, drawn from their own stream.
+        orng = np.random.default_rng([s.seed, _STREAM_OPTICS, 1])
+        illumination = ((1.0 - 0.3 * (xx * xx + yy * yy))
+                        * _donut(n, *orng.uniform(0.2, 0.8, 2) * n, 0.02 * n + 6, 0.05)).astype(np.float32)
     if s.calibration:
         corner = np.hypot(xx + 0.5, yy + 0.5)
         dark_rate = (0.05 + 2.0 * np.exp(-corner / 0.12)).astype(np.float32)
@@ -463,7 +506,7 @@ def make_detector(s: SimSettings) -> Detector:
             own = _donut(n, *rng.uniform(0.15, 0.85, 2) * n, 0.03 * n + 8, 0.04)
             flats[f] = common * own
     return Detector(bias=bias, hot_xy=hot, hot_rate=hot_rate, dark_rate=dark_rate, flats=flats,
-                    sky_shape=sky_shape.astype(np.float32))
+                    sky_shape=sky_shape.astype(np.float32), illumination=illumination)
 
 
 # --------------------------------------------------------------------------- night plan
@@ -624,6 +667,7 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
                 float(drift_total * frac * math.sin(drift_angle)) + 0.0, float(rot_total * frac) + 0.0)
 
     seeing0 = rng.uniform(0.25, 0.55) * (s.seeing_range[1] - s.seeing_range[0]) + s.seeing_range[0]
+    beta = night_beta(s)
     walk = 0.0
     trailed, clouded, satellite = _bad_frame_slots(s)
     trail_angle = rng.uniform(0, np.pi)
@@ -633,7 +677,7 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
         walk = 0.6 * walk + rng.normal(0.0, 0.06)
         fwhm = float(np.clip(seeing0 * _SEEING_BAND_FACTOR.get(s.band(f), 1.0) * (1.0 + walk), *s.seeing_range))
         axis_ratio = round(1.0 + min(abs(rng.normal(0, 0.03)), 0.08), 4)     # optics: slightly oval stars
-        return Psf(fwhm=round(fwhm, 3), beta=s.moffat_beta, axis_ratio=axis_ratio,
+        return Psf(fwhm=round(fwhm, 3), beta=beta, axis_ratio=axis_ratio,
                    angle=float(rng.uniform(0, np.pi)), trail_px=s.trail_px if trail else 0.0, trail_angle=trail_angle)
 
     def sky_drift(tt: float) -> float:
@@ -662,6 +706,42 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
     first = next(p for p in plans if p.kind == "science")
     assert first.dx == 0.0 and first.dy == 0.0 and first.rotation_deg == 0.0
     return plans
+
+
+def night_beta(s: SimSettings) -> float:
+    """The night's Moffat beta: ``moffat_beta``, or with ``realistic_optics`` one drawn from ``beta_range``."""
+    if not s.realistic_optics:
+        return s.moffat_beta
+    return round(float(np.random.default_rng([s.seed, _STREAM_OPTICS]).uniform(*s.beta_range)), 3)
+
+
+def field_psf(psf: Psf, s: SimSettings, xc: float, yc: float) -> Psf:
+    """The PSF at frame position (xc, yc): wider and radially elongated towards the corners (field curvature
+    and coma of a small telescope), by ``psf_field_variation`` at the corner; unchanged without
+    ``realistic_optics``."""
+    if not s.realistic_optics:
+        return psf
+    c = (s.size - 1) / 2.0
+    r2 = ((xc - c) ** 2 + (yc - c) ** 2) / (2 * c * c)
+    grow = s.psf_field_variation * r2
+    return dataclasses.replace(psf, fwhm=psf.fwhm * (1 + grow), axis_ratio=psf.axis_ratio * (1 + grow),
+                               angle=math.atan2(yc - c, xc - c) if r2 > 0.01 else psf.angle)
+
+
+def _render_field(light: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: Psf,
+                  s: SimSettings) -> None:
+    """Stars with the PSF of their part of the field (tiles of _PSF_TILES per axis with realistic optics)."""
+    if not s.realistic_optics:
+        render_stars(light, x, y, flux, psf)
+        return
+    step = s.size / _PSF_TILES
+    tx = np.clip((x // step).astype(int), 0, _PSF_TILES - 1)
+    ty = np.clip((y // step).astype(int), 0, _PSF_TILES - 1)
+    for j in range(_PSF_TILES):
+        for i in range(_PSF_TILES):
+            sel = (tx == i) & (ty == j)
+            if sel.any():
+                render_stars(light, x[sel], y[sel], flux[sel], field_psf(psf, s, (i + 0.5) * step, (j + 0.5) * step))
 
 
 # --------------------------------------------------------------------------- rendering
@@ -723,6 +803,8 @@ def median_sky(plan: FramePlan, s: SimSettings, det: Detector) -> float:
         sky = det.sky_shape[::4, ::4] * np.float32(plan.sky_rate * plan.exptime)
         if s.calibration:
             sky = sky * det.flats[plan.filter][::4, ::4]
+        elif det.illumination is not None:
+            sky = sky * det.illumination[::4, ::4]
         return float(np.median(sky))
     if plan.kind == "flat":
         return float(np.median(det.flats[plan.filter][::4, ::4]) * plan.flat_level)
@@ -744,11 +826,13 @@ def render_frame(plan: FramePlan, s: SimSettings, det: Detector, stars: Table, o
         else:
             x, y = np.asarray(offset_stars["x"]), np.asarray(offset_stars["y"])
             mags = offset_stars[f"mag_{plan.filter}"]
-        render_stars(light, x, y, _star_flux(mags, s, plan), plan.psf)
+        _render_field(light, x, y, _star_flux(mags, s, plan), plan.psf, s)
         if plan.satellite:
             _add_satellite(light, plan.psf.fwhm, rng)
         if s.calibration:
             light *= det.flats[plan.filter]
+        elif det.illumination is not None:
+            light *= det.illumination
         electrons += light * np.float32(s.gain)
     elif plan.kind == "flat":
         electrons += det.flats[plan.filter] * np.float32(plan.flat_level * s.gain)

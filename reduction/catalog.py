@@ -20,23 +20,35 @@ import time
 
 import numpy as np
 from astropy.table import Table
+from scipy import ndimage
 
-from reduction.photometry import FLAG_BITS, StackProduct, detect_sources_multi, forced_photometry, limiting_magnitude
+from reduction.detection import detect_sources_multi
+from reduction.photometry import (BLEND_CONTAMINATION, FLAG_BITS, FLAG_EDGE, FLAG_SATURATED, StackProduct,
+                                  forced_photometry, limiting_magnitude)
+from reduction.psf import EmpiricalPSF, PSFFit, build_psf, fit_psf, nearest_distance
 
 log = logging.getLogger(__name__)
 
 
 def build_catalog(stacks: dict[str, StackProduct], color: tuple[str, str] = ("blue", "green"),
                   detect_on: str | None = None, detect_sigma: float = 5.0, aperture_fwhm: float = 1.5,
-                  annulus_fwhm: tuple[float, float] = (4.0, 6.0), min_coverage: float = 0.5) -> Table:
+                  annulus_fwhm: tuple[float, float] = (4.0, 6.0), min_coverage: float = 0.5,
+                  psf: bool = True, blend_level: float = BLEND_CONTAMINATION) -> Table:
     """Detect once, measure in every filter, and assemble the catalogue.
 
     ``detect_on`` names the filter to detect on; None detects on the sum of the
     filters' significance maps, which finds a star bright in any of them (a red
     giant faint in blue, a blue straggler faint in red) at no cost in spurious
     detections.  ``detect_sigma`` is the significance of the PSF-matched filter
-    (see :func:`reduction.photometry.detect_sources_multi`).  All stacks must share
+    (see :func:`reduction.detection.detect_sources_multi`).  All stacks must share
     the reference grid.
+
+    With ``psf``, each stack gets an empirical PSF (:mod:`reduction.psf`); the
+    positions of crowded and saturated stars come from a joint PSF fit on the
+    deepest stack, and every filter is measured with the neighbours' models
+    subtracted (``method_<f>``, ``contamination_<f>`` columns; ``contamination``
+    is the largest over the filters).  A stack with too few stars for a PSF falls
+    back to plain aperture photometry, said in ``meta['psf']``.
     """
     if not stacks:
         raise ValueError("build_catalog needs at least one stack")
@@ -57,19 +69,34 @@ def build_catalog(stacks: dict[str, StackProduct], color: tuple[str, str] = ("bl
     table["y"] = np.asarray(sources["y"], float)
     flags = np.zeros(len(sources), np.int64)
     meta_phot: dict[str, dict] = {}
+    aperture = {name: forced_photometry(stack, sources, aperture_fwhm=aperture_fwhm, annulus_fwhm=annulus_fwhm,
+                                        min_coverage=min_coverage, blend_level=blend_level)
+                for name, stack in stacks.items()}
+    fits, psf_notes = (_psf_fits(stacks, aperture, table, blend_level) if psf and len(sources)
+                       else ({}, {f: "PSF photometry off" for f in stacks}))
+    contamination = np.zeros(len(sources))
+    extra: dict[str, np.ndarray] = {}
     for name, stack in stacks.items():
-        phot = forced_photometry(stack, sources, aperture_fwhm=aperture_fwhm, annulus_fwhm=annulus_fwhm,
-                                 min_coverage=min_coverage)
+        phot = aperture[name] if name not in fits else forced_photometry(
+            stack, table, aperture_fwhm=aperture_fwhm, annulus_fwhm=annulus_fwhm, min_coverage=min_coverage,
+            psf_fit=fits[name], blend_level=blend_level)
         for col in ("flux", "fluxerr", "mag", "magerr"):
             table[f"{col}_{name}"] = phot[col]
+        extra[f"method_{name}"] = phot["method"]
+        extra[f"contamination_{name}"] = phot["contamination"]
+        contamination = np.maximum(contamination, np.asarray(phot["contamination"], float))
         flags |= np.asarray(phot["flags"], np.int64)
         meta_phot[name] = {k: phot.meta[k] for k in ("aperture_radius_px", "aperture_correction",
-                                                      "aperture_correction_scatter", "aperture_correction_nstars")}
+                                                      "aperture_correction_scatter", "aperture_correction_nstars",
+                                                      "psf_to_total")}
         meta_phot[name]["limiting_mag"] = limiting_magnitude(
             stack, 5.0, aperture_fwhm, annulus_fwhm, phot.meta["aperture_correction"])
     table["color"] = table[f"mag_{color[0]}"] - table[f"mag_{color[1]}"]
     table["flags"] = flags
     _add_sky_coordinates(table, stacks)
+    table["contamination"] = contamination
+    for col, values in extra.items():
+        table[col] = values
 
     table.meta.update(
         filters=list(stacks),
@@ -89,6 +116,9 @@ def build_catalog(stacks: dict[str, StackProduct], color: tuple[str, str] = ("bl
         aperture_correction_nstars={f: m["aperture_correction_nstars"] for f, m in meta_phot.items()},
         limiting_mag_5sigma={f: m["limiting_mag"] for f, m in meta_phot.items()},
         flag_bits={str(bit): name for bit, name in FLAG_BITS.items()},
+        psf=psf_notes,
+        blend_level=blend_level,
+        psf_to_total={f: m["psf_to_total"] for f, m in meta_phot.items()},
         flux_unit="ADU/s, aperture-corrected (mag = zeropoint - 2.5 log10(flux))",
         nan_magnitudes="a non-positive flux in a filter gives NaN mag/magerr there; the row is kept",
     )
@@ -107,3 +137,49 @@ def _add_sky_coordinates(table: Table, stacks: dict[str, StackProduct]) -> None:
     table["ra"] = np.asarray(ra, float)
     table["dec"] = np.asarray(dec, float)
     table["ra"].unit = table["dec"].unit = "deg"
+
+
+def _psf_fits(stacks: dict[str, StackProduct], aperture: dict[str, Table], table: Table, blend_level: float
+              ) -> tuple[dict[str, PSFFit], dict[str, str]]:
+    """PSF fits of every stack that supports a PSF model; ``table``'s x, y of crowded and saturated stars
+    move to their PSF positions on the deepest stack first.  Returns the fits and a note per filter."""
+    psfs: dict[str, EmpiricalPSF] = {}
+    notes: dict[str, str] = {}
+    xy = np.column_stack([np.asarray(table["x"], float), np.asarray(table["y"], float)])
+    nearest = nearest_distance(xy)
+    for name, stack in stacks.items():
+        phot = aperture[name]
+        clean = ((np.asarray(phot["flags"]) & (FLAG_SATURATED | FLAG_EDGE)) == 0) & (np.asarray(phot["snr"]) > 30) \
+            & (nearest > 3 * stack.fwhm_px) & (np.asarray(phot["contamination"]) < 0.2 * blend_level)
+        model, notes[name] = build_psf(stack.image, xy[:, 0], xy[:, 1], clean, stack.fwhm_px)
+        if model is None:
+            log.warning("%s: %s", name, notes[name])
+        else:
+            psfs[name] = model
+    if not psfs:
+        return {}, notes
+    deep = max(psfs, key=lambda f: float(np.nanmedian(np.sort(np.asarray(aperture[f]["snr"]))[-50:])))
+    crowded = (np.asarray(aperture[deep]["contamination"]) > blend_level) | \
+        ((np.asarray(aperture[deep]["flags"]) & FLAG_SATURATED) > 0)
+    first = _fit(stacks[deep], psfs[deep], xy, crowded & (np.asarray(aperture[deep]["snr"]) > 10))
+    moved = np.hypot(first.x - xy[:, 0], first.y - xy[:, 1]) < 0.5 * stacks[deep].fwhm_px
+    table["x"][moved] = first.x[moved]
+    table["y"][moved] = first.y[moved]
+    fits = {deep: first} if moved.all() else {}
+    xy = np.column_stack([np.asarray(table["x"], float), np.asarray(table["y"], float)])
+    for name in psfs:
+        if name not in fits:
+            fits[name] = _fit(stacks[name], psfs[name], xy, None)
+    log.info("PSF photometry: %d crowded or saturated stars repositioned on %s", int((crowded & moved).sum()), deep)
+    return fits, notes
+
+
+def _fit(stack: StackProduct, psf: EmpiricalPSF, xy: np.ndarray, move: np.ndarray | None) -> PSFFit:
+    """Joint PSF fit of one stack at ``xy`` (saturated pixels, grown by a pixel, left out)."""
+    variance = stack.variance if stack.variance is not None and stack.variance_has_source else None
+    if variance is None:
+        smooth = np.clip(np.nan_to_num(stack.image), 0, None)
+        variance = stack.background_variance() + stack.source_variance(smooth, stack.nframes)
+    masked = ndimage.binary_dilation(stack.saturated, iterations=1)
+    return fit_psf(stack.image, variance, psf, xy[:, 0], xy[:, 1], masked, max(1.5 * stack.fwhm_px, 3.0),
+                   fit_positions=move)

@@ -25,7 +25,8 @@ import numpy as np
 from astropy.table import Table, vstack
 from scipy.spatial import cKDTree
 
-from reduction.photometry import FLAG_BLENDED, FLAG_SATURATED, StackProduct, detect_sources_multi, forced_photometry
+from reduction.detection import detect_sources_multi
+from reduction.photometry import FLAG_BLENDED, FLAG_SATURATED, StackProduct, forced_photometry
 
 log = logging.getLogger(__name__)
 

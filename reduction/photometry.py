@@ -1,4 +1,5 @@
-"""Detection and forced aperture photometry on the per-filter stacks.
+"""Forced aperture photometry and depth on the per-filter stacks (detection: :mod:`reduction.detection`,
+PSF model and PSF photometry: :mod:`reduction.psf`).
 
 Units, fixed here because every error bar depends on them:
 
@@ -21,16 +22,6 @@ Units, fixed here because every error bar depends on them:
   interpolation smooths the noise of single pixels, but an aperture sum keeps the
   full variance of the frames, so an empirical per-pixel variance would
   understate aperture errors.
-
-Detection is a PSF-matched filter with an exact significance map (local maxima of
-``conv(image, g) / sqrt(conv(var, g^2))``), rather than DAOStarFinder, because the
-stacks have a noise that varies with coverage and with the stars themselves, and
-the significance of a peak must mean the same everywhere for the completeness and
-spurious-rate promises to hold.  Hot pixels and cosmic rays are rejected by
-comparing the single-pixel significance with the matched-filter one: for a star
-the matched filter gains (``sqrt(pi) sigma_psf`` times), for a lone pixel it loses.
-Positions are Gaussian-windowed centroids (SExtractor's XWIN), which converge to
-the centre of any symmetric profile and reach ~0.02 px at S/N 100.
 """
 
 from __future__ import annotations
@@ -41,30 +32,29 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.table import Table
 from photutils.aperture import CircularAperture, aperture_photometry
-from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from reduction.psf import PSF_MODEL_ERROR, PSFFit, nearest_distance
 
 log = logging.getLogger(__name__)
 
 #: Bit values of the ``flags`` column (OR-ed over filters in the catalogue).
 FLAG_SATURATED = 1      # a saturated pixel (in any frame) lies inside the aperture
-FLAG_BLENDED = 2        # a neighbour within BLEND_FWHM * FWHM, or neighbours' light in the aperture above
-                        # BLEND_CONTAMINATION of the flux and above half the flux error (a bias that matters)
+FLAG_BLENDED = 2        # neighbours' light left in the aperture (after subtraction of their PSF models, when
+                        # fitted) above blend_level of the flux, or a pair the PSF fit cannot separate
 FLAG_EDGE = 4           # aperture or annulus leaves the image or touches pixels no frame covered
 FLAG_LOW_COVERAGE = 8   # nframes at the star < min_coverage * max(nframes)
 FLAG_BITS = {FLAG_SATURATED: "saturated", FLAG_BLENDED: "blended", FLAG_EDGE: "edge",
              FLAG_LOW_COVERAGE: "low coverage"}
 
-BLEND_FWHM = 2.0
-BLEND_CONTAMINATION = 0.01
+#: Default blend level: fraction of a star's aperture flux from its neighbours (issue 20).
+BLEND_CONTAMINATION = 0.02
+#: Relative error of a saturated star's flux fitted on its wings (the PSF's wings are the least known part).
+SATURATED_PSF_ERROR = 0.1
 #: Radius (in FWHM) of the "total flux" aperture of the curve of growth; inside the sky annulus.
 APCORR_RADIUS_FWHM = 3.5
 #: Radii (in FWHM) at which the curve of growth is sampled (also gives the PSF profile for blending).
 COG_RADII_FWHM = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, APCORR_RADIUS_FWHM)
-#: Width of the light smoothing used to find peaks, in FWHM: narrow enough to separate pairs ~1.2 FWHM apart.
-PEAK_KERNEL_FWHM = 0.5
-#: A peak next to a brighter one is kept when it rises this many sigma above the saddle between them.
-DEBLEND_SIGMA = 4.0
 #: Variance of the median of n Gaussian values relative to that of their mean.
 MEDIAN_VARIANCE_FACTOR = np.pi / 2
 
@@ -124,335 +114,6 @@ def _block_median(a: np.ndarray, box: int) -> np.ndarray:
     padded[:ny, :nx] = np.where(np.isfinite(a), a, np.nan)
     blocks = np.nanmedian(padded.reshape(by, box, bx, box).transpose(0, 2, 1, 3).reshape(by, bx, -1), axis=2)
     return np.repeat(np.repeat(blocks, box, 0), box, 1)[:ny, :nx].astype(np.float32)
-
-
-# --------------------------------------------------------------------------- detection
-
-def _gaussian_1d(fwhm: float, radius_sigma: float) -> np.ndarray:
-    sigma = fwhm / 2.3548
-    r = max(2, int(np.ceil(radius_sigma * sigma)))
-    x = np.arange(-r, r + 1)
-    return np.exp(-x ** 2 / (2 * sigma ** 2))
-
-
-def _sep(data: np.ndarray, k1: np.ndarray) -> np.ndarray:
-    """Correlate with the separable kernel outer(k1, k1) (symmetric: equals a convolution)."""
-    out = ndimage.correlate1d(data, k1, axis=0, mode="constant")
-    return ndimage.correlate1d(out, k1, axis=1, mode="constant")
-
-
-def _kernel(fwhm: float, lowered: bool) -> np.ndarray:
-    """2-D Gaussian kernel normalised to measure a Gaussian's amplitude; ``lowered`` makes it zero-sum.
-
-    The lowered kernel (DAOFIND's) is the Gaussian minus its mean over the square
-    footprint: it estimates the height of a PSF-shaped bump above a locally flat
-    background, so the smooth wing of a bright star (many sigma above zero 20 px
-    out for a Moffat PSF) gives no response while a star keeps most of its
-    matched-filter significance.
-    """
-    k1 = _gaussian_1d(fwhm, 2.5 if lowered else 3.0)
-    g = np.outer(k1, k1)
-    k = g - g.mean() if lowered else g
-    return k / (k * g).sum()
-
-
-@dataclass
-class _DetectionInput:
-    """The signal searched for sources and its variance (stars' Poisson noise included)."""
-
-    image: np.ndarray
-    var: np.ndarray
-    covered: np.ndarray
-
-
-def _detection_input(stack: StackProduct, fwhm: float) -> _DetectionInput:
-    """Signal and detection variance of ``stack``.
-
-    The variance includes the stars' own Poisson noise so that photon noise on the
-    wings of bright stars does not read as faint detections around them.
-    """
-    data = np.where(np.isfinite(stack.image), stack.image, 0).astype(np.float32)
-    var = stack.background_variance()
-    covered = np.isfinite(var)
-    smooth = ndimage.gaussian_filter(data, fwhm / 2.3548)
-    poisson = np.clip(smooth, 0, None) / (stack.gain * np.clip(stack.nframes, 1, None))
-    var = np.where(covered, var + poisson, 0).astype(np.float32)
-    return _DetectionInput(np.where(covered, data, 0).astype(np.float32), var, covered)
-
-
-def _residual_input(base: _DetectionInput, model: np.ndarray) -> _DetectionInput:
-    """The input with the source models subtracted; their relative error PSF_MODEL_ERROR joins the noise."""
-    return _DetectionInput(np.where(base.covered, base.image - model, 0).astype(np.float32),
-                           (base.var + np.where(base.covered, (PSF_MODEL_ERROR * model) ** 2, 0)).astype(np.float32),
-                           base.covered)
-
-
-def _fine_map(inp: _DetectionInput, fwhm: float) -> np.ndarray:
-    """Significance (unit noise) of the lightly smoothed image: finds peaks and keeps close pairs apart.
-
-    Separable, so a 2048^2 map costs four 1-D passes; the other significances are
-    only needed at the candidate peaks and are computed there (:func:`_significance_at`).
-    """
-    k1 = _gaussian_1d(PEAK_KERNEL_FWHM * fwhm, 3.0)
-    num = _sep(inp.image, k1)
-    den = np.sqrt(np.clip(_sep(inp.var, k1 ** 2), 0, None))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(inp.covered & (den > 0), num / den, 0).astype(np.float32)
-
-
-def _significance_at(inp: _DetectionInput, px: np.ndarray, py: np.ndarray, fwhm: float) -> dict[str, np.ndarray]:
-    """Significances at integer pixels: ``lowered`` and ``matched`` filters, brightest single ``pixel`` (3x3)."""
-    out: dict[str, np.ndarray] = {}
-    for name, kernel in (("lowered", _kernel(fwhm, True)), ("matched", _kernel(fwhm, False))):
-        r = kernel.shape[0] // 2
-        img = np.pad(inp.image, r)
-        var = np.pad(inp.var, r)
-        off = np.arange(-r, r + 1)
-        values = np.empty(len(px), np.float32)
-        for i in range(0, len(px), 20000):
-            gy = py[i:i + 20000, None, None] + off[None, :, None] + r
-            gx = px[i:i + 20000, None, None] + off[None, None, :] + r
-            num = (img[gy, gx] * kernel).sum(axis=(1, 2))
-            den = np.sqrt(np.clip((var[gy, gx] * kernel ** 2).sum(axis=(1, 2)), 0, None))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                values[i:i + 20000] = np.where(den > 0, num / den, 0)
-        out[name] = values
-    img, var = np.pad(inp.image, 1), np.pad(inp.var, 1)
-    best = np.zeros(len(px), np.float32)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            v = var[py + 1 + dy, px + 1 + dx]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                best = np.maximum(best, np.where(v > 0, img[py + 1 + dy, px + 1 + dx] / np.sqrt(v), 0))
-    out["pixel"] = best
-    return out
-
-
-def _drop_saddle_peaks(fine: np.ndarray, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:
-    """Keep-mask of peaks: a peak within ``radius`` of a higher one must stand DEBLEND_SIGMA above the saddle.
-
-    The saddle is the lowest value of the lightly smoothed significance map on the
-    straight line between the two peaks; noise bumps on a bright star's wing fail
-    this, a real neighbour 1.2 FWHM or more away passes.
-    """
-    keep = np.ones(len(px), bool)
-    if len(px) < 2:
-        return keep
-    pairs = cKDTree(np.column_stack([px, py])).query_pairs(radius, output_type="ndarray")
-    if len(pairs) == 0:
-        return keep
-    height = fine[py, px]
-    lo = np.where(height[pairs[:, 0]] < height[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
-    hi = np.where(lo == pairs[:, 0], pairs[:, 1], pairs[:, 0])
-    t = np.linspace(0, 1, 16)[None, :]
-    sx = np.rint(px[lo, None] + t * (px[hi, None] - px[lo, None])).astype(int)
-    sy = np.rint(py[lo, None] + t * (py[hi, None] - py[lo, None])).astype(int)
-    saddle = fine[sy, sx].min(axis=1)
-    weak = height[lo] - saddle < DEBLEND_SIGMA
-    keep[lo[weak]] = False
-    return keep
-
-
-def windowed_centroids(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float,
-                       iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-windowed centroids (SExtractor XWIN/YWIN), vectorised over all sources.
-
-    The fixed point of the iteration is the centre of symmetry of the profile, so it
-    is unbiased for any round PSF (and for saturated, clipped cores); sources whose
-    iteration wanders off by more than one FWHM keep their starting position.
-    """
-    sigma = fwhm / 2.3548
-    r = int(np.ceil(4 * sigma))
-    pad = np.pad(np.nan_to_num(image.astype(np.float64)), r + 2)
-    off = np.arange(-r, r + 1)
-    x0, y0 = np.asarray(x, float).copy(), np.asarray(y, float).copy()
-    xc, yc = x0.copy(), y0.copy()
-    for _ in range(iterations):
-        ix, iy = np.rint(xc).astype(int), np.rint(yc).astype(int)
-        gx = ix[:, None, None] + off[None, None, :]
-        gy = iy[:, None, None] + off[None, :, None]
-        stamp = pad[gy + r + 2, gx + r + 2]
-        dx, dy = gx - xc[:, None, None], gy - yc[:, None, None]
-        w = np.exp(-(dx ** 2 + dy ** 2) / (2 * sigma ** 2)) * stamp
-        norm = w.sum(axis=(1, 2))
-        ok = norm > 0
-        step_x = np.where(ok, 2 * (w * dx).sum(axis=(1, 2)) / np.where(ok, norm, 1), 0)
-        step_y = np.where(ok, 2 * (w * dy).sum(axis=(1, 2)) / np.where(ok, norm, 1), 0)
-        xc, yc = xc + np.clip(step_x, -1, 1), yc + np.clip(step_y, -1, 1)
-        if np.all(np.hypot(step_x, step_y) < 1e-4):
-            break
-    lost = np.hypot(xc - x0, yc - y0) > fwhm
-    xc[lost], yc[lost] = x0[lost], y0[lost]
-    return xc, yc
-
-
-def detect_sources(stack: StackProduct, sigma: float = 5.0, fwhm: float | None = None,
-                   min_coverage: float = 0.5) -> Table:
-    """Sources of one stack (see :func:`detect_sources_multi`)."""
-    return detect_sources_multi([stack], sigma=sigma, fwhm=fwhm, min_coverage=min_coverage)
-
-
-def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: float | None = None,
-                         min_coverage: float = 0.5, second_pass: bool = True) -> Table:
-    """One master source list from one or several stacks on the same grid.
-
-    ``sigma`` is the significance of the PSF-matched filter (for several stacks, of
-    the sum of their significance maps divided by sqrt(n): a star bright in any
-    filter is found).  With ``second_pass``, an empirical PSF scaled to every source
-    found is subtracted and the residual searched again (DAOPHOT's FIND - ALLSTAR -
-    FIND): a faint star on the shoulder of a brighter one 1-2 FWHM away makes no peak
-    of its own until its neighbour is removed.  Returns x, y (0-based), ``snr``
-    (matched filter), ``nframes`` (smallest over the stacks), ``low_coverage``,
-    ``saturated`` (peak inside a saturated region) and ``pass`` (1 or 2), brightest first.
-    """
-    fwhm = float(fwhm or np.nanmean([s.fwhm_px for s in stacks]))
-    nframes = np.minimum.reduce([s.nframes for s in stacks]).astype(np.int32)
-    saturated = np.logical_or.reduce([s.saturated for s in stacks])
-    labels, _ = ndimage.label(ndimage.binary_dilation(saturated, iterations=2))
-    fine, inputs, weighted = _combined_maps(stacks, fwhm, nframes)
-    x, y, snr, lab, n_sharp = _find_peaks(fine, inputs, weighted, labels, nframes, sigma, fwhm)
-    npass = np.ones(len(x), np.int8)
-
-    if second_pass and len(x):
-        models = [_source_models(inp.image, x, y, lab > 0, fwhm) for inp in inputs]
-        if all(model is not None for model in models):
-            excluded = ndimage.binary_dilation(saturated, iterations=int(np.ceil(3 * fwhm)))
-            residual = [_residual_input(inp, model) for inp, model in zip(inputs, models)]
-            fine2, _, weighted2 = _combined_maps(stacks, fwhm, nframes, residual)
-            x2, y2, snr2, lab2, n_sharp2 = _find_peaks(fine2, residual, weighted2, labels, nframes, sigma, fwhm)
-            n_sharp += n_sharp2
-            new = (lab2 == 0) & ~excluded[np.rint(y2).astype(int), np.rint(x2).astype(int)]
-            d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x2, y2]))
-            new &= d > fwhm
-            log.debug("second pass: %d new sources on the PSF-subtracted residual", int(new.sum()))
-            x, y = np.r_[x, x2[new]], np.r_[y, y2[new]]
-            snr, lab = np.r_[snr, snr2[new]], np.r_[lab, lab2[new]]
-            npass = np.r_[npass, np.full(int(new.sum()), 2, np.int8)]
-
-    nf = nframes[np.rint(y).astype(int), np.rint(x).astype(int)]
-    order = np.argsort(-snr)
-    table = Table({"x": x[order], "y": y[order], "snr": snr[order], "nframes": nf[order].astype(np.int32),
-                   "low_coverage": (nf < min_coverage * max(nframes.max(), 1))[order],
-                   "saturated": (lab > 0)[order], "pass": npass[order]})
-    table.meta.update(fwhm_px=fwhm, sigma=sigma, n_rejected_sharp=int(n_sharp))
-    log.info("detected %d sources at %.1f sigma (FWHM %.2f px; %d in the second pass)", len(table), sigma, fwhm,
-             int((npass == 2).sum()))
-    return table
-
-
-#: Relative error of the empirical PSF model, added to the noise of the residual image
-#: so that imperfect subtraction of bright stars is not read as new faint sources.
-PSF_MODEL_ERROR = 0.05
-
-
-def _combined_maps(stacks: list[StackProduct], fwhm: float, nframes: np.ndarray,
-                   inputs: list[_DetectionInput] | None = None
-                   ) -> tuple[np.ndarray, list[_DetectionInput], np.ndarray]:
-    """Fine significance map summed over the stacks (unit noise), the per-stack inputs (made from the
-    stacks unless given), and the S/N-weighted image for centroids."""
-    if inputs is None:
-        inputs = [_detection_input(s, fwhm) for s in stacks]
-    fine = np.zeros(stacks[0].image.shape, np.float32)
-    weighted = np.zeros_like(fine)
-    for s, inp in zip(stacks, inputs):
-        fine += _fine_map(inp, fwhm)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            weighted += np.where(nframes > 0, inp.image / np.sqrt(s.background_variance()), 0).astype(np.float32)
-    return fine / np.sqrt(len(stacks)), inputs, weighted
-
-
-def _find_peaks(fine: np.ndarray, inputs: list[_DetectionInput], weighted: np.ndarray, labels: np.ndarray,
-                nframes: np.ndarray, sigma: float, fwhm: float
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Peaks that are sources: (x, y, snr, saturated-region label, number rejected as sharp)."""
-    # The fine map is less efficient than the matched filter, so a looser cut keeps every candidate.
-    peaks = (fine == ndimage.maximum_filter(fine, size=3)) & (fine >= 0.5 * sigma) & (nframes > 0)
-    border = 2
-    peaks[:border], peaks[-border:], peaks[:, :border], peaks[:, -border:] = False, False, False, False
-    py, px = np.nonzero(peaks)
-    sig = {"lowered": 0.0, "matched": 0.0, "pixel": 0.0}
-    for inp in inputs:
-        for name, values in _significance_at(inp, px, py, fwhm).items():
-            sig[name] = sig[name] + values / np.sqrt(len(inputs))
-    real = sig["lowered"] >= sigma
-    px, py = px[real], py[real]
-    sig = {k: v[real] for k, v in sig.items()}
-    deblended = _drop_saddle_peaks(fine, px, py, 2.5 * fwhm)
-    px, py = px[deblended], py[deblended]
-    sig = {k: v[deblended] for k, v in sig.items()}
-    snr = sig["lowered"]
-
-    # One source per saturated region: the flat clipped top can hold several maxima.
-    lab = labels[py, px]
-    keep = np.ones(len(px), bool)
-    if lab.any():
-        order = np.lexsort((-snr, lab))
-        first = np.r_[True, lab[order][1:] != lab[order][:-1]]
-        keep[order[~first & (lab[order] > 0)]] = False
-
-    # Hot pixels and cosmic rays: a lone pixel is more significant than its matched filter.
-    sharp = (sig["pixel"] > sig["matched"] + 3.0) & (lab == 0)
-    keep &= ~sharp
-    px, py, snr, lab = px[keep], py[keep], snr[keep], lab[keep]
-
-    x, y = windowed_centroids(weighted, px.astype(float), py.astype(float), fwhm)
-    # A saturated star's flat top is wider than the window; the centre of its (round) saturated
-    # region is where the star is.
-    if (lab > 0).any():
-        centres = np.array(ndimage.center_of_mass(np.ones(labels.shape), labels, lab[lab > 0]))
-        y[lab > 0], x[lab > 0] = centres[:, 0], centres[:, 1]
-    ny, nx = fine.shape
-    inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
-    return x[inside], y[inside], snr[inside], lab[inside], int(sharp.sum())
-
-
-def _source_models(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturated: np.ndarray,
-                   fwhm: float) -> np.ndarray | None:
-    """Image of all unsaturated sources, each an empirical PSF scaled to its core (brightest first).
-
-    The PSF is the median of bright isolated stars' stamps, each shifted to a
-    common centre and normalised; a source's amplitude is the least-squares fit
-    of that PSF within 1 FWHM of its centre on the image minus the brighter
-    sources already modelled, which is enough to uncover a fainter neighbour.
-    Returns None when too few stars make a PSF.
-    """
-    half = int(np.ceil(4 * fwhm))
-    size = 2 * half + 1
-    ny, nx = image.shape
-    img = np.nan_to_num(np.asarray(image, np.float64))
-    pad = np.pad(img, half + 2)
-    nearest = _nearest_distance(np.column_stack([x, y]))
-    inner = (x > half + 2) & (x < nx - half - 3) & (y > half + 2) & (y < ny - half - 3)
-    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-    peak = pad[iy + half + 2, ix + half + 2]
-    cand = np.nonzero(~saturated & inner & (nearest > 3 * fwhm))[0]
-    cand = cand[np.argsort(-peak[cand])][:40]
-    stamps = []
-    for i in cand:
-        stamp = img[iy[i] - half:iy[i] + half + 1, ix[i] - half:ix[i] + half + 1]
-        shifted = ndimage.shift(stamp, (iy[i] - y[i], ix[i] - x[i]), order=3, mode="nearest")
-        total = shifted.sum()
-        if total > 0:
-            stamps.append(shifted / total)
-    if len(stamps) < 5:
-        return None
-    psf = np.median(np.array(stamps), axis=0)
-    psf /= psf.sum()
-    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
-    core = np.hypot(xx, yy) <= fwhm
-
-    model = np.zeros((ny + size + 4, nx + size + 4))
-    for i in np.argsort(-peak):
-        if saturated[i]:
-            continue
-        shifted = ndimage.shift(psf, (y[i] - iy[i], x[i] - ix[i]), order=3, mode="constant")
-        sl = (slice(iy[i] + 2, iy[i] + 2 + size), slice(ix[i] + 2, ix[i] + 2 + size))
-        data = pad[sl] - model[sl]
-        p = shifted[core]
-        amp = float((p * data[core]).sum() / (p * p).sum())
-        if amp > 0:
-            model[sl] += amp * shifted
-    return model[half + 2:half + 2 + ny, half + 2:half + 2 + nx].astype(np.float32)
 
 
 # --------------------------------------------------------------------------- photometry
@@ -553,14 +214,6 @@ def _source_mask(shape: tuple[int, int], xy: np.ndarray, radii: np.ndarray) -> n
     return mask
 
 
-def _nearest_distance(xy: np.ndarray) -> np.ndarray:
-    """Distance to the closest other source (inf when alone)."""
-    if len(xy) < 2:
-        return np.full(len(xy), np.inf)
-    d, _ = cKDTree(xy).query(xy, k=2)
-    return d[:, 1]
-
-
 def _neighbour_contamination(xy: np.ndarray, flux: np.ndarray, r_ap: float,
                              cog_r: np.ndarray, cog_ee: np.ndarray) -> np.ndarray:
     """Fraction of each star's aperture flux that its neighbours put into the aperture.
@@ -598,8 +251,19 @@ def _neighbour_contamination(xy: np.ndarray, flux: np.ndarray, r_ap: float,
 
 def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5,
                       annulus_fwhm: tuple[float, float] = (4.0, 6.0), min_coverage: float = 0.5,
-                      aperture_correction: float | None = None) -> Table:
+                      aperture_correction: float | None = None, psf_fit: PSFFit | None = None,
+                      blend_level: float = BLEND_CONTAMINATION) -> Table:
     """Aperture photometry of ``stack`` at fixed ``positions`` (Table with x, y, or an (N, 2) array).
+
+    With ``psf_fit`` (:func:`reduction.psf.fit_psf` at the same positions) every
+    star is measured with its neighbours' models subtracted (their uncertainty and
+    PSF_MODEL_ERROR of their light join the error), and saturated stars take the
+    PSF flux of their unsaturated wings (SATURATED_PSF_ERROR joins the error).
+    ``contamination`` is the fraction of the aperture flux the neighbours put there;
+    a star is flagged blended when what is left of it after subtraction (or, without
+    a PSF fit, all of it) exceeds ``blend_level``, or when the fit cannot tell it
+    from its neighbour.  ``method`` says what measured each star: ``aperture``,
+    ``subtracted`` (aperture after neighbour subtraction) or ``psf``.
 
     Columns: x, y, flux, fluxerr (aperture-corrected ADU/s), mag, magerr, flags,
     flux_aper (ADU per frame in the aperture, no correction), sky (local residual
@@ -629,7 +293,8 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
     bgvar = stack.background_variance()
     bgvar_finite = np.where(np.isfinite(bgvar), bgvar, 0.0)
     sky_mask = (stack.nframes == 0) | _source_mask(image.shape, xy, _mask_radii(positions, n, fwhm))
-    sky, nsky, sky_var_mean = _annulus_sky(image, bgvar_finite, sky_mask, xy, r_in, r_out)
+    model = psf_fit.model if psf_fit is not None else 0.0
+    sky, nsky, sky_var_mean = _annulus_sky(image - model, bgvar_finite, sky_mask, xy, r_in, r_out)
     npix = np.pi * r_ap ** 2
 
     cog_r = np.array(COG_RADII_FWHM) * fwhm
@@ -639,7 +304,8 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
     full_plane = stack.variance is not None and stack.variance_has_source
     aperture_var = np.where(np.isfinite(stack.variance), stack.variance, 0) if full_plane else bgvar_finite
     var_sum = _sums(np.asarray(aperture_var, float), [aperture])[0]
-    flux_aper = raw - sky * npix
+    neighbours, neighbours_var = _neighbour_light(psf_fit, aperture, r_ap, n)
+    flux_aper = raw - neighbours - sky * npix
 
     # Flags that do not depend on the fluxes of the neighbours.
     flags = np.zeros(n, np.int64)
@@ -651,11 +317,11 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
 
     # Errors (see the module docstring): background in the aperture, the annulus median, the star.
     var = (var_sum + MEDIAN_VARIANCE_FACTOR * npix ** 2 * np.nan_to_num(sky_var_mean) / nsky
-           + stack.source_variance(flux_aper, nf))
+           + stack.source_variance(flux_aper, nf) + neighbours_var)
     err_aper = np.sqrt(var)
 
     # Curve of growth on bright isolated unsaturated stars -> aperture correction and PSF profile.
-    nearest = _nearest_distance(xy)
+    nearest = nearest_distance(xy)
     snr = np.where(err_aper > 0, flux_aper / err_aper, 0)
     candidates = np.nonzero((flags == 0) & (nearest > r_out) & (snr > 50))[0]
     if len(candidates) < 5:
@@ -683,33 +349,93 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
         apcorr, apcorr_err = 1.0, float("nan")
         log.warning("%s: no star fit for an aperture correction; using 1.0", stack.filter)
 
-    contamination = _neighbour_contamination(xy, flux_aper, r_ap, cog_r, cog_ee)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative_error = np.where(flux_aper > 0, err_aper / flux_aper, np.inf)
-    contaminated = contamination > np.maximum(BLEND_CONTAMINATION, 0.5 * relative_error)
-    flags[(nearest < BLEND_FWHM * fwhm) | contaminated] |= FLAG_BLENDED
-
+    method = np.full(n, "aperture", dtype="<U10")
     rate = flux_aper * apcorr / stack.exptime
     rate_err = err_aper * apcorr / stack.exptime
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if psf_fit is None:
+            contamination = _neighbour_contamination(xy, flux_aper, r_ap, cog_r, cog_ee)
+            left = contamination
+        else:
+            contamination = np.where(flux_aper > 0, np.clip(neighbours, 0, None) / flux_aper, np.inf)
+            left = np.where(flux_aper > 0, np.sqrt(neighbours_var) / flux_aper, np.inf)
+            method[(contamination > blend_level) & np.isfinite(contamination)] = "subtracted"
+    contamination[~np.isfinite(contamination)] = 1.0
+    blended = left > blend_level
+    if psf_fit is not None:
+        blended |= ~psf_fit.separable & (contamination > blend_level)
+        rate, rate_err, scale = _saturated_from_psf(psf_fit, stack.saturated[iy, ix], candidates, flux_aper * apcorr,
+                                                    rate, rate_err, stack.exptime, method)
+    flags[blended] |= FLAG_BLENDED
     with np.errstate(divide="ignore", invalid="ignore"):
         mag = np.where(rate > 0, stack.zeropoint - 2.5 * np.log10(np.where(rate > 0, rate, 1)), np.nan)
         magerr = np.where(rate > 0, 2.5 / np.log(10) * rate_err / np.where(rate > 0, rate, 1), np.nan)
 
     table = Table({"x": xy[:, 0], "y": xy[:, 1], "flux": rate, "fluxerr": rate_err, "mag": mag,
                    "magerr": magerr, "flags": flags, "flux_aper": flux_aper, "sky": sky,
-                   "nframes": nf.astype(np.int32), "snr": snr})
+                   "nframes": nf.astype(np.int32), "snr": snr, "contamination": contamination,
+                   "method": method})
     table["flux"].unit = table["fluxerr"].unit = "adu / s"
     table.meta.update(filter=stack.filter, zeropoint=stack.zeropoint, exptime=stack.exptime,
                       aperture_radius_px=r_ap, annulus_px=(r_in, r_out), fwhm_px=fwhm,
                       aperture_correction=apcorr, aperture_correction_scatter=apcorr_err,
                       aperture_correction_nstars=int(len(ratio_used)),
+                      psf_to_total=float(scale) if psf_fit is not None else float("nan"),
                       curve_of_growth={"radius_px": cog_r.tolist(), "fraction": np.asarray(cog_ee).tolist()})
     return table
 
 
+def _neighbour_light(psf_fit: PSFFit | None, aperture: CircularAperture, r_ap: float, n: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours' modelled light in each aperture and its variance (their flux errors, correlated, and
+    PSF_MODEL_ERROR of it for the PSF's own imperfection); zeros without a PSF fit."""
+    if psf_fit is None:
+        return np.zeros(n), np.zeros(n)
+    own = _aperture_fractions(psf_fit, r_ap)
+    err = np.where(np.isfinite(psf_fit.flux_err), psf_fit.flux_err, 0.0)
+    total, sigma = _sums(psf_fit.model, [aperture])[0], _sums(psf_fit.model_sigma, [aperture])[0]
+    light = total - psf_fit.flux * own
+    light_sigma = np.clip(sigma - err * own, 0, None)
+    return light, light_sigma ** 2 + (PSF_MODEL_ERROR * light) ** 2
+
+
+def _aperture_fractions(psf_fit: PSFFit, r_ap: float) -> np.ndarray:
+    """Exact fraction of each star's own unit PSF stamp inside its aperture."""
+    half = psf_fit.stamps.shape[1] // 2
+    out = np.zeros(len(psf_fit.x))
+    for i, mask in enumerate(CircularAperture(np.column_stack([psf_fit.x, psf_fit.y]), r_ap).to_mask(method="exact")):
+        x0 = int(np.rint(psf_fit.x[i])) - half
+        y0 = int(np.rint(psf_fit.y[i])) - half
+        sy = slice(mask.bbox.iymin - y0, mask.bbox.iymax - y0)
+        sx = slice(mask.bbox.ixmin - x0, mask.bbox.ixmax - x0)
+        stamp = psf_fit.stamps[i][sy, sx]
+        if stamp.shape == mask.data.shape:
+            out[i] = float((stamp * mask.data).sum())
+    return out
+
+
+def _saturated_from_psf(psf_fit: PSFFit, core_saturated: np.ndarray, reference: np.ndarray, total_flux: np.ndarray,
+                        rate: np.ndarray, rate_err: np.ndarray, exptime: float, method: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Rates of the stars saturated at their centre from their wings' PSF flux, on the aperture-corrected
+    scale of the ``reference`` (bright isolated) stars; returns the new rates, errors and the PSF-to-total
+    scale.  A star with only a neighbour's saturated pixels in its aperture keeps its (subtracted) aperture."""
+    good = reference[(psf_fit.flux[reference] > 0) & (total_flux[reference] > 0)]
+    if not len(good):
+        return rate, rate_err, float("nan")
+    scale = float(np.median(total_flux[good] / psf_fit.flux[good]))
+    use = core_saturated & (psf_fit.flux > 0) & np.isfinite(psf_fit.flux_err)
+    rate, rate_err = rate.copy(), rate_err.copy()
+    rate[use] = psf_fit.flux[use] * scale / exptime
+    rate_err[use] = np.hypot(psf_fit.flux_err[use] * scale / exptime, SATURATED_PSF_ERROR * rate[use])
+    method[use] = "psf"
+    return rate, rate_err, scale
+
+
 def _empty_table(stack: StackProduct, r_ap: float) -> Table:
     cols = {"x": float, "y": float, "flux": float, "fluxerr": float, "mag": float, "magerr": float,
-            "flags": np.int64, "flux_aper": float, "sky": float, "nframes": np.int32, "snr": float}
+            "flags": np.int64, "flux_aper": float, "sky": float, "nframes": np.int32, "snr": float,
+            "contamination": float, "method": "<U10"}
     table = Table({k: np.zeros(0, dtype=v) for k, v in cols.items()})
     table.meta.update(filter=stack.filter, zeropoint=stack.zeropoint, aperture_radius_px=r_ap,
                       aperture_correction=1.0, aperture_correction_scatter=float("nan"),

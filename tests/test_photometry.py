@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from reduction.detection import detect_sources
 from reduction.photometry import (FLAG_BLENDED, FLAG_EDGE, FLAG_LOW_COVERAGE, FLAG_SATURATED, StackProduct,
-                                  detect_sources, forced_photometry, limiting_magnitude, snr_at)
+                                  forced_photometry, limiting_magnitude, snr_at)
 
 ZP = 25.0
 EXPTIME = 30.0

@@ -149,7 +149,9 @@ def calibrate(state: NightState, settings: Settings, ctx: FrameContext) -> Frame
     """Bias, dark and flat, when the night has masters for this filter (or bias/dark only)."""
     masters = state.masters.get(ctx.tags.filter) or state.masters.get("")
     frame = ctx.frame
-    ctx.data = frame.data if masters is None else apply_calibration(frame.data, frame.facts.exptime or 0.0, masters)
+    date = frame.facts.date_obs
+    ctx.data = frame.data if masters is None else apply_calibration(
+        frame.data, frame.facts.exptime or 0.0, masters, date_mjd=date.mjd if date is not None else None)
     return ctx
 
 

@@ -28,7 +28,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
-from observer.state import Snapshot, TargetState
+from observer.state import Kind, Snapshot, TargetState
 from tui.frame_log import FrameLog
 from tui.hr_diagram import HRDiagram
 from tui.image_view import StackImages, graphics_protocol
@@ -188,7 +188,7 @@ class ObserverApp(App[None]):
         if self.target_name in snap.targets and self._target_pinned:
             return
         newest = next((f.target for f in reversed(snap.frames)
-                       if f.kind == "science" and f.target in snap.targets), None)
+                       if f.kind == Kind.SCIENCE and f.target in snap.targets), None)
         if newest is None and self.target_name not in snap.targets:
             newest = next(iter(snap.targets), None)
         if newest is not None and newest != self.target_name:

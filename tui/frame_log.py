@@ -20,12 +20,12 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
-from observer.state import FrameRecord
+from observer.state import FrameRecord, Status
 from tui.quiet import QuietStatic
 
 #: How a status stands out: whole-row style for problems, status-cell style otherwise.
-ROW_STYLES = {"rejected": "bold red", "quarantined": "yellow"}
-STATUS_STYLES = {"stacked": "green", "offset": "cyan", "calibration": "blue", "ignored": "dim"}
+ROW_STYLES = {Status.REJECTED: "bold red", Status.QUARANTINED: "yellow"}
+STATUS_STYLES = {Status.STACKED: "green", Status.OFFSET: "cyan", Status.CALIBRATION: "blue", Status.IGNORED: "dim"}
 
 #: Below this width only the columns an observer needs at a glance are shown.
 COMPACT_WIDTH = 120

@@ -9,6 +9,7 @@ pytest-asyncio is not installed: each test runs its scenario with asyncio.run.
 from __future__ import annotations
 
 import asyncio
+import re
 import dataclasses
 import io
 import threading
@@ -225,6 +226,31 @@ def test_hr_limits_ignore_outliers_but_keep_the_turnoff():
     assert 11.9 < low and high < 21
     low, high = _span(mags, 0.0, also=10.0)                          # turn-off above the stars
     assert low == 10.0
+
+
+def test_hr_repaint_keeps_bright_stars_at_the_top():
+    """A repaint with no new data draws the same diagram (plotext used to flip the reversed axis each build)."""
+    from textual.app import App
+
+    class One(App):
+        def compose(self):
+            yield HRDiagram(id="hr")
+
+    async def scenario():
+        async with One().run_test(size=(90, 30)) as pilot:
+            hr = pilot.app.query_one(HRDiagram)
+            source = SimSource(Path("."))
+            for filt in FILTERS:
+                source.add_frame("M35", filt)
+            hr.show(source.snapshot().targets["M35"])
+            await pilot.pause()
+            first, second = str(hr.render()), str(hr.render())
+            return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first == second
+    labels = [float(t) for t in re.findall(r"(?m)^\s*(\d+\.\d+)\s*[┤│]", first)]
+    assert len(labels) >= 2 and labels == sorted(labels)          # magnitudes grow downwards
 
 
 def test_age_text_reads_like_the_brief():

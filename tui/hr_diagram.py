@@ -49,6 +49,7 @@ class HRDiagram(PlotextPlot):
         self.n_points = 0             # stars drawn (tests and the title use it)
         self.title_text = ""
         self.short_title = ""         # without the age: plotext drops a title wider than its canvas
+        self._ylim: tuple[float, float] | None = None
         self._draw()
 
     def show(self, target: TargetState | None) -> None:
@@ -66,12 +67,17 @@ class HRDiagram(PlotextPlot):
         """Draw with the title that fits: at 80 x 24 the star count stays (the target panel has the age)."""
         fits = len(self.title_text) + TITLE_MARGIN <= self.size.width
         self.plt.title(self.title_text if fits else self.short_title)
+        if self._ylim is not None:
+            # plotext reverses the stored limits in place when it builds a reversed axis: set them again,
+            # or every repaint without a new _draw (after r, say) flips the magnitude axis.
+            self.plt.ylim(*self._ylim)
         return super().render()
 
     def _draw(self) -> None:
         plt = self.plt
         plt.clear_figure()
         plt.yreverse(True)  # magnitudes: brighter (smaller) at the top
+        self._ylim = None
         cmd = self.cmd
         if cmd is None or cmd.n == 0:
             self.n_points = 0
@@ -98,7 +104,8 @@ class HRDiagram(PlotextPlot):
             # Limits from the stars, not the isochrone, which runs far beyond the data.
             turn_color, turn_mag = self.age.turnoff if self.age is not None else (None, None)
             plt.xlim(*_span(cmd.color[good], 0.05, turn_color))
-            plt.ylim(*_span(cmd.mag[good], 0.03, turn_mag))
+            self._ylim = _span(cmd.mag[good], 0.03, turn_mag)
+            plt.ylim(*self._ylim)
         if self.age is not None:
             self._draw_age(self.age)
 

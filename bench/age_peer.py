@@ -6,7 +6,7 @@ Usage:
     python bench/age_peer.py --simulator --age-myr 300
 
 The catalogue is (a) a synthetic cluster drawn from the PARSEC isochrones
-(``tests/helpers_age.py``: IMF, 30% binaries, errors to 0.05 mag, unknown
+(``reduction.age.synthetic_cmd``: IMF, 30% binaries, errors to 0.05 mag, unknown
 zeropoints), (b) the simulator's truth catalogue with errors added, or (c) a
 pipeline ``catalog.ecsv`` (mag_blue, mag_green, magerr_*, flags).
 
@@ -15,12 +15,6 @@ grid and fits age, [M/H], A_V and distance modulus by a grid search plus
 L-BFGS on nearest-isochrone-point distances (no IMF weighting, no field or binary
 model).  If it is not installed or cannot run offline, the script says why and
 still prints our result and run time.
-
-ASteCA (PyPI ``asteca``) is the peer issue 18 names.  Its 0.5 release pins
-numpy 1.26, astropy 6.1, scipy 1.13, pandas 2.1 and matplotlib 3.7, which would
-downgrade observer's environment, and it fits isochrones downloaded from the CMD
-web service (it ships none), so no ASteCA run is wired here yet: the script says
-whether it is installed and that it is skipped.
 """
 
 from __future__ import annotations
@@ -33,12 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers_age import synthetic_cmd  # noqa: E402
-from reduction.age import fit_age  # noqa: E402
+from reduction.age import fit_age, synthetic_cmd  # noqa: E402
 from reduction.isochrones import get_isochrone  # noqa: E402
 
 ZEROPOINT = (-3.7, 0.3)      # instrumental offset of V and of B-V in the synthetic catalogues
@@ -85,30 +76,19 @@ def catalogue(args: argparse.Namespace) -> tuple[dict, float | None, str]:
     b = cat["color"] + v
     ev = cat["mag_err"]
     eb = np.sqrt(np.maximum(cat["color_err"] ** 2 - ev ** 2, 1e-8))
-    return ({"B": b, "V": v, "eB": eb, "eV": ev, "usable": cat["usable"]}, float(args.log_age),
+    return ({"B": b, "V": v, "eB": eb, "eV": ev, "usable": cat["usable"]}, float(get_isochrone(args.log_age).log_age),
             f"synthetic PARSEC cluster, {args.members} members, field fraction {args.field}, "
             f"{'calibrated' if args.calibrated else 'instrumental'} magnitudes (mu 10.3, E(B-V) 0.2)")
 
 
-def run_ours(cat: dict, calibrated: bool) -> dict:
+def run_ours(cat: dict, bootstrap: int, calibrated: bool) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     fit = fit_age(cat["B"] - cat["V"], cat["V"], np.hypot(cat["eB"], cat["eV"]), cat["eV"], cat["usable"],
-                  calibrated=calibrated)
+                  bootstrap=bootstrap, rng=1, calibrated=calibrated)
     return {"log_age": fit.log_age, "low": fit.log_age_low, "high": fit.log_age_high,
             "seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-            "detail": f"{fit.n_stars} stars, 95% [{fit.log_age_low95:.3f}, {fit.log_age_high95:.3f}], "
-            f"[M/H] {fit.mh:+.2f}, colour scale {fit.color_scale:.3f}, field {fit.field_fraction:.2f}, "
+            "detail": f"{fit.n_stars} stars, {bootstrap} bootstrap, field {fit.field_fraction:.2f}, "
             f"binaries {fit.binary_fraction:.2f}, distmod {fit.distance_modulus:.2f}, E(B-V) {fit.ebv:.3f}"}
-
-
-def asteca_note() -> str:
-    """Whether ASteCA is installed; either way it is skipped (see the module docstring)."""
-    try:
-        import asteca
-    except ImportError:
-        return "ASteCA not installed: skipped (`pip install asteca` would downgrade numpy, astropy, scipy)."
-    return (f"ASteCA {getattr(asteca, '__version__', '?')} installed but skipped: it needs CMD-service "
-            "isochrone files, which this benchmark does not download.")
 
 
 def _patch_chronos_for_numpy2(isochrone_module) -> bool:
@@ -170,6 +150,7 @@ def main() -> int:
     p.add_argument("--field", type=float, default=0.3, help="field-star fraction")
     p.add_argument("--faint", type=float, default=20.0, help="faint limit (V) of the synthetic catalogue")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--bootstrap", type=int, default=30)
     p.add_argument("--simulator", action="store_true", help="use the simulator's truth catalogue")
     p.add_argument("--age-myr", type=float, default=300.0, help="cluster age for --simulator")
     p.add_argument("--catalog", help="a pipeline catalog.ecsv instead of a simulated catalogue")
@@ -183,7 +164,7 @@ def main() -> int:
     cat, truth, what = catalogue(args)
     print(f"catalogue: {what}; {int(cat['usable'].sum())} usable stars")
     print(f"truth: log age {truth:.3f}" if truth is not None else "truth: unknown")
-    rows = [("observer (reduction.age)", run_ours(cat, args.calibrated))]
+    rows = [("observer (reduction.age)", run_ours(cat, args.bootstrap, args.calibrated))]
     peer_note = ""
     if not args.no_peer:
         try:
@@ -204,7 +185,6 @@ def main() -> int:
         print(f"\nrun-time ratio Chronos / observer (cpu): {rows[1][1]['cpu'] / rows[0][1]['cpu']:.1f}")
     if peer_note:
         print(peer_note)
-    print(asteca_note())
     return 0
 
 

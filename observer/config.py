@@ -236,25 +236,12 @@ class AgeSettings:
     """Isochrone fitting of the cluster's age."""
 
     enabled: bool = True
-    metallicity: float = field(default=0.0, metadata=_check(lambda v: -2.0 <= v <= 0.3, "[M/H] between -2 and 0.3"))
-    #: With fit_metallicity, [M/H] is fitted over metallicity_range and marginalised: under a Gaussian prior
-    #: metallicity +- metallicity_sigma, or flat over the range when metallicity_sigma is null.
-    metallicity_sigma: float | None = field(default=None, metadata=_check(
-        lambda v: v is None or v > 0, "null or a number > 0"))
-    fit_metallicity: bool = True
-    metallicity_range: list[float] = field(default_factory=lambda: [-0.75, 0.25], metadata=_check(
-        lambda v: len(v) == 2 and -2.0 <= v[0] < v[1] <= 0.3, "[low, high] with -2 <= low < high <= 0.3"))
-    #: Colour scale k in (observed colour) = k (isochrone colour) + c: fixed by color_term, else free within
-    #: color_scale_range for instrumental magnitudes (1 for calibrated ones).
-    color_term: float | None = field(default=None, metadata=_check(lambda v: v is None or v > 0,
-                                                                   "null or a number > 0"))
-    color_scale_range: list[float] = field(default_factory=lambda: [0.8, 1.2], metadata=_check(
-        lambda v: len(v) == 2 and 0 < v[0] < v[1], "[low, high] with 0 < low < high"))
-    #: Systematic floor (dex) added in quadrature to the age intervals (x 1.96 at 95 %).
-    systematic_floor: float = field(default=0.05, metadata=_check(_non_negative, "a number >= 0"))
+    metallicity: float = field(default=0.0, metadata=_check(lambda v: -2.0 <= v <= 0.0, "[M/H] between -2 and 0"))
+    fit_metallicity: bool = False
     distance_modulus: float | None = None
     ebv: float | None = None
     calibrated_zeropoints: bool = False
+    bootstrap: int = field(default=30, metadata=_check(_non_negative, "an integer >= 0"))
     throttle_seconds: float = field(default=20.0, metadata=_check(_non_negative, "a number >= 0"))
 
 

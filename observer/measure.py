@@ -172,9 +172,8 @@ def fit_target_age(target: str, catalog: Table, settings: Settings) -> AgeResult
     try:
         fit = fit_age(color, mag, color_err, mag_err, usable, bands=bands, mh=age.metallicity,
                       fit_mh=age.fit_metallicity, distance_modulus=age.distance_modulus, ebv=age.ebv,
-                      calibrated=age.calibrated_zeropoints, mh_sigma=age.metallicity_sigma,
-                      mh_range=tuple(age.metallicity_range), color_scale=age.color_term,
-                      color_scale_range=tuple(age.color_scale_range), systematic_floor=age.systematic_floor,
+                      calibrated=age.calibrated_zeropoints, bootstrap=age.bootstrap,
+                      rng=np.random.default_rng(0),
                       # Members crowd towards the cluster's centre, field stars do not: positions weigh in.
                       x=np.asarray(catalog["x"], float), y=np.asarray(catalog["y"], float))
     except ValueError as exc:       # the fit's own "cannot": too few stars in its magnitude window, ...

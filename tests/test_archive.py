@@ -70,7 +70,7 @@ def archive(tmp_path_factory):
     (broken / "truncated.fits").write_bytes((arch / "2026-01-05" / "M35_blue_001.fits").read_bytes()[:5000])
     (broken / "garbage.fits").write_bytes(b"not a FITS file at all\n" * 50)
     config = root / "config.yaml"
-    config.write_text("age:\n  fit_metallicity: false\n")   # one [M/H]: the age fit in seconds, not tens
+    config.write_text("age:\n  bootstrap: 0\n")          # the age fit without resampling: seconds, not tens
     return {"root": root, "archive": arch, "config": config, "late": root / LATE}
 
 

@@ -151,6 +151,8 @@ def _summary(records: list, outdir: Path) -> dict:
         age_path = outdir / target / "age.json"
         if age_path.exists():
             age = json.loads(age_path.read_text())
+            if not age.get("fitted", True):      # age.json then says why there is no age
+                continue
             ages.append(f"{target}:{age['log_age']:.2f}[{age['log_age_low']:.2f},{age['log_age_high']:.2f}]")
     summary = {"status": "done", "reason": "", "frames": len(records), "stacked": statuses["stacked"],
                "rejected": statuses["rejected"], "targets": ",".join(targets), "ages": ";".join(ages)}

@@ -179,7 +179,7 @@ class PhotometrySettings:
     detect_sigma: float = _num(5.0)
     min_coverage: float = field(default=0.5, metadata=_check(_fraction, "a fraction in (0, 1]"))
     nonlinear_fraction: float = field(default=0.8, metadata=_check(_fraction, "a fraction in (0, 1]"))
-    psf: bool = True
+    psf: bool = False
     blend_level: float = field(default=0.02, metadata=_check(_fraction, "a fraction in (0, 1]"))
 
 

@@ -133,10 +133,12 @@ def rich_night(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("rich")
     simulate_night(root / "cam", SimSettings(**RICH), truth_path=root / "truth.ecsv")
-    night = Night(Settings(), root / "out")
+    settings = Settings()
+    settings.photometry.psf = True            # opt-in until it is as good as apertures on every night
+    night = Night(settings, root / "out")
     for path in sorted((root / "cam").glob("*.fits")):
         night.process(path)
-    night.write_products(force=True)
+    night.write_all_products()
     return Table.read(root / "out" / "M35" / "catalog.ecsv"), Table.read(root / "truth.ecsv")
 
 

@@ -210,9 +210,12 @@ def bad_corpus(camdir: Path, good: Path, outside: Path) -> set[str]:
     fits.PrimaryHDU(np.full_like(data, np.nan), nan_header).writeto(camdir / "nan_filled.fits")
     fits.PrimaryHDU(np.stack([data] * 4), nan_header).writeto(camdir / "cube.fits")  # 3 planes = colour
     fits.PrimaryHDU(data[:200, :180], nan_header).writeto(camdir / "wrongshape.fits")
-    for key, name in (("FILTER", "nofilter.fits"), ("OBJECT", "noobject.fits")):
+    # Without OBJECT a frame pointing at a known target belongs to it: this one points nowhere.
+    for keys, name in ((("FILTER",), "nofilter.fits"),
+                       (("OBJECT", "RA", "DEC", "OBJCTRA", "OBJCTDEC"), "noobject.fits")):
         h = nan_header.copy()
-        h.remove(key, ignore_missing=True)
+        for key in keys:
+            h.remove(key, ignore_missing=True)
         fits.PrimaryHDU(data + 1.0, h).writeto(camdir / name)  # other bytes: not a duplicate
     (camdir / "x.fits").mkdir()                               # opening it fails like a permission error
     (camdir / "link.fits").symlink_to(outside)                # leads outside: never followed

@@ -19,7 +19,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from observer.config import Settings
-from observer.session import ExposureGroup, FilterSession, TargetSession
+from observer.session import ExposureGroup, FilterSession, TargetSession, group_label
 from observer.state import AgeEstimate
 from reduction.catalog import build_catalog
 from reduction.exposure_groups import merge_exposure_groups, saturation_magnitude
@@ -144,7 +144,7 @@ def measure_target(request: MeasureRequest, settings: Settings) -> Measurement:
     snr = {f: float(snr_at(p, completion, aperture_fwhm=phot.aperture_fwhm, annulus_fwhm=annulus,
                            aperture_correction=apcorr.get(f, 1.0))) if np.isfinite(completion) else float("nan")
            for f, p in stacks.items()}
-    saturation = {f: {f"{p.exptime:g}s": saturation_magnitude(p, catalog, settings.reduction.saturation_adu)
+    saturation = {f: {group_label(p.exptime): saturation_magnitude(p, catalog, settings.reduction.saturation_adu)
                       for p in request.groups.get(f, [stack])} for f, stack in stacks.items()} \
         if catalog is not None else {}
     return Measurement(target=request.target, catalog=catalog, cmd=cmd, limiting_mag=limits, snr_at_mag=snr,

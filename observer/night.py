@@ -51,7 +51,6 @@ class Night:
         self._catalog_dirty: set[str] = set()               # targets whose catalogue and CMD are out of date
         self._told_one_filter: set[str] = set()             # targets already told they have no colour
         self._status_written: dict[str, dict] = {}          # the last status.json of each target
-        self._written: set[tuple[str, str, str]] = set()    # groups whose stack_<EXPTIME>s.fits exists
         self._frames_written = -1                           # records_version of the frames.ecsv on disk
         if state is not None:
             if any(state.calibration_files.values()):
@@ -108,10 +107,10 @@ class Night:
                 self._catalog_dirty.add(record.target)
             if record.status == Status.STACKED:
                 groups = self._state.targets[record.target].filters[record.filter].groups
-                if len(groups) > 1:
-                    # A filter's second group renames its stacks: every group gets its stack_<EXPTIME>s.fits.
-                    self._stacks_dirty.update((record.target, record.filter, g.label) for g in groups
-                                              if (record.target, record.filter, g.label) not in self._written)
+                new_group = next(g for g in groups if g.label == record.group).n_stacked == 1
+                if new_group and len(groups) > 1:
+                    # A new group renames the filter's stacks: every group gets its stack_<EXPTIME>s.fits.
+                    self._stacks_dirty.update((record.target, record.filter, g.label) for g in groups)
                 self._stacks_dirty.add((record.target, record.filter, record.group))
             self._dirty_state |= checkpoint.changed_files(record)
             log.info("%s: %s %s %s -> %s %s", path.name, record.kind, record.target, record.filter,
@@ -136,8 +135,6 @@ class Night:
                 self._frames_written = self._state.records_version
             for tname, fname, label in sorted(self._stacks_dirty):
                 written += writers.write_stacks(self.outdir, self._state.targets[tname], fname, label, self.settings)
-                if len(self._state.targets[tname].filters[fname].groups) > 1:
-                    self._written.add((tname, fname, label))
             self._stacks_dirty.clear()
             return written
 

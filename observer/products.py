@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,24 @@ def atomic_write_fits(path: str | Path, hdulist: Any) -> Path:
     with atomic_open(path) as handle:
         hdulist.writeto(handle, output_verify="fix")
     return Path(path)
+
+
+def atomic_link(source: str | Path, path: str | Path) -> Path:
+    """Make ``path`` name the bytes of ``source`` atomically: a hard link (a copy where links fail).
+
+    For a product that is another product under a second name (``stack.fits`` and the longest
+    group's ``stack_<EXPTIME>s.fits``): no second serialisation of a 100 MB stack.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def atomic_write_table(path: str | Path, table: Any, format: str = "ascii.ecsv") -> Path:

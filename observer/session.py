@@ -18,6 +18,11 @@ from reduction.hotpixels import HotPixelMap
 from reduction.stacking import StackAccumulator
 
 
+def group_label(exptime: float) -> str:
+    """An exposure group's name in products, state files and measurements: its exposure time, e.g. ``3s``."""
+    return f"{exptime:g}s"
+
+
 @dataclass
 class ExposureGroup:
     """The frames of one filter with about one exposure time: their own stack on the target's grid.
@@ -45,8 +50,7 @@ class ExposureGroup:
 
     @property
     def label(self) -> str:
-        """The group's name in products and state files: its exposure time, e.g. ``3s``."""
-        return f"{self.exptime:g}s"
+        return group_label(self.exptime)
 
     def takes(self, exptime: float, factor: float) -> bool:
         """Whether a frame of ``exptime`` belongs here (exposure times within ``factor`` of each other)."""

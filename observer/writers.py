@@ -26,7 +26,7 @@ from regions import CirclePixelRegion, CircleSkyRegion, PixCoord, RegionMeta, Re
 from observer.config import Settings, settings_to_dict
 from observer.figures import plot_cmd, plot_stack
 from observer.measure import stack_image
-from observer.products import atomic_write_bytes, atomic_write_fits, atomic_write_json, atomic_write_table
+from observer.products import atomic_link, atomic_write_bytes, atomic_write_fits, atomic_write_json, atomic_write_table
 from observer.session import ExposureGroup, TargetSession
 from observer.state import FRAME_COLUMNS, AgeEstimate, CmdData, FrameRecord, TargetState
 from reduction.photometry import FLAG_BLENDED, FLAG_EDGE, FLAG_LOW_COVERAGE, FLAG_SATURATED
@@ -50,12 +50,13 @@ def write_stacks(outdir: Path, target: TargetSession, fname: str, label: str, se
     group = next(g for g in session.groups if g.label == label)
     hdul = _stack_hdus(target, fname, group, settings)
     folder = outdir / target.name / fname
-    written = []
-    if len(session.groups) > 1:
-        written.append(atomic_write_fits(folder / f"stack_{label}.fits", hdul))
-    if group is session.main:
-        written.append(atomic_write_fits(folder / "stack.fits", hdul))
-    return written
+    main = folder / "stack.fits"
+    if len(session.groups) == 1:
+        return [atomic_write_fits(main, hdul)]
+    path = atomic_write_fits(folder / f"stack_{label}.fits", hdul)
+    if group is session.main:       # the same bytes under the other name: linked, not written twice
+        return [path, atomic_link(path, main)]
+    return [path]
 
 
 def _stack_hdus(target: TargetSession, fname: str, session: ExposureGroup, settings: Settings) -> fits.HDUList:

@@ -77,6 +77,7 @@ class FrameContext:
     group: ExposureGroup | None = None
     transform: Transform | None = None
     throughput: float = 1.0
+    flux_reference: tuple[np.ndarray, np.ndarray] | None = None   # proposed by a group's first frame
     warped: np.ndarray | None = None
     valid: np.ndarray | None = None
     done: bool = False                          # finished early (calibration, offset)
@@ -251,7 +252,7 @@ def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCont
     xy = ctx.star_xy()[bright]
     total_flux = np.asarray(CircularAperture(xy, r=FLUX_APERTURE_FWHM * fwhm).do_photometry(ctx.data)[0], float) \
         if len(xy) else np.empty(0)
-    ctx.throughput = _throughput(group, ctx.transform, xy, total_flux, facts.exptime)
+    ctx.throughput = _throughput(ctx, group, xy, total_flux, facts.exptime)
     ctx.record.transparency = ctx.throughput / max(group.best_throughput, ctx.throughput)
     reason = _quality_reason(settings, ctx, session, ctx.record.transparency)
     session.last_raw_preview = preview_of(ctx.frame.data)
@@ -281,6 +282,8 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
                           saturated=mask_on_grid(ctx.saturated, ctx.transform, ctx.target.shape))
     group.stack_preview = preview_of(group.accumulator.image())
     group.best_throughput = max(group.best_throughput, ctx.throughput)
+    if ctx.flux_reference is not None:
+        group.ref_xy, group.ref_flux = ctx.flux_reference
     ctx.session.fwhm_history.append(ctx.quality.fwhm_px)
     ctx.session.elongation_history.append(ctx.quality.elongation)
     group.total_exptime += facts.exptime
@@ -415,19 +418,21 @@ def _exposure_group(settings: Settings, target: TargetSession, session: FilterSe
     return group
 
 
-def _throughput(session: ExposureGroup, transform: Transform, xy: np.ndarray, flux: np.ndarray,
+def _throughput(ctx: FrameContext, session: ExposureGroup, xy: np.ndarray, flux: np.ndarray,
                 exptime: float) -> float:
     """This frame's star fluxes per second relative to its group's flux reference (the first frame).
 
     The first stacked frame of a group defines the reference (throughput 1);
     a thin-cloud frame comes out below 1, and the stack divides by it so
-    clouds do not dim the stars.
+    clouds do not dim the stars. The reference is only proposed here
+    (``ctx.flux_reference``): it is set when the frame is stacked, so that a
+    first frame rejected for its shape does not become every later frame's yardstick.
     """
-    ref_grid = transform.inverse_apply(xy)
+    ref_grid = ctx.transform.inverse_apply(xy)
     per_second = flux / exptime
     if session.ref_xy is None:
         bright = np.argsort(per_second)[::-1][:REFERENCE_STARS]
-        session.ref_xy, session.ref_flux = ref_grid[bright], per_second[bright]
+        ctx.flux_reference = (ref_grid[bright], per_second[bright])
         return 1.0
     dist, idx = cKDTree(session.ref_xy).query(ref_grid, distance_upper_bound=FLUX_MATCH_RADIUS)
     ok = np.isfinite(dist) & (per_second > 0)

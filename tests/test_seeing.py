@@ -76,3 +76,27 @@ def test_every_good_frame_stacked_bad_ones_rejected_for_their_reason(tmp_path, f
         # peak that depends on its sub-pixel shift, an error the noise model does not carry yet:
         # pulls 1.6-1.9 there, against 1.0-1.2 at 3-4 px.
         assert 0.7 <= pull <= (2.0 if low < 3 else 1.5), (f, pull)
+
+
+def test_a_trailed_first_frame_is_rejected_and_the_clear_ones_stacked(tmp_path):
+    """The trailed frame moved to the head of its filter: it is rejected, and the clear frames after it are
+    judged against each other (it used to become the filter's flux reference, and every clear frame was
+    then rejected as 'cloud' at transparency 0.45)."""
+    from astropy.io import fits
+    from astropy.time import Time, TimeDelta
+
+    from observer.config import Settings
+    from observer.reprocess import process_existing
+    from observer.simulator import SimSettings, simulate_night
+
+    simulate_night(tmp_path / "cam", SimSettings(size=384, frames=4, fill_seconds=0.0, satellite=False),
+                   truth_path=tmp_path / "truth.ecsv")
+    first = Time(fits.getheader(tmp_path / "cam" / "M35_blue_001.fits")["DATE-OBS"])
+    with fits.open(tmp_path / "cam" / "M35_blue_003.fits", mode="update") as hdul:   # the trailed one
+        hdul[0].header["DATE-OBS"] = (first - TimeDelta(60, format="sec")).isot
+    night = process_existing(tmp_path / "cam", tmp_path / "out", Settings())
+    blue = {Path(r.path).name: r for r in night.records if r.filter == "blue" and r.kind == "science"}
+    assert blue["M35_blue_003.fits"].status == "rejected" and "trailed" in blue["M35_blue_003.fits"].reason
+    for name in ("M35_blue_001.fits", "M35_blue_002.fits", "M35_blue_004.fits"):
+        assert blue[name].status == "stacked", (name, blue[name].reason)
+        assert blue[name].transparency > 0.8

@@ -322,7 +322,7 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
 
     # Curve of growth on bright isolated unsaturated stars -> aperture correction and PSF profile.
     nearest = nearest_distance(xy)
-    snr = np.where(err_aper > 0, flux_aper / err_aper, 0)
+    snr = np.divide(flux_aper, err_aper, out=np.zeros_like(flux_aper, dtype=float), where=err_aper > 0)
     candidates = np.nonzero((flags == 0) & (nearest > r_out) & (snr > 50))[0]
     if len(candidates) < 5:
         candidates = np.nonzero(((flags & (FLAG_SATURATED | FLAG_EDGE)) == 0) & (snr > 20))[0]

@@ -47,6 +47,7 @@ class MeasurementScheduler:
         self._pending: dict[str, dict[str, Any]] = {"catalog": {}, "age": {}}
         self._last = {"catalog": float("-inf"), "age": float("-inf")}
         self._hurry = False
+        self._skip_ages = False
 
     @property
     def busy(self) -> bool:
@@ -77,20 +78,25 @@ class MeasurementScheduler:
             time.sleep(0.05)
         return True
 
-    def finish(self, timeout: float | None = None) -> bool:
+    def finish(self, timeout: float | None = None, ages: bool = True) -> bool:
         """Run what is waiting now, without the throttle waits (at shutdown); False on timeout.
 
-        Call it without holding the night's lock: the jobs apply their results under it.
+        With ``ages`` False, age fits not yet started are dropped (an observer who quits should not
+        wait ~10 s for one; the service refits when it starts again). Call it without holding the
+        night's lock: the jobs apply their results under it.
         """
-        self._hurry = True
+        self._hurry, self._skip_ages = True, not ages
         try:
             return self.wait(timeout)
         finally:
-            self._hurry = False
+            self._hurry = self._skip_ages = False
 
     def _next_job(self) -> tuple[str, str, Any] | float | None:
         """Under the lock: the next (kind, target, data), or seconds to wait, or None (the thread ends)."""
         now = float("inf") if self._hurry else time.monotonic()
+        if self._skip_ages and self._pending["age"]:
+            log.info("stopping: the age fit of %s is left for the next start", ", ".join(self._pending["age"]))
+            self._pending["age"].clear()
         for kind in ("catalog", "age"):
             pending = self._pending[kind]
             if pending:

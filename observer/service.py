@@ -186,7 +186,7 @@ class Service:
         if self._products_stale:
             self.write_products(force=True)
         # Not under the night's lock: the measuring thread applies its results under it.
-        if not self.measurements.finish(STOP_MEASURE_TIMEOUT):
+        if not self.measurements.finish(STOP_MEASURE_TIMEOUT, ages=False):
             log.warning("stopping before the last catalogue/age update finished")
         self.save_state()
         self.ledger.close()

@@ -306,7 +306,7 @@ def relative_transparency(flux: np.ndarray, ref_flux: np.ndarray, exptime: float
 
 
 #: With a baseline, a frame whose elongation exceeds the night's median by this much is trailed.
-ELONGATION_MARGIN = 0.12
+ELONGATION_MARGIN = 0.08
 
 
 def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, nstars: int,

@@ -156,7 +156,7 @@ def test_judge_frame_reasons():
     # relative limits: a soft but uniform night is fine
     assert judge_frame(5.0, 1.05, 0.95, 200, 4.8) is None
     # elongation against the night's own frames: a short trail in poor seeing is trailed ...
-    assert judge_frame(8.0, 1.22, 0.95, 200, 7.0, baseline_elongation=1.04) == "elongation 1.22 > 1.16 (trailed?)"
+    assert judge_frame(8.0, 1.22, 0.95, 200, 7.0, baseline_elongation=1.04) == "elongation 1.22 > 1.12 (trailed?)"
     # ... while comatic optics that elongate every frame are not
     assert judge_frame(3.6, 1.45, 0.95, 200, 3.6, baseline_elongation=1.39) is None
     assert judge_frame(3.6, 1.70, 0.95, 200, 3.6, baseline_elongation=1.39).startswith("elongation 1.70 > 1.58")

@@ -48,6 +48,7 @@ class MeasurementScheduler:
         self._last = {"catalog": float("-inf"), "age": float("-inf")}
         self._hurry = False
         self._skip_ages = False
+        self._running: str | None = None    # the kind of job in hand
 
     @property
     def busy(self) -> bool:
@@ -69,10 +70,10 @@ class MeasurementScheduler:
                 self._thread.start()
         return []
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until nothing is waiting or running; False on timeout."""
+    def wait(self, timeout: float | None = None, ages: bool = True) -> bool:
+        """Wait until nothing is waiting or running (with ``ages`` False: no catalogue); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.busy:
+        while self.busy if ages else self._catalogue_busy():
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
@@ -81,15 +82,20 @@ class MeasurementScheduler:
     def finish(self, timeout: float | None = None, ages: bool = True) -> bool:
         """Run what is waiting now, without the throttle waits (at shutdown); False on timeout.
 
-        With ``ages`` False, age fits not yet started are dropped (an observer who quits should not
-        wait ~10 s for one; the service refits when it starts again). Call it without holding the
-        night's lock: the jobs apply their results under it.
+        With ``ages`` False, age fits are not waited for: those not started are dropped and a running
+        one is left to the daemon thread (an observer who quits should not wait ~10 s for a fit; the
+        service refits when it starts again; age.json is written atomically or not at all). Call it
+        without holding the night's lock: the jobs apply their results under it.
         """
         self._hurry, self._skip_ages = True, not ages
         try:
-            return self.wait(timeout)
+            return self.wait(timeout, ages=ages)
         finally:
             self._hurry = self._skip_ages = False
+
+    def _catalogue_busy(self) -> bool:
+        with self._lock:
+            return self._thread is not None and (bool(self._pending["catalog"]) or self._running == "catalog")
 
     def _next_job(self) -> tuple[str, str, Any] | float | None:
         """Under the lock: the next (kind, target, data), or seconds to wait, or None (the thread ends)."""
@@ -105,6 +111,7 @@ class MeasurementScheduler:
                     return gap
                 target, data = pending.popitem()
                 self._last[kind] = time.monotonic()
+                self._running = kind
                 return kind, target, data
         self._thread = None
         return None
@@ -124,6 +131,9 @@ class MeasurementScheduler:
             except Exception:  # noqa: BLE001 - a failed measurement must not stop the thread
                 log.exception("%s: %s job failed", target, kind)
                 continue
+            finally:
+                with self._lock:
+                    self._running = None
             for listener in list(self.listeners):
                 try:
                     listener(written)

@@ -28,6 +28,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import make_interp_spline
 
+from reduction.kernels import dilate_mask
+
 log = logging.getLogger(__name__)
 
 #: Box statistics are computed on blocks of this many pixels per side at most...
@@ -249,7 +251,7 @@ def _masked_mesh(data: np.ndarray, box: int, filter_size: int) -> _Mesh:
     noise = pixel_noise(resid) or float(np.std(resid))
     mask = resid > _MASK_SIGMA * noise
     if _MASK_DILATE:
-        mask = ndimage.binary_dilation(mask, iterations=_MASK_DILATE)
+        mask = dilate_mask(mask, _MASK_DILATE)
     values = _mesh_medians(img, mask, mbox)
     values = _median_filter_mesh(_fill_missing(values), filter_size)
     return _Mesh(values, box, covered, data.shape)

@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 from astropy.table import Table
-from scipy import ndimage
 
 from reduction.detection import detect_sources_multi
+from reduction.kernels import dilate_mask
 from reduction.photometry import (BLEND_CONTAMINATION, FLAG_BITS, FLAG_EDGE, FLAG_SATURATED, StackProduct,
                                   forced_photometry, limiting_magnitude)
 from reduction.psf import EmpiricalPSF, PSFFit, build_psf, fit_psf, nearest_distance
@@ -180,6 +180,6 @@ def _fit(stack: StackProduct, psf: EmpiricalPSF, xy: np.ndarray, move: np.ndarra
     if variance is None:
         smooth = np.clip(np.nan_to_num(stack.image), 0, None)
         variance = stack.background_variance() + stack.source_variance(smooth, stack.nframes)
-    masked = ndimage.binary_dilation(stack.saturated, iterations=1)
+    masked = dilate_mask(stack.saturated, 1)
     return fit_psf(stack.image, variance, psf, xy[:, 0], xy[:, 1], masked, max(1.5 * stack.fwhm_px, 3.0),
                    fit_positions=move)

@@ -21,6 +21,7 @@ from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from reduction.kernels import correlate_separable, dilate_mask, gaussian_blur, maximum_3x3
 from reduction.photometry import StackProduct
 from reduction.psf import PSF_MODEL_ERROR, source_model_image
 
@@ -37,12 +38,6 @@ def _gaussian_1d(fwhm: float, radius_sigma: float) -> np.ndarray:
     r = max(2, int(np.ceil(radius_sigma * sigma)))
     x = np.arange(-r, r + 1)
     return np.exp(-x ** 2 / (2 * sigma ** 2))
-
-
-def _sep(data: np.ndarray, k1: np.ndarray) -> np.ndarray:
-    """Correlate with the separable kernel outer(k1, k1) (symmetric: equals a convolution)."""
-    out = ndimage.correlate1d(data, k1, axis=0, mode="constant")
-    return ndimage.correlate1d(out, k1, axis=1, mode="constant")
 
 
 def _kernel(fwhm: float, lowered: bool) -> np.ndarray:
@@ -67,6 +62,7 @@ class _DetectionInput:
     image: np.ndarray
     var: np.ndarray
     covered: np.ndarray
+    background_var: np.ndarray      # the stack's sky variance alone (weights the centroid image)
 
 
 def _detection_input(stack: StackProduct, fwhm: float) -> _DetectionInput:
@@ -76,19 +72,19 @@ def _detection_input(stack: StackProduct, fwhm: float) -> _DetectionInput:
     wings of bright stars does not read as faint detections around them.
     """
     data = np.where(np.isfinite(stack.image), stack.image, 0).astype(np.float32)
-    var = stack.background_variance()
-    covered = np.isfinite(var)
-    smooth = ndimage.gaussian_filter(data, fwhm / 2.3548)
+    background = stack.background_variance()
+    covered = np.isfinite(background)
+    smooth = gaussian_blur(data, fwhm / 2.3548)
     poisson = np.clip(smooth, 0, None) / (stack.gain * np.clip(stack.nframes, 1, None))
-    var = np.where(covered, var + poisson, 0).astype(np.float32)
-    return _DetectionInput(np.where(covered, data, 0).astype(np.float32), var, covered)
+    var = np.where(covered, background + poisson, 0).astype(np.float32)
+    return _DetectionInput(np.where(covered, data, 0).astype(np.float32), var, covered, background)
 
 
 def _residual_input(base: _DetectionInput, model: np.ndarray) -> _DetectionInput:
     """The input with the source models subtracted; their relative error PSF_MODEL_ERROR joins the noise."""
     return _DetectionInput(np.where(base.covered, base.image - model, 0).astype(np.float32),
                            (base.var + np.where(base.covered, (PSF_MODEL_ERROR * model) ** 2, 0)).astype(np.float32),
-                           base.covered)
+                           base.covered, base.background_var)
 
 
 def _fine_map(inp: _DetectionInput, fwhm: float) -> np.ndarray:
@@ -98,8 +94,8 @@ def _fine_map(inp: _DetectionInput, fwhm: float) -> np.ndarray:
     only needed at the candidate peaks and are computed there (:func:`_significance_at`).
     """
     k1 = _gaussian_1d(PEAK_KERNEL_FWHM * fwhm, 3.0)
-    num = _sep(inp.image, k1)
-    den = np.sqrt(np.clip(_sep(inp.var, k1 ** 2), 0, None))
+    num = correlate_separable(inp.image, k1)
+    den = np.sqrt(np.clip(correlate_separable(inp.var, k1 ** 2), 0, None))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(inp.covered & (den > 0), num / den, 0).astype(np.float32)
 
@@ -212,7 +208,7 @@ def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: f
     fwhm = float(fwhm or np.nanmean([s.fwhm_px for s in stacks]))
     nframes = np.minimum.reduce([s.nframes for s in stacks]).astype(np.int32)
     saturated = np.logical_or.reduce([s.saturated for s in stacks])
-    labels, _ = ndimage.label(ndimage.binary_dilation(saturated, iterations=2))
+    labels, _ = ndimage.label(dilate_mask(saturated, 2))
     fine, inputs, weighted = _combined_maps(stacks, fwhm, nframes)
     x, y, snr, lab, n_sharp = _find_peaks(fine, inputs, weighted, labels, nframes, sigma, fwhm)
     npass = np.ones(len(x), np.int8)
@@ -220,7 +216,7 @@ def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: f
     if second_pass and len(x):
         models = [source_model_image(inp.image, x, y, lab > 0, fwhm) for inp in inputs]
         if all(model is not None for model in models):
-            excluded = ndimage.binary_dilation(saturated, iterations=int(np.ceil(3 * fwhm)))
+            excluded = dilate_mask(saturated, int(np.ceil(3 * fwhm)))
             residual = [_residual_input(inp, model) for inp, model in zip(inputs, models)]
             fine2, _, weighted2 = _combined_maps(stacks, fwhm, nframes, residual)
             x2, y2, snr2, lab2, n_sharp2 = _find_peaks(fine2, residual, weighted2, labels, nframes, sigma, fwhm)
@@ -254,10 +250,10 @@ def _combined_maps(stacks: list[StackProduct], fwhm: float, nframes: np.ndarray,
         inputs = [_detection_input(s, fwhm) for s in stacks]
     fine = np.zeros(stacks[0].image.shape, np.float32)
     weighted = np.zeros_like(fine)
-    for s, inp in zip(stacks, inputs):
+    for inp in inputs:
         fine += _fine_map(inp, fwhm)
         with np.errstate(invalid="ignore", divide="ignore"):
-            weighted += np.where(nframes > 0, inp.image / np.sqrt(s.background_variance()), 0).astype(np.float32)
+            weighted += np.where(nframes > 0, inp.image / np.sqrt(inp.background_var), 0).astype(np.float32)
     return fine / np.sqrt(len(stacks)), inputs, weighted
 
 
@@ -266,7 +262,7 @@ def _find_peaks(fine: np.ndarray, inputs: list[_DetectionInput], weighted: np.nd
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Peaks that are sources: (x, y, snr, saturated-region label, number rejected as sharp)."""
     # The fine map is less efficient than the matched filter, so a looser cut keeps every candidate.
-    peaks = (fine == ndimage.maximum_filter(fine, size=3)) & (fine >= 0.5 * sigma) & (nframes > 0)
+    peaks = (fine == maximum_3x3(fine)) & (fine >= 0.5 * sigma) & (nframes > 0)
     border = 2
     peaks[:border], peaks[-border:], peaks[:, :border], peaks[:, -border:] = False, False, False, False
     py, px = np.nonzero(peaks)

@@ -63,6 +63,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
@@ -498,15 +499,15 @@ def warp_to_reference(data: np.ndarray, transform: Transform, ref_shape: tuple[i
     Returns ``(image, valid)``: float32 image on the reference grid and a bool mask of the
     pixels whose source position lies inside the frame (others are 0.0 in ``image``).
 
-    Bilinear (``order=1``) is the default: it is 2-3x faster than a cubic spline (which
-    needs a prefilter pass over the whole frame) and does not ring around sharp stars or
-    hot pixels; its price is a smoothing of the pixel noise for fractional shifts (the
-    per-pixel variance of a frame shifted by half a pixel in x and y falls to 0.25x ...
-    up to 1x for whole-pixel shifts) while aperture sums keep their variance, so stack
-    noise should be judged in apertures, not from the pixel-to-pixel scatter.
-    A pure whole-pixel shift is done by slicing (exact, no interpolation, no smoothing) and a
-    pure fractional shift by :func:`scipy.ndimage.shift`, which is about 2x faster than the
-    general affine resampling.
+    Bilinear (``order=1``) is the default, through OpenCV's ``warpAffine`` (15x faster
+    than ``scipy.ndimage.affine_transform`` on a 2048 px float32 frame, bench/steps.py;
+    it places sub-pixel positions on a 1/32 px table, far below the centroid errors).
+    It does not ring around sharp stars or hot pixels; its price is a smoothing of the
+    pixel noise for fractional shifts (the per-pixel variance of a frame shifted by half
+    a pixel in x and y falls to 0.25x ... up to 1x for whole-pixel shifts) while aperture
+    sums keep their variance, so stack noise should be judged in apertures, not from the
+    pixel-to-pixel scatter. ``order=3`` (a cubic spline, scipy) is there for comparisons.
+    A pure whole-pixel shift is done by slicing (exact, no interpolation, no smoothing).
     """
     data = np.asarray(data)
     ny, nx = ref_shape
@@ -516,11 +517,12 @@ def warp_to_reference(data: np.ndarray, transform: Transform, ref_shape: tuple[i
         tx, ty = float(m[0, 2]), float(m[1, 2])
         if abs(tx - round(tx)) <= 1e-3 and abs(ty - round(ty)) <= 1e-3:
             return _integer_shift(src, int(round(tx)), int(round(ty)), ref_shape)
-        if src.shape == (ny, nx):
-            out = ndimage.shift(src, (-ty, -tx), output=np.float32, order=order, mode="constant",
-                                cval=np.nan, prefilter=order > 1)
-            return _finish(out)
-    # scipy works in (row, col): frame (row, col) = M @ (row, col)_ref + offset
+    if order == 1:
+        # the matrix maps reference (x, y) to frame (x, y): OpenCV's inverse map
+        out = cv2.warpAffine(src, np.asarray(m[:2, :3], np.float64), (nx, ny),
+                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+        return _finish(out)
     # scipy works in (row, col): frame (row, col) = M @ (row, col)_ref + offset
     mat = np.array([[m[1, 1], m[1, 0]], [m[0, 1], m[0, 0]]])
     offset = np.array([m[1, 2], m[0, 2]])

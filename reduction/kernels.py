@@ -1,0 +1,63 @@
+"""Full-frame image kernels on OpenCV, with scipy.ndimage's border conventions.
+
+Why: these filters run on every frame and on every stack, and OpenCV's
+vectorised float32 kernels are 5-20x faster than the scipy.ndimage
+equivalents on 2048 px frames (bench/kernels.py prints both). Each function
+names the scipy call whose result it reproduces, border included, so the
+science does not change with the tool.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+#: scipy.ndimage.gaussian_filter's default kernel radius, in sigma.
+GAUSSIAN_TRUNCATE = 4.0
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+_SQUARE = np.ones((3, 3), np.uint8)
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def gaussian_blur(data: np.ndarray, sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(data, sigma)`` (mode 'reflect', truncate 4) in float32."""
+    radius = int(GAUSSIAN_TRUNCATE * float(sigma) + 0.5)
+    size = 2 * radius + 1
+    return cv2.GaussianBlur(_f32(data), (size, size), sigmaX=float(sigma), sigmaY=float(sigma),
+                            borderType=cv2.BORDER_REFLECT)
+
+
+def correlate_separable(data: np.ndarray, k1: np.ndarray) -> np.ndarray:
+    """Correlation with ``outer(k1, k1)``, zero outside the frame
+    (two ``scipy.ndimage.correlate1d(..., mode='constant')`` passes)."""
+    k = np.asarray(k1, np.float32)
+    return cv2.sepFilter2D(_f32(data), cv2.CV_32F, k, k, borderType=cv2.BORDER_CONSTANT)
+
+
+def maximum_3x3(data: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.maximum_filter(data, size=3)``: the largest value of each 3x3 neighbourhood,
+    in the input's float type (so that ``data == maximum_3x3(data)`` finds the peaks)."""
+    src = np.ascontiguousarray(data) if data.dtype in (np.float32, np.float64) else _f32(data)
+    return cv2.dilate(src, _SQUARE, borderType=cv2.BORDER_REPLICATE)
+
+
+def box_mean(data: np.ndarray, size: int) -> np.ndarray:
+    """Mean over ``size`` x ``size`` boxes (odd ``size``); within ``size // 2`` of the edges the raw data."""
+    src = _f32(data)
+    out = cv2.blur(src, (size, size), borderType=cv2.BORDER_REPLICATE)
+    r = size // 2
+    if r:
+        out[:r], out[-r:], out[:, :r], out[:, -r:] = src[:r], src[-r:], src[:, :r], src[:, -r:]
+    return out
+
+
+def dilate_mask(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``scipy.ndimage.binary_dilation(mask, iterations=n)`` (the 4-connected cross, nothing from outside)."""
+    if iterations <= 0:
+        return np.asarray(mask, bool).copy()
+    grown = cv2.dilate(np.asarray(mask, np.uint8), _CROSS, iterations=int(iterations),
+                       borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return grown.astype(bool)

@@ -86,13 +86,21 @@ def process_existing(nightdir: str | Path, outdir: str | Path, settings: Setting
         keywords = settings.header.keywords()
         fits_paths = sorted((p for p in paths if is_fits_name(p.name)), key=lambda p: _date_obs_key(p, keywords))
         service.note_existing(paths)
+        steps: dict[str, float] = {}
         for done, path in enumerate(fits_paths, start=1):
             record = service.handle(_existing_job(path))
+            if record is not None:
+                for name, seconds in record.step_seconds.items():
+                    steps[name] = steps.get(name, 0.0) + seconds
             if progress is not None:
                 progress(done, len(fits_paths), record)
+        started = time.perf_counter()
         with service.night.lock:
             service.publish(None, service.write_products(force=True))
             service.save_state()
+        steps["final products"] = time.perf_counter() - started
+        log.info("reprocess timings (s, summed over %d files): %s", len(fits_paths),
+                 ", ".join(f"{name} {seconds:.2f}" for name, seconds in steps.items()))
     finally:
         service.ledger.close()
     return service.night

@@ -29,26 +29,24 @@ SAMPLE_LINES = 256
 MIN_LENGTH = 16
 
 
-def _constant_lines(data: np.ndarray) -> np.ndarray:
+def _constant_lines(sample: np.ndarray, middle: np.ndarray) -> np.ndarray:
     """Per column (axis 0 reduced): True where most pixels share one exact value (zeroed columns).
 
     A value held by more than half of a column's pixels is its middle order statistic, so counting
     the pixels equal to that one value per column is enough (no sort, no run lengths).
     """
-    middle = np.partition(data, data.shape[0] // 2, axis=0)[data.shape[0] // 2]
-    return np.count_nonzero(data == middle[None, :], axis=0) > CONSTANT_FRACTION * data.shape[0]
+    return np.count_nonzero(sample == middle[None, :], axis=0) > CONSTANT_FRACTION * sample.shape[0]
 
 
-def _deviant_lines(data: np.ndarray, sigma: float) -> np.ndarray:
-    """Per column: True where the column's median jumps away from its neighbours' running median.
+def _deviant_lines(sample: np.ndarray, profile: np.ndarray, sigma: float) -> np.ndarray:
+    """Per column: True where the column's median ``profile`` jumps away from its neighbours' running median.
 
     The scale is the robust spread of those jumps over all columns (fixed-pattern noise included),
     floored at the noise of a median of ``ny`` pixels, so a clean detector flags nothing.
     """
-    profile = np.median(data, axis=0)
     jump = profile - ndimage.median_filter(profile, size=PROFILE_WINDOW, mode="nearest")
     # the standard error of a median of n Gaussian values is 1.2533 sigma / sqrt(n)
-    floor = 1.2533 * pixel_noise(data) / np.sqrt(data.shape[0])
+    floor = 1.2533 * pixel_noise(sample) / np.sqrt(sample.shape[0])
     spread = max(1.4826 * float(np.median(np.abs(jump - np.median(jump)))), floor)
     return np.abs(jump) > sigma * spread
 
@@ -59,7 +57,12 @@ def _bad_columns(data: np.ndarray, sigma: float) -> np.ndarray:
     # Every k-th row is enough for a column's median and its repeated value, at 1/k of the cost
     # (a full-frame median per column costs a second at 2048 px, the whole per-frame budget).
     sample = np.ascontiguousarray(data[::max(1, data.shape[0] // SAMPLE_LINES)])
-    return _constant_lines(sample) | _deviant_lines(sample, sigma)
+    n = sample.shape[0]
+    # one partition gives both the middle value (the repeated one) and the median
+    ordered = np.partition(sample, [(n - 1) // 2, n // 2], axis=0)
+    middle = ordered[n // 2]
+    profile = 0.5 * (ordered[(n - 1) // 2] + middle)
+    return _constant_lines(sample, middle) | _deviant_lines(sample, profile, sigma)
 
 
 def find_defects(data: np.ndarray, sigma: float = 8.0) -> np.ndarray:

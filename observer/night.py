@@ -83,9 +83,9 @@ class Night:
             return list(self._state.targets)
 
     def stack_bytes(self) -> dict[tuple[str, str], int]:
-        """Memory held by each (target, filter) stack accumulator (bytes), for benchmarks and the log."""
+        """Memory held by each (target, filter)'s stack accumulators, all exposure groups (bytes), for benchmarks."""
         with self.lock:
-            return {(t, f): s.accumulator.nbytes() for t, target in self._state.targets.items()
+            return {(t, f): sum(g.accumulator.nbytes() for g in s.groups) for t, target in self._state.targets.items()
                     for f, s in target.filters.items()}
 
     def snapshot(self, queue_length: int = 0) -> Snapshot:

@@ -500,7 +500,7 @@ def warp_to_reference(data: np.ndarray, transform: Transform, ref_shape: tuple[i
     pixels whose source position lies inside the frame (others are 0.0 in ``image``).
 
     Bilinear (``order=1``) is the default, through OpenCV's ``warpAffine`` (15x faster
-    than ``scipy.ndimage.affine_transform`` on a 2048 px float32 frame, bench/steps.py;
+    than ``scipy.ndimage.affine_transform`` on a 2048 px float32 frame: 7 ms against 100 ms;
     it places sub-pixel positions on a 1/32 px table, far below the centroid errors).
     It does not ring around sharp stars or hot pixels; its price is a smoothing of the
     pixel noise for fractional shifts (the per-pixel variance of a frame shifted by half

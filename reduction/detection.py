@@ -254,7 +254,8 @@ def _combined_maps(stacks: list[StackProduct], fwhm: float, nframes: np.ndarray,
         fine += _fine_map(inp, fwhm)
         with np.errstate(invalid="ignore", divide="ignore"):
             weighted += np.where(nframes > 0, inp.image / np.sqrt(inp.background_var), 0).astype(np.float32)
-    return fine / np.sqrt(len(stacks)), inputs, weighted
+    fine *= np.float32(1.0 / np.sqrt(len(stacks)))     # in place: float32, not a float64 copy of the plane
+    return fine, inputs, weighted
 
 
 def _find_peaks(fine: np.ndarray, inputs: list[_DetectionInput], weighted: np.ndarray, labels: np.ndarray,

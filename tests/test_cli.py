@@ -42,3 +42,20 @@ def test_output_inside_camera_folder_is_refused(tmp_path):
 def test_reprocess_of_a_missing_folder_fails_clearly(tmp_path):
     result = run("reprocess", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
     assert result.returncode in (1, 2) and "nope" in result.stderr
+
+
+def test_reprocess_verbose_ends_with_where_the_time_went(tmp_path):
+    """`reprocess -v` names every per-frame step and the final products with their seconds (README)."""
+    import re
+
+    from observer.frame_path import STEPS
+
+    sim = run("simulate", str(tmp_path / "cam"), "--size", "256", "--frames", "2", "--short", "0:0")
+    assert sim.returncode == 0, sim.stderr
+    result = run("-v", "reprocess", str(tmp_path / "cam"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    match = re.search(r"reprocess timings \(s, summed over (\d+) files\): (.*)", result.stderr)
+    assert match and int(match.group(1)) == len(list((tmp_path / "cam").glob("*.fits")))
+    seconds = dict(part.rsplit(" ", 1) for part in match.group(2).split(", "))
+    assert {name for name, _ in STEPS} | {"final products", "checkpoint"} <= set(seconds)
+    assert all(float(v) >= 0 for v in seconds.values()) and float(seconds["final products"]) > 0

@@ -6,7 +6,7 @@ Usage:
     python bench/age_peer.py --simulator --age-myr 300
 
 The catalogue is (a) a synthetic cluster drawn from the PARSEC isochrones
-(``reduction.age.synthetic_cmd``: IMF, 30% binaries, errors to 0.05 mag, unknown
+(``tests/synthetic_cmd.py``: IMF, 30% binaries, errors to 0.05 mag, unknown
 zeropoints), (b) the simulator's truth catalogue with errors added, or (c) a
 pipeline ``catalog.ecsv`` (mag_blue, mag_green, magerr_*, flags).
 
@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from reduction.age import fit_age, synthetic_cmd  # noqa: E402
+from reduction.age import fit_age  # noqa: E402
+from synthetic_cmd import synthetic_cmd  # noqa: E402
 from reduction.isochrones import get_isochrone  # noqa: E402
 
 ZEROPOINT = (-3.7, 0.3)      # instrumental offset of V and of B-V in the synthetic catalogues

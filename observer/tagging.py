@@ -201,13 +201,3 @@ def _tag(name: str, facts: HeaderFacts, settings: Settings,
             if angular_distance_arcmin(*pointing, *ref) > rules.offset_distance_arcmin:
                 kind = "offset"
     return Tags(kind=kind, target=target, filter=filter_name)
-
-
-def tag_frame(path: str | Path, imagetyp: str | None, obj: str | None, filt: str | None,
-              pointing: tuple[float, float] | None, settings: Settings,
-              science_pointings: dict[str, tuple[float, float]]) -> Tags:
-    """:func:`tag_facts` for callers holding loose values (the per-frame path before the restructure)."""
-    ra, dec = pointing if pointing is not None else (None, None)
-    facts = HeaderFacts(imagetyp=imagetyp, object=obj, filter=filt, ra_deg=ra, dec_deg=dec,
-                        sources={"filter": "FILTER"} if filt is not None else {})
-    return tag_facts(path, facts, settings, science_pointings)

@@ -38,11 +38,13 @@ Model (per PARSEC isochrone of log age ``a`` and metallicity ``[M/H]``):
   by a parabola between grid ages.  The interval is the union of a bootstrap over
   stars (16-84 %), the ages whose profile likelihood is within 3 of the best
   (about 95 % plus the grid's bumpiness) and a systematic floor of one grid step (0.05 dex).
+
+This module is the fit; the model it scores is ``reduction.cmd_model`` and the
+spatial membership prior ``reduction.membership``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -52,30 +54,15 @@ from scipy import optimize
 from scipy import fft as sp_fft
 from scipy.ndimage import gaussian_filter, maximum_filter
 
+from reduction.cmd_model import (AgeModel, FitData, age_model, component_densities, field_density, full_grid,
+                                 mixture_lnl, model_tracks, neg_lnl, prepare, render)
 from reduction.isochrones import A_OVER_EBV, LABEL_MAIN_SEQUENCE, get_isochrone, grid
+from reduction.membership import SPATIAL_MIN_GAIN, SpatialProfile, spatial_profile
 
 log = logging.getLogger(__name__)
 
 ISOCHRONE_SET = "PARSEC v1.2S (uwastro465isos)"
 
-#: Intrinsic width of the sequence (mag): differential reddening, model and calibration scatter.
-INTRINSIC_WIDTH = 0.025
-#: Pixel size of the model images (colour, magnitude); well below INTRINSIC_WIDTH.
-PIX_COLOR = 0.01
-PIX_MAG = 0.02
-#: Absolute-plane extent of the model images (colour, magnitude).
-COLOR_RANGE = (-0.8, 3.2)
-MAG_RANGE = (-9.0, 18.0)
-#: Secondary-to-primary mass ratios of the binary track (midpoints of 10 equal bins in 0..1).
-BINARY_Q = (np.arange(10) + 0.5) / 10.0
-#: Error classes: stars grouped by total colour blur in steps of this factor, at most
-#: MAX_ERROR_CLASSES groups (each costs one blurred image per track and age).
-ERROR_CLASS_RATIO = 1.5
-MAX_ERROR_CLASSES = 5
-#: Broad smoothing (colour, mag) of the field-star density estimated from the diagram itself.
-FIELD_SMOOTH = (0.15, 0.6)
-#: Median colour error (mag) beyond which faint stars are not used by default.
-MAX_COLOR_ERR = 0.1
 #: Systematic floor of the reported interval (dex): the isochrone grid step; ages between grid
 #: points come from interpolating the likelihood, not from interpolated isochrones.
 AGE_FLOOR_DEX = 0.05
@@ -99,24 +86,6 @@ FFT_MAX_STARTS = 3
 FFT_SCORE_WINDOW = 20.0
 #: An age is refitted from its neighbour's shifts when the neighbour's lnL is higher by this much.
 PROPAGATE_DLNL = 3.0
-#: Upper bound of the fitted binary fraction: observed cluster binary fractions are 0.2-0.5 (plus
-#: unflagged blends and field stars next to the sequence, which the binary band also absorbs).
-#: Why bound it: with ~0.9 the binary band can stand in for the main sequence and an isochrone
-#: shifted a quarter magnitude bluer fits as well (a 2 Gyr fit to a 300 Myr pipeline catalogue).
-MAX_BINARY_FRACTION = 0.6
-#: Spatial membership prior: cells per side of the grid that integrates the cluster profile over the
-#: area the stars cover, and bounds of the profile's core radius as fractions of that area's side
-#: (below a few cells the grid integral is inaccurate; far above the side a profile is flat = field).
-SPATIAL_GRID = 96
-SPATIAL_SCALE_BOUNDS = (0.03, 2.0)
-#: Starting values of log(tidal / core radius - 1) for the spatial fit (concentrated to loose).
-SPATIAL_TIDAL_STARTS = (0.0, 1.0, 2.0)
-#: The spatial prior is used only if the cluster profile raises the positions' lnL by this much over
-#: an even spread: fixed per-star priors from a profile fitted to noise (e.g. a cluster filling the
-#: frame) would set a wrong field share that the diagram could not correct.  Evenly spread stars
-#: gain 0-9 (300-3000 stars, 15 trials: five free parameters); pipeline catalogues of the simulated
-#: cluster 11-120.
-SPATIAL_MIN_GAIN = 12.0
 
 
 @dataclass
@@ -182,471 +151,11 @@ class AgeFit:
         }
 
 
-# --------------------------------------------------------------------------- model tracks
 
-@dataclass(frozen=True)
-class _Track:
-    """An isochrone's points in the (colour, absolute magnitude) plane with IMF weights."""
 
-    color: np.ndarray
-    mag: np.ndarray
-    weight: np.ndarray
 
 
-def _resample(color: np.ndarray, mag: np.ndarray, cum_weight: np.ndarray) -> _Track:
-    """Points every half pixel along a polyline; each segment's IMF weight spread evenly.
-
-    Why: the PARSEC track is sampled in mass, so points crowd on the lower main
-    sequence and jump across the fast phases (subgiant branch, hook); rendering
-    the jumps as dots would leave gaps that a star could fall into.
-    """
-    dw = np.clip(np.diff(cum_weight), 0.0, None)
-    dc, dm = np.diff(color), np.diff(mag)
-    # Segments that would hold 1e-8 of the stars (thermal pulses, jumps between stages) are
-    # invisible in any catalogue; dropping them keeps the cached tracks small.
-    keep = dw > 1e-8 * dw.sum()
-    color, mag, dw, dc, dm = color[:-1][keep], mag[:-1][keep], dw[keep], dc[keep], dm[keep]
-    length = np.hypot(dc / PIX_COLOR, dm / PIX_MAG)
-    n = np.clip(np.ceil(length / 0.5).astype(int), 1, 4000)
-    seg = np.repeat(np.arange(len(dw)), n)
-    start = np.cumsum(n) - n
-    frac = (np.arange(seg.size) - start[seg] + 0.5) / n[seg]
-    return _Track((color[seg] + frac * dc[seg]).astype(np.float32), (mag[seg] + frac * dm[seg]).astype(np.float32),
-                  (dw[seg] / n[seg]).astype(np.float32))
-
-
-def _combine(m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
-    """Magnitude of two unresolved stars."""
-    return -2.5 * np.log10(10 ** (-0.4 * m1) + 10 ** (-0.4 * m2))
-
-
-@functools.lru_cache(maxsize=80)
-def _tracks(log_age: float, mh: float, bands: tuple[str, str]) -> tuple[_Track, _Track]:
-    """Single-star and binary tracks for one isochrone (cached: they do not depend on the data)."""
-    iso = get_isochrone(log_age, mh)
-    keep = iso.label < 9                      # post-AGB: negligible IMF weight, wild colours
-    mini, cum = iso.mini[keep], iso.int_imf[keep]
-    b1, b2 = iso.mags[bands[0]][keep], iso.mags[bands[1]][keep]
-    single = _resample(b1 - b2, b2, cum)
-    # Secondary magnitudes by interpolation in initial mass along the same isochrone.
-    inc = np.concatenate([[True], np.diff(mini) > 0])
-    parts = []
-    for q in BINARY_Q:
-        m2 = q * mini
-        faint = m2 < mini[0]                  # below the track's lowest mass: adds no light
-        s1 = np.where(faint, 99.0, np.interp(m2, mini[inc], b1[inc]))
-        s2 = np.where(faint, 99.0, np.interp(m2, mini[inc], b2[inc]))
-        c1, c2 = _combine(b1, s1), _combine(b2, s2)
-        parts.append(_resample(c1 - c2, c2, cum))
-    binary = _Track(np.concatenate([p.color for p in parts]), np.concatenate([p.mag for p in parts]),
-                    np.concatenate([p.weight for p in parts]) / len(BINARY_Q))
-    return single, binary
-
-
-@dataclass(frozen=True)
-class _Grid:
-    """A pixel grid in the (colour, magnitude) plane; (x0, y0) is the first pixel's lower-left corner."""
-
-    x0: float
-    y0: float
-    dx: float
-    dy: float
-    nx: int
-    ny: int
-
-
-def _full_grid(scale: int = 1) -> _Grid:
-    dx, dy = PIX_COLOR * scale, PIX_MAG * scale
-    return _Grid(COLOR_RANGE[0], MAG_RANGE[0], dx, dy, int(round((COLOR_RANGE[1] - COLOR_RANGE[0]) / dx)),
-                 int(round((MAG_RANGE[1] - MAG_RANGE[0]) / dy)))
-
-
-def _window(c_lo: float, c_hi: float, m_lo: float, m_hi: float) -> _Grid:
-    """The part of the fine model grid covering a box (snapped to pixels, clipped to the full grid).
-
-    Why: blurring and integrating only where shifted data can fall makes the
-    model images several times cheaper than the full diagram.
-    """
-    full = _full_grid()
-    i0 = int(np.clip(np.floor((c_lo - full.x0) / full.dx), 0, full.nx - 2))
-    i1 = int(np.clip(np.ceil((c_hi - full.x0) / full.dx), i0 + 2, full.nx))
-    j0 = int(np.clip(np.floor((m_lo - full.y0) / full.dy), 0, full.ny - 2))
-    j1 = int(np.clip(np.ceil((m_hi - full.y0) / full.dy), j0 + 2, full.ny))
-    return _Grid(full.x0 + i0 * full.dx, full.y0 + j0 * full.dy, full.dx, full.dy, i1 - i0, j1 - j0)
-
-
-def _render(track: _Track, g: _Grid) -> np.ndarray:
-    """Track weights summed into the (mag row, colour column) pixels of a grid."""
-    ix = np.floor((track.color - g.x0) / g.dx).astype(int)
-    iy = np.floor((track.mag - g.y0) / g.dy).astype(int)
-    ok = (ix >= 0) & (ix < g.nx) & (iy >= 0) & (iy < g.ny)
-    img = np.bincount(iy[ok] * g.nx + ix[ok], weights=track.weight[ok], minlength=g.nx * g.ny)
-    return img.reshape(g.ny, g.nx)
-
-
-class _ImageStack:
-    """Blurred model images (one per error class) and the cumulative integral for box normalisation.
-
-    The box integral is taken of the unblurred track: blurring moves as much
-    weight into the box across an edge as out of it (to second order), and one
-    cumulative table instead of one per error class halves the cost of a model.
-    """
-
-    def __init__(self, counts: np.ndarray, sigmas: list[tuple[float, float]], rows: list[tuple[int, int]],
-                 g: _Grid):
-        # Each class's blur: intrinsic width and that class's photometric errors, computed only
-        # over the band of rows where that class's stars can fall (error grows with magnitude,
-        # so the bands are narrow and the blurs several times cheaper than whole images).
-        counts32 = counts.astype(np.float32)
-        height = max(r1 - r0 for r0, r1 in rows)
-        self.density = np.zeros((len(sigmas), height, g.nx), np.float32)
-        for k, ((sc, sm), (r0, r1)) in enumerate(zip(sigmas, rows)):
-            pad = int(np.ceil(3.0 * sm / g.dy)) + 1
-            p0, p1 = max(r0 - pad, 0), min(r1 + pad, g.ny)
-            band = gaussian_filter(counts32[p0:p1], (sm / g.dy, sc / g.dx), mode="constant", truncate=3.0)
-            self.density[k, : r1 - r0] = band[r0 - p0: r1 - p0]
-        self.density /= np.float32(g.dx * g.dy)
-        self.row0 = np.array([r0 for r0, _ in rows])
-        self.rows = np.array([r1 - r0 for r0, r1 in rows])
-        self.grid = g
-        self.cum = np.zeros((g.ny + 1, g.nx + 1))
-        self.cum[1:, 1:] = counts.cumsum(0).cumsum(1)
-
-    def at(self, klass: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Bilinear interpolation of each star's class image at (x, y); 0 outside its band."""
-        g = self.grid
-        fx = (x - g.x0) / g.dx - 0.5
-        fy = (y - g.y0) / g.dy - 0.5 - self.row0[klass]
-        ix = np.floor(fx).astype(int)
-        iy = np.floor(fy).astype(int)
-        tx, ty = fx - ix, fy - iy
-        ok = (ix >= 0) & (ix < g.nx - 1) & (iy >= 0) & (iy < self.rows[klass] - 1)
-        ix, iy = np.where(ok, ix, 0), np.where(ok, iy, 0)
-        d = self.density
-        val = ((1 - ty) * ((1 - tx) * d[klass, iy, ix] + tx * d[klass, iy, ix + 1])
-               + ty * ((1 - tx) * d[klass, iy + 1, ix] + tx * d[klass, iy + 1, ix + 1]))
-        return np.where(ok, val, 0.0)
-
-    def integral(self, x_lo: float, x_hi: float, y_lo: float, y_hi: float) -> float:
-        """Model weight inside a box (cumulative table interpolated at its corners)."""
-        g = self.grid
-        fx = np.clip((np.array([x_lo, x_hi, x_lo, x_hi]) - g.x0) / g.dx, 0, g.nx)
-        fy = np.clip((np.array([y_lo, y_lo, y_hi, y_hi]) - g.y0) / g.dy, 0, g.ny)
-        ix = np.minimum(fx.astype(int), g.nx - 1)
-        iy = np.minimum(fy.astype(int), g.ny - 1)
-        tx, ty = fx - ix, fy - iy
-        c = self.cum
-        v = ((1 - ty) * ((1 - tx) * c[iy, ix] + tx * c[iy, ix + 1])
-             + ty * ((1 - tx) * c[iy + 1, ix] + tx * c[iy + 1, ix + 1]))
-        return float(v[3] - v[2] - v[1] + v[0])
-
-
-# --------------------------------------------------------------------------- data
-
-@dataclass
-class _Data:
-    """The stars used in the fit and the observed box."""
-
-    color: np.ndarray
-    mag: np.ndarray
-    klass: np.ndarray                        # error class per star
-    class_sigma: list[tuple[float, float]]   # total blur (colour, mag) per class
-    field: np.ndarray                        # field-star density at each star (normalised on the box)
-    box: tuple[float, float, float, float]   # colour lo, hi, mag bright, faint
-    used: np.ndarray                         # which input stars these are (bool mask)
-    #: Per-star prior probability of being a field star (from the positions); None: one global fraction.
-    field_prior: np.ndarray | None = None
-    #: Spectra of the data histogram and of the box for the global shift search (the same at every age).
-    fft_cache: dict = field(default_factory=dict)
-
-
-def _default_mag_limit(mag: np.ndarray, color_err: np.ndarray) -> float:
-    """Faint limit of the stars used: the 90th percentile of the magnitudes, brighter if need be
-    so that the median colour error stays below MAX_COLOR_ERR.
-
-    Why: the faint end of a stacked catalogue is incomplete (and in a colour-dependent
-    way, since a red star drops out of the blue stack first); the model is
-    renormalised to the magnitudes used, so cutting where the catalogue is still
-    nearly complete and precise removes that bias at little cost in information.
-    """
-    limit = float(np.percentile(mag, 90))
-    order = np.argsort(mag)
-    m, e = mag[order], color_err[order]
-    n = min(max(len(m) // 20, 10), len(m))
-    running = np.median(np.lib.stride_tricks.sliding_window_view(e, n), axis=1)
-    too_noisy = np.flatnonzero(running > MAX_COLOR_ERR)
-    if too_noisy.size:
-        limit = min(limit, float(m[too_noisy[0] + n // 2]))
-    return limit
-
-
-def _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit) -> _Data:
-    color, mag = np.asarray(color, float), np.asarray(mag, float)
-    color_err, mag_err = np.asarray(color_err, float), np.asarray(mag_err, float)
-    finite = np.isfinite(color) & np.isfinite(mag)
-    use = finite & np.asarray(usable, bool)
-    use &= np.isfinite(color_err) & np.isfinite(mag_err)
-    if use.sum() < 20:
-        raise ValueError(f"isochrone fit needs at least 20 usable stars, got {int(use.sum())}")
-    if mag_limit is None:
-        mag_limit = _default_mag_limit(mag[use], color_err[use])
-    if bright_limit is None:
-        # Excluded (e.g. saturated) stars brighter than most usable ones mean the bright end is
-        # cut by saturation: truncate the model there.  Otherwise the absence of brighter stars
-        # is information (the main sequence ends) and the box extends well above.
-        excluded = finite & ~np.asarray(usable, bool)
-        saturated = excluded & (mag < np.percentile(mag[use], 5))
-        brightest = float(mag[use].min())
-        bright_limit = brightest - 0.05 if saturated.any() else brightest - 1.0
-    use &= (mag <= mag_limit) & (mag >= bright_limit)
-    if use.sum() < 20:
-        raise ValueError(f"isochrone fit needs at least 20 usable stars between magnitudes {bright_limit:.2f} "
-                         f"and {mag_limit:.2f}, got {int(use.sum())}")
-    c, m = color[use], mag[use]
-    ce, me = np.abs(color_err[use]), np.abs(mag_err[use])
-    box = (float(c.min()) - 0.1, float(c.max()) + 0.1, float(bright_limit), float(mag_limit))
-
-    # Error classes: total colour blur in steps of ERROR_CLASS_RATIO, so that no star is
-    # modelled with a blur far from its own (a too-narrow model for the faintest, noisiest
-    # stars drags the fit towards isochrones whose lower sequence is broader or redder).
-    sig_c = np.hypot(ce, INTRINSIC_WIDTH)
-    steps = np.floor(np.log(sig_c / sig_c.min()) / np.log(ERROR_CLASS_RATIO)).astype(int)
-    present, klass = np.unique(np.minimum(steps, MAX_ERROR_CLASSES - 1), return_inverse=True)
-    class_sigma = []
-    for k in range(len(present)):
-        sel = klass == k
-        # RMS, not median: the blur must cover the class's larger errors too.
-        class_sigma.append((float(np.sqrt(np.mean(ce[sel] ** 2) + INTRINSIC_WIDTH ** 2)),
-                            float(np.sqrt(np.mean(me[sel] ** 2) + INTRINSIC_WIDTH ** 2))))
-
-    return _Data(c, m, klass, class_sigma, _field_density(c, m, box), box, use)
-
-
-def _field_density(c: np.ndarray, m: np.ndarray, box: tuple[float, float, float, float],
-                   weights: np.ndarray | None = None) -> np.ndarray:
-    """Field-star density at each star: the diagram itself, broadly smoothed, plus a uniform floor.
-
-    ``weights`` (each star's field probability from its position) make it the diagram of
-    the likely field stars: a field population with its own sequence (an old field's
-    turn-off plume) is then modelled as field where it lies, instead of being smeared
-    with the cluster's sequence into a broad density that a wrong isochrone beats.
-    """
-    nx = max(int((box[1] - box[0]) / 0.02), 1)
-    ny = max(int((box[3] - box[2]) / 0.05), 1)
-    hist, xe, ye = np.histogram2d(m, c, bins=(ny, nx), range=((box[2], box[3]), (box[0], box[1])),
-                                  weights=weights)
-    smooth = gaussian_filter(hist, (FIELD_SMOOTH[1] / 0.05, FIELD_SMOOTH[0] / 0.02), mode="nearest")
-    smooth = smooth / smooth.sum() + 0.2 / smooth.size
-    area = (box[1] - box[0]) * (box[3] - box[2])
-    dens = smooth / smooth.sum() * smooth.size / area
-    iy = np.clip(np.searchsorted(ye, m) - 1, 0, ny - 1)
-    ix = np.clip(np.searchsorted(xe, c) - 1, 0, nx - 1)
-    return dens[iy, ix]
-
-
-# --------------------------------------------------------------------------- spatial membership prior
-
-@dataclass
-class SpatialProfile:
-    """A King (1962) cluster on a uniform field, fitted to star positions by maximum likelihood.
-
-    The field is spread evenly over the stars' bounding box and the cluster profile is
-    normalised on that box (a grid integral), so a cluster cut by the frame edges is
-    not mistaken for a smaller one.
-    """
-
-    x0: float
-    y0: float
-    core: float                               # King core radius (px)
-    tidal: float                              # King tidal radius (px): no members beyond
-    cluster_fraction: float                   # of the stars the profile was fitted to
-    box: tuple[float, float, float, float]    # x lo, x hi, y lo, y hi (px)
-    gain: float                               # lnL over an even spread of all the stars
-
-    @property
-    def area(self) -> float:
-        return max(self.box[1] - self.box[0], 1.0) * max(self.box[3] - self.box[2], 1.0)
-
-    def cluster_density(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """The cluster profile at (x, y), per px^2, integrating to 1 over the box."""
-        gx, gy, cell = _spatial_grid(self.box)
-        z = _king(gx[None, :] - self.x0, gy[:, None] - self.y0, self.core, self.tidal).sum() * cell
-        return _king(x - self.x0, y - self.y0, self.core, self.tidal) / max(z, 1e-300)
-
-    def membership(self, x: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[np.ndarray, float]:
-        """Prior cluster membership p = cluster / (cluster + field density) of the stars at (x, y),
-        and the cluster fraction among them, refitted (EM) with the profile's shape fixed.
-
-        Why refit the fraction: the shape is best measured on every star with a position, but
-        the stars used in the diagram (a magnitude range) can hold a different share of field stars.
-        """
-        c, f = self.cluster_density(x, y), 1.0 / self.area
-        fc = self.cluster_fraction
-        for _ in range(iterations):
-            p = fc * c / (fc * c + (1 - fc) * f)
-            fc = float(np.clip(p.mean(), 1e-3, 1 - 1e-3))
-        return fc * c / (fc * c + (1 - fc) * f), fc
-
-    def to_json(self) -> dict:
-        return {"center_px": [round(self.x0, 1), round(self.y0, 1)], "core_px": round(self.core, 1),
-                "tidal_px": round(self.tidal, 1), "cluster_fraction": round(self.cluster_fraction, 3),
-                "lnl_gain": round(self.gain, 1)}
-
-
-def _king(dx: np.ndarray, dy: np.ndarray, core: float, tidal: float) -> np.ndarray:
-    """King (1962) surface density profile, unnormalised, zero beyond the tidal radius."""
-    r2 = (dx * dx + dy * dy) / (core * core)
-    edge = 1.0 / np.sqrt(1.0 + (tidal / core) ** 2)
-    return np.clip(1.0 / np.sqrt(1.0 + r2) - edge, 0.0, None) ** 2
-
-
-def _spatial_grid(box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray, float]:
-    """Cell centres (x, y) and cell area of the grid integrating a profile over the box."""
-    xlo, xhi, ylo, yhi = box
-    gx = xlo + (np.arange(SPATIAL_GRID) + 0.5) * (xhi - xlo) / SPATIAL_GRID
-    gy = ylo + (np.arange(SPATIAL_GRID) + 0.5) * (yhi - ylo) / SPATIAL_GRID
-    return gx, gy, max(xhi - xlo, 1.0) * max(yhi - ylo, 1.0) / SPATIAL_GRID ** 2
-
-
-def spatial_profile(x, y) -> SpatialProfile:
-    """Fit a King cluster on a uniform field to positions (px) by maximum likelihood.
-
-    Why a radial model: members crowd towards the cluster centre while field stars
-    are spread evenly, so where a star sits says how likely it is a member, whatever
-    its colour; the diagram alone cannot tell a field population that happens to lie
-    along a younger isochrone from that isochrone's members.  Why King rather than
-    Plummer: its tidal radius lets the frame's outskirts be field, where a Plummer's
-    long tail takes the even field for a broad cluster (on pipeline catalogues of
-    the simulator it gave field stars a prior membership of 0.9).  The centre starts
-    at a shrinking-circle centroid (robust to the field); centre, core and tidal radii
-    and the cluster fraction are then fitted together by Nelder-Mead from a few
-    tidal-to-core ratios.
-    """
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    box = (float(x.min()), float(x.max()), float(y.min()), float(y.max()))
-    side = max(box[1] - box[0], box[3] - box[2], 1.0)
-    area = max(box[1] - box[0], 1.0) * max(box[3] - box[2], 1.0)
-    gx, gy, cell = _spatial_grid(box)
-    cx, cy = float(np.median(x)), float(np.median(y))
-    radius = 0.5 * side
-    while radius > side / 8:
-        near = np.hypot(x - cx, y - cy) < radius
-        if near.sum() >= 10:
-            cx, cy = float(x[near].mean()), float(y[near].mean())
-        radius *= 0.7
-    lo_a, hi_a = np.log(SPATIAL_SCALE_BOUNDS[0] * side), np.log(SPATIAL_SCALE_BOUNDS[1] * side)
-
-    def unpack(p: np.ndarray) -> tuple[float, float, float, float, float]:
-        # Unconstrained parameters squashed into range: the core radius between its bounds,
-        # the tidal radius beyond it, the fraction in 0..1.
-        core = float(np.exp(lo_a + (hi_a - lo_a) / (1.0 + np.exp(-p[2]))))
-        return float(p[0]), float(p[1]), core, core * (1.0 + float(np.exp(p[3]))), float(1 / (1 + np.exp(-p[4])))
-
-    def nll(p: np.ndarray) -> float:
-        x0, y0, core, tidal, fc = unpack(p)
-        z = _king(gx[None, :] - x0, gy[:, None] - y0, core, tidal).sum() * cell
-        c = fc * _king(x - x0, y - y0, core, tidal) / max(z, 1e-300)
-        return -float(np.log(c + (1.0 - fc) / area).sum())
-
-    core0 = 0.1 * side
-    t0 = np.log((np.log(core0) - lo_a) / (hi_a - np.log(core0)))
-    best = None
-    for log_ratio in SPATIAL_TIDAL_STARTS:
-        p0 = np.array([cx, cy, t0, log_ratio, 0.0])
-        sim = np.tile(p0, (6, 1))
-        sim[1:] += np.diag([0.05 * side, 0.05 * side, 0.5, 0.5, 1.0])
-        res = optimize.minimize(nll, p0, method="Nelder-Mead",
-                                options={"initial_simplex": sim, "xatol": 0.01, "fatol": 1e-3, "maxiter": 3000})
-        if best is None or res.fun < best.fun:
-            best = res
-    x0, y0, core, tidal, fc = unpack(best.x)
-    log.debug("spatial profile: centre (%.0f, %.0f), core %.0f px, tidal %.0f px, cluster fraction %.2f",
-              x0, y0, core, tidal, fc)
-    return SpatialProfile(x0, y0, core, tidal, fc, box, float(x.size * np.log(area) - best.fun))
-
-
-# --------------------------------------------------------------------------- likelihood
-
-@dataclass
-class _AgeModel:
-    """Blurred single-star and binary images of one isochrone, for each error class of the data."""
-
-    single: _ImageStack
-    binary: _ImageStack
-
-
-#: Margins (colour, mag) of the model window around the shifted data box: room for the optimiser.
-WINDOW_MARGIN = (0.2, 0.6)
-
-
-def _age_model(log_age: float, mh: float, bands: tuple[str, str], data: _Data,
-               starts: list[tuple[float, float]]) -> _AgeModel:
-    """Model images over the window where the data can fall for shifts near ``starts``."""
-    lo_c, hi_c, lo_m, hi_m = data.box
-    dcs = [s[0] for s in starts]
-    dms = [s[1] for s in starts]
-    g = _window(lo_c - max(dcs) - WINDOW_MARGIN[0], hi_c - min(dcs) + WINDOW_MARGIN[0],
-                lo_m - max(dms) - WINDOW_MARGIN[1], hi_m - min(dms) + WINDOW_MARGIN[1])
-    rows = []
-    for k in range(len(data.class_sigma)):
-        mags = data.mag[data.klass == k]
-        r0 = int(np.floor((mags.min() - max(dms) - WINDOW_MARGIN[1] - g.y0) / g.dy))
-        r1 = int(np.ceil((mags.max() - min(dms) + WINDOW_MARGIN[1] - g.y0) / g.dy)) + 1
-        r0 = min(max(r0, 0), g.ny - 2)
-        rows.append((r0, max(min(r1, g.ny), r0 + 2)))
-    single_t, binary_t = _tracks(log_age, mh, bands)
-    return _AgeModel(_ImageStack(_render(single_t, g), data.class_sigma, rows, g),
-                     _ImageStack(_render(binary_t, g), data.class_sigma, rows, g))
-
-
-def _component_densities(model: _AgeModel, data: _Data, dcolor: float, dmag: float
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Single and binary densities at each star for the given shifts, normalised on the observed box."""
-    x, y = data.color - dcolor, data.mag - dmag
-    lo_c, hi_c, lo_m, hi_m = data.box
-    out = []
-    for img in (model.single, model.binary):
-        z = img.integral(lo_c - dcolor, hi_c - dcolor, lo_m - dmag, hi_m - dmag)
-        out.append(img.at(data.klass, x, y) / max(z, 1e-300))
-    return out[0], out[1]
-
-
-def _mixture_lnl(s: np.ndarray, b: np.ndarray, f: np.ndarray, weights: np.ndarray,
-                 field_prior: np.ndarray | None = None, iterations: int = 15) -> tuple[float, float, float]:
-    """Maximise over the field and binary fractions by EM; returns (lnL, f_field, f_binary).
-
-    Why EM inside the shift optimiser: the fractions enter linearly, so a few EM
-    steps find them far more cheaply than adding two dimensions to Nelder-Mead.
-    With ``field_prior`` (per star, from the positions) each star's field weight is
-    fixed to it and only the binary fraction is fitted; f_field is then the mean
-    posterior field probability.
-    """
-    ff, fb = 0.2, 0.3
-    if field_prior is not None:
-        ff = field_prior
-    wsum = weights.sum()
-    for _ in range(iterations):
-        ps = (1 - ff) * (1 - fb) * s
-        pb = (1 - ff) * fb * b
-        pf = ff * f
-        wt = weights / (ps + pb + pf + 1e-300)
-        rs, rb, rf = wt @ ps, wt @ pb, wt @ pf
-        if field_prior is None:
-            ff = min(max(rf / wsum, 1e-4), 0.95)
-        fb = min(max(rb / max(rs + rb, 1e-300), 0.0), MAX_BINARY_FRACTION)
-    tot = (1 - ff) * ((1 - fb) * s + fb * b) + ff * f
-    if field_prior is not None:
-        return float(weights @ np.log(tot + 1e-300)), float(weights @ (ff * f / (tot + 1e-300)) / wsum), fb
-    return float(weights @ np.log(tot + 1e-300)), ff, fb
-
-
-def _neg_lnl(shift: np.ndarray, model: _AgeModel, data: _Data, weights: np.ndarray) -> float:
-    """Minus the log-likelihood at the given shifts, the fractions maximised."""
-    s, b = _component_densities(model, data, shift[0], shift[1])
-    return -_mixture_lnl(s, b, data.field, weights, data.field_prior)[0]
-
-
-def _fft_starts(log_age: float, mh: float, bands: tuple[str, str], data: _Data) -> list[tuple[float, float]]:
+def _fft_starts(log_age: float, mh: float, bands: tuple[str, str], data: FitData) -> list[tuple[float, float]]:
     """Rough (dcolor, dmag) candidates: the best peaks of an approximate likelihood over all shifts.
 
     Why: with instrumental magnitudes the shifts can be anything; a local optimiser
@@ -664,10 +173,10 @@ def _fft_starts(log_age: float, mh: float, bands: tuple[str, str], data: _Data) 
     on the shift, so the correlation is done for a ladder of Z levels and each shift
     takes the level nearest its own Z.
     """
-    g = _full_grid(scale=2)
-    single_t, binary_t = _tracks(log_age, mh, bands)
+    g = full_grid(scale=2)
+    single_t, binary_t = model_tracks(log_age, mh, bands)
     sc, sm = data.class_sigma[0]
-    mix = gaussian_filter(0.7 * _render(single_t, g) + 0.3 * _render(binary_t, g),
+    mix = gaussian_filter(0.7 * render(single_t, g) + 0.3 * render(binary_t, g),
                           (max(sm / g.dy, 0.7), max(sc / g.dx, 0.7)), mode="constant")
     rho = mix / mix.sum() / (g.dx * g.dy)
     lo_c, hi_c, lo_m, hi_m = data.box
@@ -733,7 +242,7 @@ class _AgeResult:
     binary: np.ndarray
 
 
-def _fit_shifts(model: _AgeModel, data: _Data, starts: list[tuple[float, float]], fixed: "_Fixed") -> _AgeResult:
+def _fit_shifts(model: AgeModel, data: FitData, starts: list[tuple[float, float]], fixed: "_Fixed") -> _AgeResult:
     """Best shifts for one age: Nelder-Mead from each start, keep the best."""
     weights = np.ones(data.mag.size)
     best: _AgeResult | None = None
@@ -741,17 +250,17 @@ def _fit_shifts(model: _AgeModel, data: _Data, starts: list[tuple[float, float]]
         p0 = fixed.to_params(*start)
         if p0.size == 0:
             dc, dm = fixed.to_shifts(p0)
-            nll = _neg_lnl(np.array([dc, dm]), model, data, weights)
+            nll = neg_lnl(np.array([dc, dm]), model, data, weights)
         else:
             res = optimize.minimize(
-                lambda p: _neg_lnl(np.array(fixed.to_shifts(p)), model, data, weights), p0,
+                lambda p: neg_lnl(np.array(fixed.to_shifts(p)), model, data, weights), p0,
                 method="Nelder-Mead",
                 options={"xatol": 2e-3, "fatol": 0.02, "initial_simplex": fixed.simplex(p0)})
             p0, nll = res.x, float(res.fun)
             dc, dm = fixed.to_shifts(p0)
         if best is None or -nll > best.lnl:
-            s, b = _component_densities(model, data, dc, dm)
-            lnl, ff, fb = _mixture_lnl(s, b, data.field, weights, data.field_prior)
+            s, b = component_densities(model, data, dc, dm)
+            lnl, ff, fb = mixture_lnl(s, b, data.field, weights, data.field_prior)
             best = _AgeResult(lnl, dc, dm, ff, fb, s, b)
     assert best is not None
     return best
@@ -881,7 +390,7 @@ def _distinct(start: tuple[float, float], others: list[tuple[float, float]]) -> 
     return all(abs(start[0] - o[0]) > 0.05 or abs(start[1] - o[1]) > 0.2 for o in others)
 
 
-def _fit_one_age(log_age: float, mh: float, bands: tuple[str, str], data: _Data, fixed: _Fixed,
+def _fit_one_age(log_age: float, mh: float, bands: tuple[str, str], data: FitData, fixed: _Fixed,
                  neighbours: list[_AgeResult], search: bool = True) -> _AgeResult:
     """Best shifts at one age, started from the FFT candidates (if ``search``) and neighbouring ages' solutions.
 
@@ -894,14 +403,14 @@ def _fit_one_age(log_age: float, mh: float, bands: tuple[str, str], data: _Data,
             starts.append((r.dcolor, r.dmag))
     best: _AgeResult | None = None
     for start in starts:
-        result = _fit_shifts(_age_model(log_age, mh, bands, data, [start]), data, [start], fixed)
+        result = _fit_shifts(age_model(log_age, mh, bands, data, [start]), data, [start], fixed)
         if best is None or result.lnl > best.lnl:
             best = result
     assert best is not None
     return best
 
 
-def _propagate(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data, fixed: _Fixed,
+def _propagate(ages: np.ndarray, mh: float, bands: tuple[str, str], data: FitData, fixed: _Fixed,
                results: dict[int, _AgeResult]) -> None:
     """Refit ages from a fitted neighbour's shifts where that neighbour fits much better.
 
@@ -927,7 +436,7 @@ def _propagate(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data,
             return
 
 
-def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: _Data,
+def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: FitData,
                fixed: _Fixed) -> dict[int, _AgeResult]:
     """Fits on every other grid age, then on every grid age near the best one.
 
@@ -992,7 +501,7 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     bands = (str(bands[0]), str(bands[1]))
     color, mag, color_err, mag_err = (_as_float(v) for v in (color, mag, color_err, mag_err))
     usable = np.ma.asarray(usable).filled(False).astype(bool)
-    data = _prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit)
+    data = prepare(color, mag, color_err, mag_err, usable, mag_limit, bright_limit)
     n = data.mag.size
     spatial, prior = None, np.empty(0)
     if x is not None and y is not None:
@@ -1027,7 +536,7 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     fitted = np.array(sorted(best_results))
     for _ in range(bootstrap):
         w = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
-        lnl = [_mixture_lnl(best_results[i].single, best_results[i].binary, data.field, w, data.field_prior)[0]
+        lnl = [mixture_lnl(best_results[i].single, best_results[i].binary, data.field, w, data.field_prior)[0]
                for i in fitted]
         boot.append(_profile(ages, np.interp(np.arange(len(ages)), fitted, lnl)))
     low, high = min(p_lo, log_age - AGE_FLOOR_DEX), max(p_hi, log_age + AGE_FLOOR_DEX)
@@ -1074,7 +583,7 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
         membership_prior=prior, membership=membership, spatial=spatial)
 
 
-def _use_positions(data: _Data, x: np.ndarray, y: np.ndarray, usable: np.ndarray
+def _use_positions(data: FitData, x: np.ndarray, y: np.ndarray, usable: np.ndarray
                    ) -> tuple[SpatialProfile | None, np.ndarray]:
     """Set the per-star field priors and the field density of ``data`` from the stars' positions.
 
@@ -1103,73 +612,5 @@ def _use_positions(data: _Data, x: np.ndarray, y: np.ndarray, usable: np.ndarray
     p = np.where(placed[data.used], prior[data.used], fraction)
     p = np.clip(p, 1e-3, 1 - 1e-3)     # no star certain either way from its position alone
     data.field_prior = 1.0 - p
-    data.field = _field_density(data.color, data.mag, data.box, data.field_prior)
+    data.field = field_density(data.color, data.mag, data.box, data.field_prior)
     return spatial, prior
-
-
-def synthetic_cmd(log_age: float, n_members: int = 1000, *, mh: float = 0.0, bands: tuple[str, str] = ("B", "V"),
-                  distance_modulus: float = 10.0, ebv: float = 0.2, zeropoint: tuple[float, float] = (0.0, 0.0),
-                  binary_fraction: float = 0.3, field_fraction: float = 0.0, faint_limit: float = 20.0,
-                  saturation: float | None = None, rng: np.random.Generator | int | None = None) -> dict:
-    """A simulated cluster diagram straight from the isochrones, with known truth.
-
-    Why here: the tests and the peer benchmark need the same catalogue recipe.
-    Members sample the IMF (inverse CDF of ``int_IMF``), a fraction are unresolved
-    binaries (``q`` uniform), errors grow from 0.005 mag (bright) to 0.05 mag at
-    ``faint_limit``; distance, reddening and a zeropoint offset (band2, colour) are
-    applied; field stars are uniform in the members' box.  Stars brighter than
-    ``saturation`` get garbage magnitudes and ``usable`` False, as a saturated star would.
-    Returns arrays color, mag, color_err, mag_err, usable, member.
-    """
-    rng = np.random.default_rng(rng)
-    iso = get_isochrone(log_age, mh)
-    keep = iso.label < 9
-    mini, cum = iso.mini[keep], iso.int_imf[keep]
-    inc = np.concatenate([[True], np.diff(cum) > 0])
-    b1, b2 = iso.mags[bands[0]][keep], iso.mags[bands[1]][keep]
-    k1, k2 = A_OVER_EBV[bands[0]], A_OVER_EBV[bands[1]]
-    shift1 = distance_modulus + k1 * ebv + zeropoint[0] + zeropoint[1]
-    shift2 = distance_modulus + k2 * ebv + zeropoint[0]
-    chunks1, chunks2 = [], []
-    got = 0
-    while got < n_members:
-        u = rng.uniform(cum[0], cum[-1], 20 * n_members)
-        m = np.interp(u, cum[inc], mini[inc])
-        inc_m = np.concatenate([[True], np.diff(mini) > 0])
-        p1 = np.interp(m, mini[inc_m], b1[inc_m])
-        p2 = np.interp(m, mini[inc_m], b2[inc_m])
-        binary = rng.random(m.size) < binary_fraction
-        m2 = rng.random(m.size) * m
-        ok2 = binary & (m2 >= mini[0])
-        p1[ok2] = _combine(p1[ok2], np.interp(m2[ok2], mini[inc_m], b1[inc_m]))
-        p2[ok2] = _combine(p2[ok2], np.interp(m2[ok2], mini[inc_m], b2[inc_m]))
-        vis = p2 + shift2 < faint_limit
-        chunks1.append(p1[vis] + shift1)
-        chunks2.append(p2[vis] + shift2)
-        got += int(vis.sum())
-    mag1 = np.concatenate(chunks1)[:n_members]
-    mag2 = np.concatenate(chunks2)[:n_members]
-    member = np.ones(n_members, bool)
-    n_field = int(round(field_fraction / max(1 - field_fraction, 1e-9) * n_members))
-    if n_field:
-        col = mag1 - mag2
-        fc = rng.uniform(col.min(), col.max(), n_field)
-        fm = rng.uniform(mag2.min(), faint_limit, n_field)
-        mag1 = np.concatenate([mag1, fm + fc])
-        mag2 = np.concatenate([mag2, fm])
-        member = np.concatenate([member, np.zeros(n_field, bool)])
-
-    def err(m: np.ndarray) -> np.ndarray:
-        return np.hypot(0.005, 0.05 * 10 ** (0.4 * (m - faint_limit)))
-
-    e1, e2 = err(mag1), err(mag2)
-    obs1 = mag1 + rng.normal(0, 1, mag1.size) * e1
-    obs2 = mag2 + rng.normal(0, 1, mag2.size) * e2
-    usable = np.ones(mag2.size, bool)
-    if saturation is not None:
-        sat = mag2 < saturation
-        usable[sat] = False
-        obs2[sat] = saturation + rng.uniform(0, 0.3, sat.sum())
-        obs1[sat] = obs2[sat] + rng.uniform(-0.5, 1.5, sat.sum())
-    return {"color": obs1 - obs2, "mag": obs2, "color_err": np.hypot(e1, e2), "mag_err": e2,
-            "usable": usable, "member": member}

@@ -20,7 +20,7 @@ Rejection, in two places:
    (seeing changes a star's peak by tens of per cent; sub-pixel resampling), so
    rejection never eats star light; far from stars only the noise counts. The
    price: a cosmic ray on top of a star can survive.
-2. After every add or remove, each pixel's max candidate is tested against the
+2. After every add, each pixel's max candidate is tested against the
    mean of the others and left out of ``image()`` when it is an outlier. This
    cleans the first two frames, which enter unconditionally: a cosmic ray or a
    satellite trail in frame 1 is its pixels' max candidate and goes as soon as
@@ -39,12 +39,6 @@ Cost: both tests first apply a cheap full-frame bound (noise alone) and
 evaluate the full tolerance only on the few pixels that pass it; an add is a
 fixed number of passes over the planes whatever N, and ``image()`` one
 division plus a sparse patch.
-
-``remove()`` subtracts a frame's accepted contributions (its rejected pixels
-are kept as a sparse index list, the only per-frame state) and clears the max
-candidate it held. The result equals never having added the frame to float32
-rounding, except in rare pixels (at most 1e-4 of them) where a decision sat on
-the 5-sigma boundary.
 
 Where no frame contributes, ``image()`` is 0.0, ``variance()`` +inf and
 ``nframes()`` 0.
@@ -66,18 +60,15 @@ log = logging.getLogger(__name__)
 _NO_SLOT = np.iinfo(np.uint16).max
 #: Rows per processing block: keeps the temporaries small enough to stay in cache.
 _BLOCK_ROWS = 256
-#: Version 2 added grow_radius and grow_min_pixels to the saved parameters; version 1 loads with
-#: their defaults (its rejected lists hold what was subtracted, so remove() stays exact).
-_FORMAT_VERSION = 2
-#: A grown drop needs its max candidate this many sigma above the other frames.  Only the max is
-#: kept, so where a removed frame held it the state cannot know that the trail frame would have
-#: been the max (and dropped) had the removed frame never been added; requiring a clear excess
-#: makes such pixels rare enough for remove() to stay within its bound (measured on the test's
-#: trail in frame 1: 18-25 differing pixels of 65536 unconditioned, 3-5 at 2 sigma, 1-2 at 2.25),
-#: at the price of the faintest wings of a trail in the first two frames.
+#: Version 2 added grow_radius and grow_min_pixels to the saved parameters (version 1 loads with
+#: their defaults); version 3 keeps each frame's count of rejected pixels, not their indices.
+_FORMAT_VERSION = 3
+#: A grown drop needs its max candidate this many sigma above the other frames.  Why: leaving a
+#: pixel's max out biases its mean low, and 1-2 % of pure-noise neighbours clear 2.25 sigma; only a
+#: clear excess is trail light.  The price: the faintest wings of a trail in the first two frames.
 _GROW_DROP_SIGMA = 2.25
 #: ... and lies within this radius (px, at most grow_radius): beyond it the wings are mostly below
-#: 2 sigma, and a wider ring only adds such remove() mismatches.
+#: 2 sigma, and a wider ring drops more noise than trail.
 _GROW_DROP_RADIUS = 2.0
 #: Where the grow may act: clean mean and its gradient within this many sigma of zero (blank sky).
 _QUIET_SIGMA = 2.0
@@ -118,7 +109,8 @@ class StackAccumulator:
         self._slot_w = np.zeros(int(_NO_SLOT) + 1, np.float32)
         self._slots: dict[str, int] = {}
         self._frame_ids: list[str] = []
-        self._rejected: dict[str, np.ndarray] = {}
+        #: each frame's number of rejected pixels (outliers and their grow), for the frame log
+        self._rejected: dict[str, int] = {}
         #: flat indices of the pixels whose max candidate is currently left out (an outlier)
         self._drop = np.empty(0, np.int64)
 
@@ -160,42 +152,17 @@ class StackAccumulator:
         for r0, r1, x, v, ok in self._blocks(data, noise_var, valid, scale):
             bs = np.s_[r0:r1]
             acc = ok & ~rej_plane[bs]
-            self._accumulate(r0, r1, x, v, acc, w, +1)
+            self._accumulate(bs, x, v, acc, w)
             newmax = acc & (x > self._xmax[bs])
             np.copyto(self._xmax[bs], x, where=newmax)
             np.copyto(self._vmax[bs], v, where=newmax)
             np.copyto(self._mslot[bs], np.uint16(slot), where=newmax)
-        self._rejected[frame_id] = rejected.astype(np.int32)
+        self._rejected[frame_id] = int(len(rejected))
         self._update_drops()
-        self._update_saturation(saturated, +1)
+        self._update_saturation(saturated)
         self._slots[frame_id] = slot
         self._frame_ids.append(frame_id)
-        log.debug("stacked %s: %d pixels rejected, %d frames", frame_id,
-                  len(self._rejected[frame_id]), self.n_frames)
-
-    def remove(self, frame_id: str, data: np.ndarray, *, noise_var: float | np.ndarray,
-               valid: np.ndarray | None, scale: float = 1.0, weight: float = 1.0,
-               saturated: np.ndarray | None = None) -> None:
-        """Take a frame out again; pass exactly the arguments given to :meth:`add`."""
-        frame_id = str(frame_id)
-        if frame_id not in self._slots:
-            raise KeyError(f"frame {frame_id!r} is not in the stack")
-        slot = self._slots[frame_id]
-        rej_flat = np.zeros(self.shape[0] * self.shape[1], bool)
-        rej_flat[self._rejected[frame_id]] = True
-        rej_plane = rej_flat.reshape(self.shape)
-        for r0, r1, x, v, ok in self._blocks(data, noise_var, valid, scale):
-            bs = np.s_[r0:r1]
-            self._accumulate(r0, r1, x, v, ok & ~rej_plane[bs], np.float32(weight), -1)
-            held = self._mslot[bs] == slot
-            np.copyto(self._xmax[bs], -np.inf, where=held)
-            np.copyto(self._vmax[bs], 0.0, where=held)
-            np.copyto(self._mslot[bs], _NO_SLOT, where=held)
-        self._update_saturation(saturated, -1)
-        self._slot_w[slot] = 0.0
-        del self._slots[frame_id], self._rejected[frame_id]
-        self._frame_ids.remove(frame_id)
-        self._update_drops()
+        log.debug("stacked %s: %d pixels rejected, %d frames", frame_id, self._rejected[frame_id], self.n_frames)
 
     def image(self) -> np.ndarray:
         """The stack: float32 weighted mean of the accepted contributions (ADU per frame)."""
@@ -231,20 +198,19 @@ class StackAccumulator:
 
     def rejected_pixels(self, frame_id: str) -> int:
         """Number of this frame's pixels rejected when it was added (outliers and their grow)."""
-        return int(len(self._rejected[str(frame_id)]))
+        return self._rejected[str(frame_id)]
 
     def nbytes(self) -> int:
-        """Memory held by the accumulator's planes and per-frame lists (bytes)."""
+        """Memory held by the accumulator's planes (bytes)."""
         planes = [self._sw, self._swx, self._swwv, self._count, self._xmax, self._vmax,
                   self._mslot, self._slot_w]
         if self._satcount is not None:
             planes.append(self._satcount)
-        return sum(p.nbytes for p in planes) + sum(r.nbytes for r in self._rejected.values())
+        return sum(p.nbytes for p in planes)
 
     def state(self) -> dict[str, np.ndarray]:
         """The exact state as named arrays (the caller persists them; see :meth:`from_state`)."""
         ids = self._frame_ids
-        rej = [self._rejected[f] for f in ids]
         arrays = dict(
             version=np.array(_FORMAT_VERSION), shape=np.array(self.shape),
             params=np.array([self.reject_sigma, self.signal_tolerance, self.gradient_tolerance,
@@ -252,8 +218,7 @@ class StackAccumulator:
             sw=self._sw, swx=self._swx, swwv=self._swwv, count=self._count,
             xmax=self._xmax, vmax=self._vmax, mslot=self._mslot, slot_w=self._slot_w,
             frame_ids=np.array(ids, dtype=str), slots=np.array([self._slots[f] for f in ids], np.int64),
-            rej_index=np.concatenate(rej) if rej else np.empty(0, np.int32),
-            rej_len=np.array([len(r) for r in rej], np.int64))
+            rej_len=np.array([self._rejected[f] for f in ids], np.int64))
         if self._satcount is not None:
             arrays["satcount"] = self._satcount
         return arrays
@@ -261,7 +226,7 @@ class StackAccumulator:
     @classmethod
     def from_state(cls, z: Mapping[str, np.ndarray]) -> StackAccumulator:
         """Restore an accumulator from :meth:`state`'s arrays (copied: the source may be a closing npz)."""
-        if int(z["version"]) not in (1, _FORMAT_VERSION):
+        if int(z["version"]) not in (1, 2, _FORMAT_VERSION):
             raise ValueError(f"unsupported stack state version {int(z['version'])}")
         self = cls(tuple(int(n) for n in z["shape"]), *(float(p) for p in z["params"]))
         for name in ("sw", "swx", "swwv", "count", "xmax", "vmax", "mslot", "slot_w"):
@@ -271,19 +236,16 @@ class StackAccumulator:
         ids = [str(f) for f in z["frame_ids"]]
         self._frame_ids = ids
         self._slots = dict(zip(ids, (int(s) for s in z["slots"]), strict=True))
-        bounds = np.concatenate([[0], np.cumsum(z["rej_len"])]).astype(np.int64)
-        rej_index = np.asarray(z["rej_index"])
-        self._rejected = {f: rej_index[bounds[i]:bounds[i + 1]].copy() for i, f in enumerate(ids)}
+        self._rejected = dict(zip(ids, (int(n) for n in z["rej_len"]), strict=True))
         self._update_drops()
         return self
 
     # ------------------------------------------------------------------ internals
     def _free_slot(self) -> int:
-        used = set(self._slots.values())
-        for slot in range(int(_NO_SLOT)):
-            if slot not in used:
-                return slot
-        raise RuntimeError("stack holds the maximum number of frames (65535)")
+        slot = max(self._slots.values(), default=-1) + 1
+        if slot >= int(_NO_SLOT):
+            raise RuntimeError("stack holds the maximum number of frames (65535)")
+        return slot
 
     def _blocks(self, data: np.ndarray, noise_var: float | np.ndarray, valid: np.ndarray | None,
                 scale: float):
@@ -301,20 +263,13 @@ class StackAccumulator:
                 ok &= valid[r0:r1]
             yield r0, r1, x, v, ok
 
-    def _accumulate(self, r0: int, r1: int, x: np.ndarray, v: np.ndarray | np.float32,
-                    acc: np.ndarray, w: np.float32, sign: int) -> None:
-        """Add (sign=+1) or subtract (-1) the accepted contributions of one block."""
-        bs = np.s_[r0:r1]
-        ufunc = np.add if sign > 0 else np.subtract
-        ufunc(self._sw[bs], w, out=self._sw[bs], where=acc)
-        ufunc(self._swx[bs], w * x, out=self._swx[bs], where=acc)
-        ufunc(self._swwv[bs], (w * w) * v, out=self._swwv[bs], where=acc)
-        ufunc(self._count[bs], np.uint16(1), out=self._count[bs], where=acc)
-        if sign < 0:
-            # a pixel back to no contributions gets exact zeros, not rounding residue
-            empty = acc & (self._count[bs] == 0)
-            for plane in (self._sw, self._swx, self._swwv):
-                plane[bs][empty] = 0.0
+    def _accumulate(self, bs: slice, x: np.ndarray, v: np.ndarray | np.float32,
+                    acc: np.ndarray, w: np.float32) -> None:
+        """Add the accepted contributions of one block of rows."""
+        np.add(self._sw[bs], w, out=self._sw[bs], where=acc)
+        np.add(self._swx[bs], w * x, out=self._swx[bs], where=acc)
+        np.add(self._swwv[bs], (w * w) * v, out=self._swwv[bs], where=acc)
+        np.add(self._count[bs], np.uint16(1), out=self._count[bs], where=acc)
 
     def _stats_at(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """At flat pixel indices: (mean, variance) without the max candidate, and with it.
@@ -520,13 +475,9 @@ class StackAccumulator:
             grown.append(cand[(dev > 0) & (dev * dev > k2 * (vmax[cand] + var_r))])
         return np.unique(np.concatenate(grown))
 
-    def _update_saturation(self, saturated: np.ndarray | None, sign: int) -> None:
+    def _update_saturation(self, saturated: np.ndarray | None) -> None:
         if saturated is None:
             return
         if self._satcount is None:
             self._satcount = np.zeros(self.shape, np.uint16)
-        sat = np.asarray(saturated, bool)
-        if sign > 0:
-            self._satcount[sat] += 1
-        else:
-            np.subtract(self._satcount, 1, out=self._satcount, where=sat & (self._satcount > 0))
+        self._satcount[np.asarray(saturated, bool)] += 1

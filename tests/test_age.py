@@ -1,6 +1,6 @@
 """Isochrone age fits on synthetic clusters drawn straight from the PARSEC isochrones.
 
-Truth comes from the isochrones themselves (reduction.age.synthetic_cmd): IMF
+Truth comes from the isochrones themselves (tests/synthetic_cmd.py): IMF
 sampling, 30% unresolved binaries, errors growing to 0.05 mag at the faint
 limit, distance, reddening and an unknown zeropoint offset the fitter is not told.
 """
@@ -12,7 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from reduction.age import ISOCHRONE_SET, fit_age, synthetic_cmd
+from reduction.age import ISOCHRONE_SET, fit_age
+from synthetic_cmd import synthetic_cmd
 
 DISTANCE_MODULUS, EBV = 10.3, 0.2
 ZEROPOINT = (-3.7, 0.3)          # instrumental magnitude offset (V) and colour offset

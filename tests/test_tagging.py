@@ -4,11 +4,20 @@ import pytest
 from astropy.io import fits
 
 from observer.config import Settings, load_settings
-from observer.tagging import (TaggingError, angular_distance_arcmin, kind_from_type, normalise_target, tag_facts,
-                              tag_frame)
-from reduction.frames import header_facts
+from observer.tagging import TaggingError, Tags, angular_distance_arcmin, kind_from_type, normalise_target, tag_facts
+from reduction.frames import HeaderFacts, header_facts
 
 S = Settings()
+
+
+def tag_frame(path: str, imagetyp: str | None, obj: str | None, filt: str | None,
+              pointing: tuple[float, float] | None, settings: Settings,
+              science_pointings: dict[str, tuple[float, float]]) -> Tags:
+    """tag_facts on header facts made of loose values: each case below reads as one line."""
+    ra, dec = pointing if pointing is not None else (None, None)
+    facts = HeaderFacts(imagetyp=imagetyp, object=obj, filter=filt, ra_deg=ra, dec_deg=dec,
+                        sources={"filter": "FILTER"} if filt is not None else {})
+    return tag_facts(path, facts, settings, science_pointings)
 
 
 @pytest.mark.parametrize("value, kind", [("Light Frame", "science"), ("LIGHT", "science"), ("Object", "science"),

@@ -1,7 +1,7 @@
 """The ``observer`` command line: simulate, watch, reprocess, demo, inspect, archive, send (SAMP), view (a
 ``--web`` dashboard).
 
-Exit codes (DESIGN.md): 0 success, 2 bad usage or bad configuration (the message
+Exit codes (README "Commands"): 0 success, 2 bad usage or bad configuration (the message
 names the key), 1 failure.
 """
 

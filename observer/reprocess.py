@@ -1,6 +1,6 @@
 """``observer reprocess``: the service's own worker logic over a saved night, then exit.
 
-One code path with ``observer watch`` (DESIGN.md): every file goes through
+One code path with ``observer watch`` (README "Products"): every file goes through
 ``Service.handle``, here in DATE-OBS order (this module owns that ordering),
 synchronously, with the progress bar a user waits on.
 """

@@ -1,6 +1,6 @@
 """The observing service: watch the camera folder and take every frame exactly once.
 
-Threads (DESIGN.md "Concurrency"):
+Threads:
 
 * watchdog's thread only notes paths (:class:`observer.watcher.Watcher`);
 * the *ingest* thread polls the :class:`~observer.ingest.FileTracker` (is a file

@@ -12,7 +12,7 @@ real night throws at a pipeline rather than at a clean textbook image:
 * detector defects at fixed positions (hot pixels, corners and edges included),
   cosmic rays, a satellite trail, one trailed frame and one thin-cloud frame;
 * a tracking drift and a slow field rotation, logged per frame in the transform
-  convention of interfaces.md (reference grid = the first science frame);
+  convention of truth_frames.ecsv (reference grid = the first science frame);
 * files that appear and grow as a camera writes them, never renamed into place.
 
 Everything random comes from generators seeded by ``(seed, stream)`` so that the same
@@ -749,7 +749,7 @@ def _render_field(light: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndar
 
 def transform_xy(x: np.ndarray, y: np.ndarray, size: int, dx: float, dy: float,
                  rotation_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    """Reference-grid (x, y) -> frame (x, y), the frame-log convention of interfaces.md."""
+    """Reference-grid (x, y) -> frame (x, y), the frame-log convention of truth_frames.ecsv."""
     c = (size - 1) / 2.0
     t = math.radians(rotation_deg)
     ct, st = math.cos(t), math.sin(t)

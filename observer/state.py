@@ -44,7 +44,7 @@ class Kind(StrEnum):
 #: Kinds that feed the calibration masters.
 CALIBRATION_KINDS = (Kind.BIAS, Kind.DARK, Kind.FLAT)
 
-#: Columns of frames.ecsv, in order (DESIGN.md), then our extra quality columns.
+#: Columns of frames.ecsv, in order (README "Products"), then our extra quality columns.
 FRAME_COLUMNS = ("path", "kind", "target", "filter", "date_obs", "exptime", "status", "reason",
                  "fwhm", "elongation", "sky", "nstars", "dx", "dy",
                  "rotation", "transparency", "reg_rms", "fwhm_arcsec", "sha256")

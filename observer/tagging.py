@@ -1,6 +1,6 @@
 """Tag a frame: kind (science, offset, bias, dark, flat), target and filter.
 
-Header first, config rules second (DESIGN.md). The frame type comes from
+Header first, config rules second (README "Products"). The frame type comes from
 IMAGETYP/FRAMETYP/FRAME in the many spellings acquisition programs use; an
 offset (blank sky) frame is usually written as an ordinary light frame, so it is
 recognised by the configured OBJECT / file-name patterns or by a pointing far

@@ -1,4 +1,4 @@
-"""Product writers (DESIGN.md "Products"): data in, files out, each through one atomic write.
+"""Product writers (README "Products"): data in, files out, each through one atomic write.
 
 - ``<target>/<filter>/stack.fits``: the stack (float32, ADU per frame of EXPTIME) and ``NFRAMES``;
 - ``<target>/catalog.ecsv``, ``<target>/stars.reg``, ``<target>/cmd.png``, ``<target>/age.json``, ``<target>/<filter>/stack.png``;
@@ -36,7 +36,7 @@ _FRAME_DTYPES = [str, str, str, str, str, float, str, str, float, float, float, 
 
 
 def write_frames_table(outdir: Path, records: Sequence[FrameRecord]) -> Path:
-    """frames.ecsv: every file seen, in the order taken (DESIGN.md columns first)."""
+    """frames.ecsv: every file seen, in the order taken (README "Products" columns first)."""
     rows = [r.row() for r in records]
     table = Table(rows=rows, names=FRAME_COLUMNS) if rows else Table(names=FRAME_COLUMNS, dtype=_FRAME_DTYPES)
     table.meta["description"] = "observer: one row per file seen; status and reason say what became of it"

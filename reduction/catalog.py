@@ -6,7 +6,7 @@ in one filter in the catalogue with an honest, possibly negative, flux there.
 Rows are never dropped for a non-positive flux: the flux and its error stay, the
 magnitudes become NaN (a CMD reads them as "not measured in this filter").
 
-Columns (DESIGN.md): ``id, x, y``, then per filter ``flux_<f>, fluxerr_<f>, mag_<f>,
+Columns (README "Products"): ``id, x, y``, then per filter ``flux_<f>, fluxerr_<f>, mag_<f>,
 magerr_<f>``, then ``color`` (``mag_<a> - mag_<b>`` of the configured colour) and
 ``flags`` (OR over filters of :data:`reduction.photometry.FLAG_BITS`); when a stack
 carries a celestial WCS, ``ra, dec`` (deg, ICRS as the WCS says) follow.  Fluxes are

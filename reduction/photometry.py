@@ -8,7 +8,7 @@ Units, fixed here because every error bar depends on them:
   flux F [ADU per frame] therefore delivered ``N * F * gain`` electrons over the night.
 * Fluxes leaving this module are aperture-corrected count rates in ADU/s
   (``flux_per_frame * aperture_correction / exptime``), so that
-  ``mag = zeropoint - 2.5 log10(flux)`` holds column by column (DESIGN.md).
+  ``mag = zeropoint - 2.5 log10(flux)`` holds column by column (README "Products").
 * Errors follow the CCD equation for a mean of N frames (N = local ``nframes``):
   ``var(F) = F / (g N) + npix (1 + (pi/2) npix / nsky) * b / N`` with the per-frame,
   per-pixel background variance ``b = (sky_level g + rn^2) / g^2`` [ADU^2]; the

@@ -35,7 +35,7 @@ def night():
 def test_columns_exactly_as_design(night):
     expected = ["id", "x", "y", "flux_blue", "fluxerr_blue", "mag_blue", "magerr_blue",
                 "flux_green", "fluxerr_green", "mag_green", "magerr_green", "color", "flags", "ra", "dec"]
-    # The design's columns first and in order; then what PSF photometry adds (DESIGN.md allows added columns).
+    # The design's columns first and in order; then what PSF photometry adds (more columns may follow the documented ones).
     added = ["contamination", "method_blue", "contamination_blue", "method_green", "contamination_green"]
     assert night["cat"].colnames == expected + added
     meta = night["cat"].meta

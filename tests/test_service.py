@@ -195,7 +195,8 @@ def test_duplicate_ignored_and_replaced_file_is_a_new_frame(folders, night, tmp_
 
 
 def bad_corpus(camdir: Path, good: Path, outside: Path) -> set[str]:
-    """The bad-input cases of DESIGN.md, written next to a night's good frames; returns their names."""
+    """The bad-input cases (truncated, empty, not FITS, NaN, wrong shape, missing headers), written next
+    to a night's good frames; returns their names."""
     raw = good.read_bytes()
     with fits.open(good) as hdul:
         header, data = hdul[0].header.copy(), hdul[0].data.astype(np.float32)

@@ -45,7 +45,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from observer.config import ConfigError
-from reduction.isochrones import A_OVER_EBV, Isochrone, get_isochrone
+from reduction.isochrones import A_OVER_EBV, Isochrone, get_isochrone, interpolated_isochrone
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def make_stars(s: SimSettings) -> Table:
     """
     rng = np.random.default_rng([s.seed, _STREAM_STARS])
     bands = {s.band(f) for f in s.filters}
-    iso = get_isochrone(math.log10(s.age_myr * 1e6), s.mh)
+    iso = interpolated_isochrone(math.log10(s.age_myr * 1e6), s.mh)   # the truth off the grid
     v_app = iso.mag("V") + s.distance_modulus + A_OVER_EBV["V"] * s.ebv
     visible = iso.mini[v_app <= s.faint_limit_mag]
     mass_low = float(visible.min()) if visible.size else None

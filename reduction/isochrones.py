@@ -109,3 +109,47 @@ def get_isochrone(log_age: float, mh: float = 0.0) -> Isochrone:
     mags = {band: table[f"{band}mag"][sel][order] for band in A_OVER_EBV}
     return Isochrone(log_age=float(age), mh=float(met), mini=table["Mini"][sel][order],
                      int_imf=table["int_IMF"][sel][order], label=table["label"][sel][order], mags=mags)
+
+
+def interpolated_isochrone(log_age: float, mh: float = 0.0) -> Isochrone:
+    """An isochrone at any log age inside the grid, between its two neighbouring nodes.
+
+    Why: a simulated cluster drawn from the nearest node puts the truth on the grid, so a
+    fit that only searches the grid is rewarded by construction. Points are matched by
+    evolutionary phase, not by initial mass: within each PARSEC stage (``label``) both
+    nodes' points are resampled at the same fractions of the stage's initial-mass range,
+    so the turn-off of one node is interpolated with the turn-off of the other (matching
+    by mass would average a turn-off star with a subgiant). Then every column is
+    interpolated linearly in log age. [M/H] stays the nearest grid value.
+    """
+    ages, _ = grid()
+    below = ages[ages <= log_age + 1e-9]
+    if below.size == 0 or below[-1] == ages[-1] or abs(below[-1] - log_age) < 1e-6:
+        return get_isochrone(log_age, mh)
+    lo, hi = float(below[-1]), float(ages[ages > below[-1]][0])
+    a, b = get_isochrone(lo, mh), get_isochrone(hi, mh)
+    t = (log_age - lo) / (hi - lo)
+    bands = list(a.mags)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("mini", "int_imf", "label", *bands)}
+    for stage in np.unique(a.label):
+        sa, sb = np.flatnonzero(a.label == stage), np.flatnonzero(b.label == stage)
+        if sa.size < 2 or sb.size < 2:
+            continue        # a stage one node lacks (e.g. not yet reached): no partner to interpolate with
+        fa, fb = _stage_fraction(a.mini[sa]), _stage_fraction(b.mini[sb])
+        u = np.union1d(fa, fb)      # every point of both nodes: the upper main sequence is a sliver of mass
+        for name, va, vb in [("mini", a.mini, b.mini), ("int_imf", a.int_imf, b.int_imf),
+                             *((band, a.mags[band], b.mags[band]) for band in bands)]:
+            parts[name].append((1 - t) * np.interp(u, fa, va[sa]) + t * np.interp(u, fb, vb[sb]))
+        parts["label"].append(np.full(u.size, stage))
+    merged = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    order = np.argsort(merged["mini"], kind="stable")
+    return Isochrone(log_age=float(log_age), mh=a.mh, mini=merged["mini"][order],
+                     int_imf=merged["int_imf"][order], label=merged["label"][order],
+                     mags={band: merged[band][order] for band in bands})
+
+
+def _stage_fraction(mini: np.ndarray) -> np.ndarray:
+    """Where each point of one evolutionary stage lies in the stage's initial-mass range (0..1)."""
+    if mini[-1] > mini[0]:
+        return (mini - mini[0]) / (mini[-1] - mini[0])
+    return np.linspace(0.0, 1.0, mini.size)

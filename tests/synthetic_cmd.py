@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from reduction.cmd_model import combine_magnitudes
-from reduction.isochrones import A_OVER_EBV, get_isochrone
+from reduction.isochrones import A_OVER_EBV, interpolated_isochrone
 
 
 def synthetic_cmd(log_age: float, n_members: int = 1000, *, mh: float = 0.0, bands: tuple[str, str] = ("B", "V"),
@@ -23,7 +23,7 @@ def synthetic_cmd(log_age: float, n_members: int = 1000, *, mh: float = 0.0, ban
     Returns arrays color, mag, color_err, mag_err, usable, member.
     """
     rng = np.random.default_rng(rng)
-    iso = get_isochrone(log_age, mh)
+    iso = interpolated_isochrone(log_age, mh)
     keep = iso.label < 9
     mini, cum = iso.mini[keep], iso.int_imf[keep]
     inc = np.concatenate([[True], np.diff(cum) > 0])

@@ -46,7 +46,8 @@ def frame_row(truth, name: str):
 
 
 def isolated_bright(truth, filt: str, row, peak_limit: float = 40000.0, snr_min: float = 100.0) -> Table:
-    """Truth stars well inside the frame, unsaturated, bright, and not sitting in a neighbour's Moffat wings.
+    """Truth stars well inside the frame, unsaturated, bright, away from hot pixels, and not sitting in a
+    neighbour's Moffat wings.
 
     A beta=3 Moffat has broad wings: a saturated star 30 px away still adds a few
     ADU per pixel, so isolation is judged from the neighbours' summed profile.
@@ -58,10 +59,13 @@ def isolated_bright(truth, filt: str, row, peak_limit: float = 40000.0, snr_min:
     flux = 10 ** (-0.4 * (np.asarray(stars[f"mag_{filt}"]) - s.zeropoint(filt))) * row["exptime"] * row["transparency"]
     alpha2 = (row["fwhm_px"] / (2 * math.sqrt(2 ** (1 / 3) - 1))) ** 2
     peak = flux * 2 / (math.pi * alpha2)
+    hot_x, hot_y = (np.asarray(stars.meta[f"hot_pixels_{c}"], float) for c in "xy")
     keep = []
     for i in range(len(stars)):
         if not (30 < x[i] < SIZE - 31 and 30 < y[i] < SIZE - 31):
             continue
+        if np.any(np.hypot(hot_x - x[i], hot_y - y[i]) < 10 * row["fwhm_px"]):
+            continue        # a hot pixel in the aperture or the sky annulus
         if peak[i] + s.bias_level + row["sky_adu"] > peak_limit or flux[i] < snr_min ** 2 / s.gain:
             continue
         d = np.hypot(x - x[i], y - y[i])
@@ -180,6 +184,9 @@ def test_drift_and_rotation_are_what_frames_show(night):
         ids = np.searchsorted(truth.stars["id"], stars["id"])
         ref = np.column_stack([truth.stars["x"][ids], truth.stars["y"][ids]])
         obs = _centroids(load(root, row["file"]), stars["x"], stars["y"], row["fwhm_px"])
+        crossed = ~np.isfinite(obs).all(axis=1)         # the satellite trail can cross a star
+        assert crossed.sum() <= 1
+        stars, ref, obs = stars[~crossed], ref[~crossed], obs[~crossed]
         assert np.median(np.hypot(*(obs - np.column_stack([stars["x"], stars["y"]])).T)) < 0.1
         dx, dy, rot = _fit_similarity(ref, obs)
         assert dx == pytest.approx(row["dx"], abs=0.05)
@@ -273,7 +280,7 @@ def test_truth_catalogue_and_frame_log(night):
     stars = Table.read(root / "truth.ecsv")
     for key in ("age_myr", "log_age", "distance_modulus", "ebv", "mh", "zeropoints", "gain", "read_noise", "seed"):
         assert key in stars.meta
-    assert stars.meta["log_age"] == pytest.approx(8.2) and stars.meta["distance_modulus"] == 10.3
+    assert stars.meta["log_age"] == pytest.approx(math.log10(150e6)) and stars.meta["distance_modulus"] == 10.3
     assert {"id", "x", "y", "mag_blue", "mag_green", "member"} <= set(stars.colnames)
     assert stars["member"].sum() == 80 and (~stars["member"]).sum() == 40
     assert 0.15 < stars["binary"][stars["member"]].mean() < 0.45

@@ -101,6 +101,12 @@ def test_a_trailed_first_frame_is_rejected_and_the_clear_ones_stacked(tmp_path):
     night = process_existing(tmp_path / "cam", tmp_path / "out", Settings())
     blue = {Path(r.path).name: r for r in night.records if r.filter == "blue" and r.kind == "science"}
     assert blue["M35_blue_003.fits"].status == "rejected" and "trailed" in blue["M35_blue_003.fits"].reason
+    truth = Table.read(tmp_path / "truth_frames.ecsv")
+    true_t = dict(zip(truth["file"], truth["transparency"]))
+    best = 0.0
     for name in ("M35_blue_001.fits", "M35_blue_002.fits", "M35_blue_004.fits"):
         assert blue[name].status == "stacked", (name, blue[name].reason)
-        assert blue[name].transparency > 0.8
+        # Transparency is relative to the best frame so far, measured on the same stars: this night's
+        # frames differ in seeing (3.0-3.6 px), which once read as 20 % of cloud in the crowded centre.
+        best = max(best, true_t[name])
+        assert blue[name].transparency == pytest.approx(true_t[name] / best, abs=0.03), name

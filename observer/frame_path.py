@@ -153,7 +153,7 @@ def _check_science(state: NightState, settings: Settings, ctx: FrameContext) -> 
     ctx.target = target
     red = settings.reduction
     ctx.saturation = facts.saturate if facts.saturate else red.saturation_adu
-    ctx.saturated = ctx.frame.data >= min(ctx.saturation, red.saturation_adu)
+    ctx.saturated = ctx.frame.data >= _saturation_threshold(settings, ctx.frame)
     ctx.raw_preview = preview_of(ctx.frame.data)
 
 
@@ -330,7 +330,7 @@ def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "
     if ctx.record.status:
         return [_finished(ctx.record)]
     try:
-        planes = colour_planes(ctx.frame)
+        planes = colour_planes(ctx.frame, saturation=_saturation_threshold(settings, ctx.frame))
     except FrameError as exc:
         ctx.record.status, ctx.record.reason = Status.REJECTED, str(exc)
         return [_finished(ctx.record)]
@@ -386,6 +386,12 @@ def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSessio
                        min_transparency=q.min_transparency, min_stars=q.min_stars,
                        max_fwhm_px=(q.max_fwhm_arcsec / scale_arcsec) if q.max_fwhm_arcsec and scale_arcsec
                        else None, baseline_elongation=baseline_elongation)
+
+
+def _saturation_threshold(settings: Settings, frame: Frame) -> float:
+    """Raw ADU from which a pixel counts as saturated: the header's SATURATE, capped by the config's level."""
+    red = settings.reduction
+    return min(frame.facts.saturate or red.saturation_adu, red.saturation_adu)
 
 
 def rebuild_masters(state: NightState, settings: Settings) -> None:

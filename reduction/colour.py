@@ -41,8 +41,12 @@ def colour_mosaic(header: fits.Header, filter_cards: tuple[tuple[str, str], ...]
     return next((value.strip().upper() for _, value in filter_cards if _MOSAIC_NAME.match(value.strip())), None)
 
 
-def split_bayer(data: np.ndarray, pattern: str, x_offset: int = 0, y_offset: int = 0) -> dict[str, np.ndarray]:
+def split_bayer(data: np.ndarray, pattern: str, x_offset: int = 0, y_offset: int = 0,
+                saturation: float = np.inf) -> dict[str, np.ndarray]:
     """R, G (mean of the two greens) and B superpixel planes of a Bayer mosaic, each half the size.
+
+    Where a green site is at or above ``saturation``, G takes that site's value instead of the
+    mean: the superpixel stays recognisably saturated rather than looking like a measurement.
 
     ``pattern`` names the 2x2 cell at the sensor's origin; ``x_offset``/``y_offset`` (XBAYROFF,
     YBAYROFF) say where the image starts on the sensor, so image pixel (x, y) has the colour of
@@ -51,8 +55,7 @@ def split_bayer(data: np.ndarray, pattern: str, x_offset: int = 0, y_offset: int
     """
     pattern = pattern.upper()
     if pattern not in BAYER_PATTERNS:
-        raise FrameError(f"colour mosaic {pattern}: not supported (only the Bayer patterns "
-                         f"{', '.join(BAYER_PATTERNS)} are split)")
+        raise _unsupported(pattern)
     if data.ndim != 2 or min(data.shape) < 2:
         raise FrameError(f"colour mosaic {pattern}: a 2-D image of at least 2x2 pixels is needed, got shape "
                          f"{data.shape}")
@@ -63,8 +66,14 @@ def split_bayer(data: np.ndarray, pattern: str, x_offset: int = 0, y_offset: int
         sx, sy = (k % 2 - x_offset) % 2, (k // 2 - y_offset) % 2
         sites.setdefault(colour, []).append(data[sy:ny:2, sx:nx:2])
     planes = {c: np.asarray(sites[c][0], np.float32) for c in ("R", "B")}
-    planes["G"] = (0.5 * (sites["G"][0].astype(np.float32) + sites["G"][1])).astype(np.float32)
+    g1, g2 = (np.asarray(g, np.float32) for g in sites["G"])
+    planes["G"] = np.where((g1 >= saturation) | (g2 >= saturation), np.maximum(g1, g2), 0.5 * (g1 + g2))
     return {c: np.ascontiguousarray(planes[c]) for c in COLOURS}
+
+
+def _unsupported(mosaic: str) -> FrameError:
+    return FrameError(f"colour mosaic {mosaic}: not supported (only the Bayer patterns "
+                      f"{', '.join(BAYER_PATTERNS)} are split)")
 
 
 def _bayer_offset(header: fits.Header, key: str) -> int:
@@ -86,25 +95,39 @@ def _plane_facts(facts: HeaderFacts, colour: str, source: str, binned: bool) -> 
     return dataclasses.replace(facts, **changes)
 
 
-def colour_planes(frame: Frame) -> list[tuple[str, Frame]]:
-    """The frame's colour planes as (colour, frame) pairs, R, G, B; ``[("", frame)]`` for a mono frame.
+def plane_facts(header: fits.Header, facts: HeaderFacts, shape: tuple[int, ...]) -> list[tuple[str, HeaderFacts]]:
+    """The colour planes a file of this header and data shape holds, with each plane's facts, without the data.
 
-    A 3-plane cube (``frame.data`` of shape (3, ny, nx)) is taken as R, G, B planes at full size; a
-    2-D frame whose header declares a Bayer mosaic is split by :func:`split_bayer`. Each plane's
-    facts name its colour as the filter (``R``, ``G``, ``B``: the config's aliases make them
-    canonical), with the keyword it came from. Raises :class:`FrameError` for a mosaic that is not
-    a Bayer pattern, naming it.
+    ``[("", facts)]`` for a mono frame; R, G, B for a 3-plane cube or a Bayer mosaic (each plane's
+    filter is its colour, with the keyword it came from). Raises :class:`FrameError` for a mosaic
+    that is not a Bayer pattern, naming it. (``observer inspect`` reads headers only.)
     """
-    if frame.data.ndim == 3:
-        return [(c, dataclasses.replace(frame, data=np.ascontiguousarray(plane),
-                                        facts=_plane_facts(frame.facts, c, "NAXIS3", binned=False)))
-                for c, plane in zip(COLOURS, frame.data)]
-    mosaic = colour_mosaic(frame.header, frame.facts.filter_cards)
+    if len(shape) == 3 and shape[0] == 3:
+        return [(c, _plane_facts(facts, c, "NAXIS3", binned=False)) for c in COLOURS]
+    mosaic = colour_mosaic(header, facts.filter_cards)
     if mosaic is None:
+        return [("", facts)]
+    if mosaic not in BAYER_PATTERNS:
+        raise _unsupported(mosaic)
+    source = next((k for k in MOSAIC_KEYWORDS if str(header.get(k, "")).strip().upper() == mosaic),
+                  facts.sources.get("filter", "FILTER"))
+    return [(c, _plane_facts(facts, c, source, binned=True)) for c in COLOURS]
+
+
+def colour_planes(frame: Frame, saturation: float = np.inf) -> list[tuple[str, Frame]]:
+    """The frame's colour planes as (colour, frame) pairs, R, G, B (see :func:`plane_facts`); ``[("", frame)]``
+    for a mono frame.
+
+    A 3-plane cube (``frame.data`` of shape (3, ny, nx)) gives its planes at full size; a 2-D frame
+    whose header declares a Bayer mosaic is split by :func:`split_bayer` (``saturation`` in raw ADU).
+    """
+    layout = plane_facts(frame.header, frame.facts, frame.data.shape)
+    if layout[0][0] == "":
         return [("", frame)]
-    source = next((k for k in MOSAIC_KEYWORDS if str(frame.header.get(k, "")).strip().upper() == mosaic),
-                  frame.facts.sources.get("filter", "FILTER"))
-    planes = split_bayer(frame.data, mosaic, _bayer_offset(frame.header, "XBAYROFF"),
-                         _bayer_offset(frame.header, "YBAYROFF"))
-    return [(c, dataclasses.replace(frame, data=planes[c], facts=_plane_facts(frame.facts, c, source, binned=True)))
-            for c in COLOURS]
+    if frame.data.ndim == 3:
+        planes = dict(zip(COLOURS, frame.data))
+    else:
+        planes = split_bayer(frame.data, colour_mosaic(frame.header, frame.facts.filter_cards),
+                             _bayer_offset(frame.header, "XBAYROFF"), _bayer_offset(frame.header, "YBAYROFF"),
+                             saturation)
+    return [(c, dataclasses.replace(frame, data=np.ascontiguousarray(planes[c]), facts=facts)) for c, facts in layout]

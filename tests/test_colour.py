@@ -52,6 +52,13 @@ def test_bayer_split_keeps_the_pixels_of_each_site():
     np.testing.assert_array_equal(planes["G"], (data[0::2, 0::2] + data[1::2, 1::2]) / 2)
 
 
+def test_a_saturated_green_site_keeps_its_superpixel_saturated():
+    data = _mosaic("RGGB", (4, 4))
+    data[0, 1] = 65535.0
+    green = split_bayer(data, "RGGB", saturation=60000.0)["G"]
+    np.testing.assert_array_equal(green, [[65535.0, 205.0], [205.0, 205.0]])
+
+
 def _write(path: Path, data: np.ndarray, **cards) -> Path:
     header = fits.Header({"IMAGETYP": "Light Frame", "OBJECT": "M35", "EXPTIME": 30.0, **cards})
     fits.PrimaryHDU(data, header).writeto(path)
@@ -179,3 +186,16 @@ def test_a_restart_or_a_duplicate_counts_no_plane_twice(colour_night, tmp_path):
     assert sorted(Path(r.path).name for r in rows) == sorted([p.name for p in colour_night[:3]] + ["copy_of_first.fits"])
     first = next(r for r in rows if Path(r.path).name == colour_night[0].name)
     assert first.status == "stacked" and first.filter == "red,green,blue"
+
+
+def test_inspect_shows_what_becomes_of_each_plane(tmp_path):
+    from observer.inspect import inspect_night
+
+    data = np.zeros((32, 32), np.uint16)
+    _write(tmp_path / "osc.fits", data, FILTER="RGGB")
+    _write(tmp_path / "cygm.fits", data, COLORTYP="CYGM")
+    report = inspect_night(tmp_path, Settings())
+    rows = {(r.path.name, r.plane): r for r in report.rows}
+    assert [rows[("osc.fits", c)].action for c in "RGB"] == ["stack into M35/red", "stack into M35/green",
+                                                              "stack into M35/blue"]
+    assert rows[("cygm.fits", "")].action.startswith("set aside: colour mosaic CYGM: not supported")

@@ -57,7 +57,7 @@ def bench_size(size: int, frames: int, root: Path) -> None:
     totals = []
     for path in files:
         start = time.perf_counter()
-        record = night.process(path)
+        (record,) = night.process(path)    # mono frames: one record each
         elapsed = time.perf_counter() - start
         if record.kind == "science" and record.status == "stacked" and record.dx != 0.0:
             totals.append(elapsed)

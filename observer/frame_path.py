@@ -1,5 +1,10 @@
 """The per-frame path as named, timed steps, BANZAI-style.
 
+A colour camera's file is read once and its colour planes (``reduction.colour``)
+then go through the steps after ``load`` one by one, each as a frame of its own
+filter with its own record (``FrameRecord.plane``), in the same call: a file's
+planes are counted together or not at all.
+
 Each step takes the night's state, the settings and the frame's context and
 returns the context, or raises :class:`FrameRejected` with the reason. A step
 that finishes the frame early (a calibration or an offset frame) sets
@@ -33,6 +38,7 @@ from observer.state import CALIBRATION_KINDS, FrameRecord, Kind, Status
 from observer.tagging import TaggingError, Tags, tag_facts
 from reduction.background import SkyModel, offset_sky_shape, sky_model
 from reduction.calibration import apply_calibration, combine_masters
+from reduction.colour import colour_planes
 from reduction.frames import Frame, FrameError, load_frame
 from reduction.defects import find_defects
 from reduction.hotpixels import find_hot_pixels, repair_pixels
@@ -107,8 +113,9 @@ def timed(name: str, seconds: dict[str, float]) -> Iterator[None]:
 
 # --------------------------------------------------------------------- the steps
 def load(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """Read the file into float32 and fill the header columns of its record."""
-    ctx.frame = load_frame(ctx.path, settings.header.keywords())
+    """Read the file into float32 and fill the header columns of its record (a colour plane: already read)."""
+    if ctx.frame is None:
+        ctx.frame = load_frame(ctx.path, settings.header.keywords())
     facts = ctx.frame.facts
     ctx.record.date_obs = facts.date_obs.isot if facts.date_obs is not None else ""
     ctx.record.exptime = float(facts.exptime) if facts.exptime is not None else float("nan")
@@ -120,6 +127,8 @@ def tag(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContex
     pointings = {name: t.pointing for name, t in state.targets.items() if t.pointing is not None}
     ctx.tags = tags = tag_facts(ctx.path, ctx.frame.facts, settings, pointings)
     ctx.record.kind, ctx.record.target, ctx.record.filter = tags.kind, tags.target, tags.filter
+    if tags.kind in CALIBRATION_KINDS and ctx.record.plane:
+        raise FrameRejected(f"{tags.kind} frame of a colour camera: calibrating colour planes is not supported yet")
     if tags.kind in CALIBRATION_KINDS:
         key = tags.kind if tags.kind != Kind.FLAT else f"flat:{tags.filter}"
         state.calibration_files.setdefault(key, []).append(str(ctx.path))
@@ -145,7 +154,7 @@ def _check_science(state: NightState, settings: Settings, ctx: FrameContext) -> 
     ctx.target = target
     red = settings.reduction
     ctx.saturation = facts.saturate if facts.saturate else red.saturation_adu
-    ctx.saturated = ctx.frame.data >= min(ctx.saturation, red.saturation_adu)
+    ctx.saturated = ctx.frame.data >= _saturation_threshold(settings, ctx.frame)
     ctx.raw_preview = preview_of(ctx.frame.data)
 
 
@@ -218,7 +227,11 @@ def detect(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCon
 
 
 def register(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """The transform onto the target's grid; the target's first frame defines that grid."""
+    """The transform onto the target's grid; the target's first frame defines that grid.
+
+    A colour file's other planes are registered like any frame: their sites sit up to half a
+    pixel from the first plane's.
+    """
     red = settings.reduction
     frame_xy, frame_flux = ctx.star_xy(), np.asarray(ctx.stars["flux"], float)
     if ctx.target is None:
@@ -226,10 +239,9 @@ def register(state: NightState, settings: Settings, ctx: FrameContext) -> FrameC
             raise FrameRejected(f"only {len(frame_xy)} star{'s' if len(frame_xy) != 1 else ''}: "
                                 "cannot serve as the target's reference frame")
         ctx.target = _new_target(state, settings, ctx.tags.target, ctx.frame, frame_xy, frame_flux)
-    target = ctx.target
-    if target.reference_file == str(ctx.frame.path):
-        ctx.transform = Transform.identity()
+        ctx.transform = Transform.identity()     # the grid's own frame (a colour file: its first plane)
     else:
+        target = ctx.target
         try:
             ctx.transform = find_transform(frame_xy, target.ref_xy, frame_flux=frame_flux,
                                            ref_flux=target.ref_flux, shape=target.shape,
@@ -303,11 +315,36 @@ STEPS: tuple[tuple[str, Step], ...] = (
     ("detect", detect), ("register", register), ("judge", judge), ("warp", warp), ("accumulate", accumulate))
 
 
-def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "") -> FrameRecord:
-    """Take one file through :data:`STEPS`; never raises: a failure is the record's status and reason."""
-    record = FrameRecord(path=str(path), sha256=sha256)
-    ctx = FrameContext(path=path, record=record)
-    for name, step in STEPS:
+def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "") -> list[FrameRecord]:
+    """Take one file through :data:`STEPS`: one record, or one per colour plane (R, G, B).
+
+    Never raises: a failure is the record's status and reason. A colour file
+    is loaded once; each plane then runs the steps as its own frame.
+    """
+    ctx = _run_steps(state, settings, FrameContext(path=path, record=FrameRecord(path=str(path), sha256=sha256)),
+                     STEPS[:1])
+    if ctx.record.status:
+        return [_finished(ctx.record)]
+    try:
+        planes = colour_planes(ctx.frame, saturation=_saturation_threshold(settings, ctx.frame))
+    except FrameError as exc:
+        ctx.record.status, ctx.record.reason = Status.REJECTED, str(exc)
+        return [_finished(ctx.record)]
+    records = []
+    for colour, frame in planes:
+        # The file's load time is in its first record only, so that sums over records stay true.
+        seconds = ctx.record.step_seconds if not records else {}
+        record = FrameRecord(path=str(path), sha256=sha256, plane=colour, step_seconds=dict(seconds))
+        plane_ctx = _run_steps(state, settings, FrameContext(path=path, record=record, frame=frame), STEPS)
+        records.append(_finished(plane_ctx.record))
+    return records
+
+
+def _run_steps(state: NightState, settings: Settings, ctx: FrameContext,
+               steps: tuple[tuple[str, Step], ...]) -> FrameContext:
+    """Run ``steps`` (timed) until one rejects the frame or finishes it early; the record says which."""
+    record, path = ctx.record, ctx.path
+    for name, step in steps:
         try:
             with timed(name, record.step_seconds):
                 ctx = step(state, settings, ctx)
@@ -321,6 +358,10 @@ def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "
             break
         if ctx.done:
             break
+    return ctx
+
+
+def _finished(record: FrameRecord) -> FrameRecord:
     record.seen_at = time.time()
     return record
 
@@ -341,6 +382,12 @@ def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSessio
                        min_transparency=q.min_transparency, min_stars=q.min_stars,
                        max_fwhm_px=(q.max_fwhm_arcsec / scale_arcsec) if q.max_fwhm_arcsec and scale_arcsec
                        else None, baseline_elongation=baseline_elongation)
+
+
+def _saturation_threshold(settings: Settings, frame: Frame) -> float:
+    """Raw ADU from which a pixel counts as saturated: the header's SATURATE, capped by the config's level."""
+    red = settings.reduction
+    return min(frame.facts.saturate or red.saturation_adu, red.saturation_adu)
 
 
 def rebuild_masters(state: NightState, settings: Settings) -> None:

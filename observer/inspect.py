@@ -24,6 +24,7 @@ from astropy.time import Time
 from observer.config import Settings
 from observer.ingest import is_fits_name
 from observer.tagging import TaggingError, Tags, tag_facts
+from reduction.colour import plane_facts
 from reduction.frames import FrameError, HeaderFacts, header_facts, read_header
 
 EXIT_ALL_TAGGED, EXIT_SOME_UNTAGGED = 0, 1
@@ -39,6 +40,7 @@ class Row:
     tags: Tags | None = None
     reason: str = ""
     header: fits.Header | None = None
+    plane: str = ""             # a colour file's plane (R, G, B): one row each, as the night takes them
 
     @property
     def action(self) -> str:
@@ -83,12 +85,17 @@ def inspect_night(camdir: str | Path, settings: Settings) -> Report:
         except FrameError as exc:
             rows.append(Row(path=path, facts=None, reason=str(exc)))
             continue
-        rows.append(Row(path=path, facts=header_facts(header, keywords), shape=shape,
-                        header=header))
+        facts = header_facts(header, keywords)
+        try:
+            planes = plane_facts(header, facts, shape)
+        except FrameError as exc:
+            rows.append(Row(path=path, facts=facts, shape=shape, reason=str(exc), header=header))
+            continue
+        rows.extend(Row(path=path, facts=f, shape=shape, header=header, plane=c) for c, f in planes)
     rows.sort(key=_date_key)
     pointings: dict[str, tuple[float, float]] = {}
     for row in rows:
-        if row.facts is None:
+        if row.facts is None or row.reason:
             continue
         try:
             row.tags = tag_facts(row.path, row.facts, settings, pointings)
@@ -120,7 +127,7 @@ def format_table(report: Report, settings: Settings) -> list[str]:
         facts, tags = row.facts, row.tags
         exptime = facts.exptime if facts is not None else None
         lines.append((
-            row.path.name,
+            row.path.name + (f" [{row.plane}]" if row.plane else ""),
             tags.kind if tags else "?",
             (tags.target or "-") if tags else "?",
             (tags.filter or "-") if tags else "?",

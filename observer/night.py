@@ -98,25 +98,34 @@ class Night:
             return self._snapshot
 
     # ----------------------------------------------------------------- frames
-    def process(self, path: str | Path, sha256: str = "") -> FrameRecord:
-        """Tag, reduce and (for science frames) stack one file. Never raises: failures are recorded."""
+    def process(self, path: str | Path, sha256: str = "") -> list[FrameRecord]:
+        """Tag, reduce and (for science frames) stack one file; its records (one per colour plane).
+
+        Never raises: failures are recorded. A file's records are appended together, under the lock,
+        so a checkpoint holds all of a colour file's planes or none.
+        """
         path = Path(path)
         with self.lock:
-            record = run_frame(self._state, self.settings, path, sha256)
-            if record.status in (Status.STACKED, Status.OFFSET):
-                self._catalog_dirty.add(record.target)
-            if record.status == Status.STACKED:
-                groups = self._state.targets[record.target].filters[record.filter].groups
-                new_group = next(g for g in groups if g.label == record.group).n_stacked == 1
-                if new_group and len(groups) > 1:
-                    # A new group renames the filter's stacks: every group gets its stack_<EXPTIME>s.fits.
-                    self._stacks_dirty.update((record.target, record.filter, g.label) for g in groups)
-                self._stacks_dirty.add((record.target, record.filter, record.group))
-            self._dirty_state |= checkpoint.changed_files(record)
-            log.info("%s: %s %s %s -> %s %s", path.name, record.kind, record.target, record.filter,
-                     record.status, record.reason)
-            self._state.append(record)
-            return record
+            records = run_frame(self._state, self.settings, path, sha256)
+            for record in records:
+                self._note(path, record)
+            return records
+
+    def _note(self, path: Path, record: FrameRecord) -> None:
+        """Append one record and mark what it made out of date (stacks, catalogue, checkpoint files)."""
+        if record.status in (Status.STACKED, Status.OFFSET):
+            self._catalog_dirty.add(record.target)
+        if record.status == Status.STACKED:
+            groups = self._state.targets[record.target].filters[record.filter].groups
+            new_group = next(g for g in groups if g.label == record.group).n_stacked == 1
+            if new_group and len(groups) > 1:
+                # A new group renames the filter's stacks: every group gets its stack_<EXPTIME>s.fits.
+                self._stacks_dirty.update((record.target, record.filter, g.label) for g in groups)
+            self._stacks_dirty.add((record.target, record.filter, record.group))
+        self._dirty_state |= checkpoint.changed_files(record)
+        log.info("%s%s: %s %s %s -> %s %s", path.name, f" [{record.plane}]" if record.plane else "", record.kind,
+                 record.target, record.filter, record.status, record.reason)
+        self._state.append(record)
 
     def record_skipped(self, path: str | Path, sha256: str, status: Status, reason: str) -> FrameRecord:
         """Record a file that is not reduced (quarantined, ignored, unreadable) with its reason."""

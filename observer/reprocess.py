@@ -88,12 +88,12 @@ def process_existing(nightdir: str | Path, outdir: str | Path, settings: Setting
         service.note_existing(paths)
         steps: dict[str, float] = {}
         for done, path in enumerate(fits_paths, start=1):
-            record = service.handle(_existing_job(path))
-            if record is not None:
+            records = service.handle(_existing_job(path)) or []
+            for record in records:
                 for name, seconds in record.step_seconds.items():
                     steps[name] = steps.get(name, 0.0) + seconds
             if progress is not None:
-                progress(done, len(fits_paths), record)
+                progress(done, len(fits_paths), records[-1] if records else None)
         started = time.perf_counter()
         with service.night.lock:
             service.publish(None, service.write_products(force=True))

@@ -46,7 +46,7 @@ from observer.config import ConfigError, Settings
 from observer.ingest import FileTracker, is_fits_name, sha256_of
 from observer.ledger import Ledger
 from observer.scheduler import MeasurementScheduler
-from observer.state import FINAL_STATUSES, FrameRecord, Snapshot, Status
+from observer.state import FINAL_STATUSES, FrameRecord, Snapshot, Status, file_outcome
 from observer.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
 NightFactory = Callable[[Settings, Path], "Night"]
 #: A record taken and how to commit its outcome to the ledger (after the checkpoint).
-_Outcome = tuple[FrameRecord, Callable[[], None]]
+_Outcome = tuple[list[FrameRecord], Callable[[], None]]
 
 
 def _restore_night(settings: Settings, outdir: Path) -> "Night":
@@ -362,8 +362,9 @@ class Service:
         except ValueError:
             return str(path)
 
-    def handle(self, job: Job) -> FrameRecord | None:
-        """Take one job through the per-frame path; never raises. Returns the new record, or None if done before.
+    def handle(self, job: Job) -> list[FrameRecord] | None:
+        """Take one job through the per-frame path; never raises. Returns the new records (one per colour
+        plane), or None if done before.
 
         Order: (ledger ``processing``) -> process -> products (stack, frames.ecsv)
         and subscribers -> checkpoint -> ledger outcome. Products come before
@@ -381,20 +382,22 @@ class Service:
                 outcome = self._skip(job, "", Status.REJECTED, f"internal error: {type(exc).__name__}: {exc}")
             if outcome is None:
                 return None
-            record, commit = outcome
+            records, commit = outcome
+            record = records[0]     # the file's own costs are in its first record
             record.step_seconds["queue"] = queued
             self._products_stale = True
             step = time.perf_counter()
             # Offline nobody watches the stacks grow: they are written once, at the end.
             products = self.write_products(force=False) if self.live else []
             record.step_seconds["products"] = time.perf_counter() - step
-            self.publish(record, products)
+            for plane in records:
+                self.publish(plane, products if plane is record else [])
             step = time.perf_counter()
             self._uncommitted.append(commit)
             if self.live or len(self._uncommitted) >= self.settings.service.reprocess_checkpoint_frames:
                 self.save_state()
             record.step_seconds["checkpoint"] = time.perf_counter() - step
-            return record
+            return records
 
     def save_state(self) -> None:
         """Checkpoint the night, then commit the outcomes it holds to the ledger (in that order).
@@ -421,7 +424,7 @@ class Service:
         if self._recorded(job.path, sha256, status):
             return None
         record = self.night.record_skipped(job.path, sha256, status, reason)
-        return record, lambda: self.ledger.record(job.path, sha256, status, reason, job.size, job.mtime_ns)
+        return [record], lambda: self.ledger.record(job.path, sha256, status, reason, job.size, job.mtime_ns)
 
     def _handle(self, job: Job) -> _Outcome | None:
         """Decide what the job is and do the science part; the caller writes products and commits."""
@@ -441,15 +444,15 @@ class Service:
         same = [r for r in self.night.records if r.sha256 == sha]
         mine = [r for r in same if r.path == str(path)]
         if mine:       # taken before (a restart, or a touch): make sure the ledger says so
-            self.ledger.finish(mine[0], job.size, job.mtime_ns)
+            self.ledger.finish(file_outcome(mine), job.size, job.mtime_ns)
             return None
         if same:
             return self._skip(job, sha, Status.IGNORED, f"duplicate of {self.display(same[0].path)}")
         hashed = time.perf_counter()
         self.ledger.begin(path, sha, job.size, job.mtime_ns)
-        record = self.night.process(path, sha)
-        record.step_seconds["hash"] = hashed - started
-        return record, lambda: self.ledger.finish(record, job.size, job.mtime_ns)
+        records = self.night.process(path, sha)
+        records[0].step_seconds["hash"] = hashed - started
+        return records, lambda: self.ledger.finish(file_outcome(records), job.size, job.mtime_ns)
 
 
 # --------------------------------------------------------------------- the command line's entry point

@@ -7,6 +7,7 @@ and runs the same whether the service is live or replaying a night.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -47,7 +48,7 @@ CALIBRATION_KINDS = (Kind.BIAS, Kind.DARK, Kind.FLAT)
 #: Columns of frames.ecsv, in order (README "Products"), then our extra quality columns.
 FRAME_COLUMNS = ("path", "kind", "target", "filter", "date_obs", "exptime", "status", "reason",
                  "fwhm", "elongation", "sky", "nstars", "dx", "dy",
-                 "rotation", "transparency", "reg_rms", "fwhm_arcsec", "sha256")
+                 "rotation", "transparency", "reg_rms", "fwhm_arcsec", "sha256", "plane")
 
 
 @dataclass
@@ -74,12 +75,25 @@ class FrameRecord:
     reg_rms: float = float("nan")       # registration residual, px
     fwhm_arcsec: float = float("nan")
     group: str = ""                     # exposure group of its filter's stack, e.g. "3s"
+    plane: str = ""                     # a colour file's plane (R, G, B: one record each); "" for mono
     seen_at: float = 0.0                # unix time the service finished the frame
     step_seconds: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict:
         """The frames.ecsv row."""
         return {name: getattr(self, name) for name in FRAME_COLUMNS}
+
+
+def file_outcome(records: list[FrameRecord]) -> FrameRecord:
+    """One file's outcome from its records (the ledger keeps one row per file, not per colour plane).
+
+    A colour file counts as stacked when any plane is; its filters and the planes' reasons are joined.
+    """
+    if len(records) == 1:
+        return records[0]
+    first = next((r for r in records if r.status == Status.STACKED), records[0])
+    reasons = "; ".join(f"{r.plane}: {r.reason}" for r in records if r.reason)
+    return dataclasses.replace(first, filter=",".join(r.filter for r in records), reason=reasons)
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,12 @@ from observer.state import FRAME_COLUMNS, AgeEstimate, CmdData, FrameRecord, Tar
 from reduction.photometry import FLAG_BLENDED, FLAG_EDGE, FLAG_LOW_COVERAGE, FLAG_SATURATED
 
 _FRAME_DTYPES = [str, str, str, str, str, float, str, str, float, float, float, int, float, float, float, float,
-                 float, float, str]
+                 float, float, str, str]
 
 
 def write_frames_table(outdir: Path, records: Sequence[FrameRecord]) -> Path:
-    """frames.ecsv: every file seen, in the order taken (README "Products" columns first)."""
+    """frames.ecsv: every file seen (a colour file: one row per plane), in the order taken (README "Products"
+    columns first)."""
     rows = [r.row() for r in records]
     table = Table(rows=rows, names=FRAME_COLUMNS) if rows else Table(names=FRAME_COLUMNS, dtype=_FRAME_DTYPES)
     table.meta["description"] = "observer: one row per file seen; status and reason say what became of it"

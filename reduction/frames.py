@@ -90,7 +90,7 @@ class HeaderFacts:
 
 @dataclass
 class Frame:
-    """One loaded image: float32 2-D data, its header and the facts read from it.
+    """One loaded image: float32 2-D data (or 3 colour planes), its header and the facts read from it.
 
     ``nonfinite`` counts the NaN/inf pixels that were replaced by the frame's median on load.
     """
@@ -134,7 +134,7 @@ def _image_hdu_index(hdul: fits.HDUList) -> int:
 
 
 def _reduce_to_2d(data: np.ndarray) -> np.ndarray:
-    """Apply the 3-D rule (see :func:`load_frame`) and refuse anything else that is not 2-D."""
+    """Apply the 3-D rule (see :func:`load_frame`) and refuse anything else that is not 2-D or 3 planes."""
     if data.ndim > 3:
         # Degenerate leading axes (NAXIS4 = 1 etc.) carry no information.
         while data.ndim > 3 and data.shape[0] == 1:
@@ -146,9 +146,8 @@ def _reduce_to_2d(data: np.ndarray) -> np.ndarray:
         if nplanes == 1:
             return data[0]
         if nplanes == 3:
-            # A colour camera's R, G, B planes: their mean is the closest thing to a mono frame and
-            # keeps the noise statistics simple (no weights the pipeline would have to know about).
-            return data.mean(axis=0, dtype=np.float64)
+            # A colour cube's R, G, B planes, kept: reduction.colour splits them into three filters.
+            return data
         raise FrameError(f"3-D data with {nplanes} planes; expected a 2-D image")
     if data.ndim != 2:
         raise FrameError(f"{data.ndim}-D data; expected a 2-D image")
@@ -188,7 +187,7 @@ def load_frame(path: str | Path, keywords: dict[str, tuple[str, ...]] | None = N
     are scaled by astropy (BZERO/BSCALE) and converted to float32 exactly once, so nothing wraps.
 
     3-D rule: a cube with a single plane is squeezed to 2-D; a cube with 3 planes is a colour
-    camera's RGB image and becomes the mean of the planes; any other number of planes is refused
+    image (R, G, B) and stays 3-D, for :func:`reduction.colour.colour_planes`; any other number of planes is refused
     (``FrameError("3-D data with N planes; expected a 2-D image")``), because stacking planes of
     unknown meaning would be a guess.
 

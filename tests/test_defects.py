@@ -61,7 +61,7 @@ def test_a_zeroed_column_is_kept_out_of_the_stack(tmp_path):
     with fits.open(science[1], mode="update") as hdul:      # a copy the test owns: the camera's glitch
         hdul[0].data[:, 120] = 0
     night = Night(Settings(), tmp_path / "out")
-    status = {path.name: night.process(path) for path in sorted(truth.files,
+    status = {path.name: night.process(path)[0] for path in sorted(truth.files,
                                                                  key=lambda p: fits.getheader(p)["DATE-OBS"])}
     assert status[science[1].name].status == "stacked", status[science[1].name].reason
     stacked = sum(r.status == "stacked" for r in status.values())

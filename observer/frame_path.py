@@ -34,6 +34,7 @@ from observer.tagging import TaggingError, Tags, tag_facts
 from reduction.background import SkyModel, offset_sky_shape, sky_model
 from reduction.calibration import apply_calibration, combine_masters
 from reduction.frames import Frame, FrameError, load_frame
+from reduction.overscan import correct_overscan
 from reduction.defects import find_defects
 from reduction.hotpixels import find_hot_pixels, repair_pixels
 from reduction.quality import FrameQuality, detect_stars, judge_frame, measure_quality
@@ -67,6 +68,8 @@ class FrameContext:
     tags: Tags | None = None
     data: np.ndarray | None = None              # the working image (float32, cleaned, then sky-subtracted)
     saturation: float = float("inf")
+    pedestal: float = 0.0                       # overscan level subtracted on load (ADU)
+    overscan: str = ""                          # what the overscan correction did, for the stack header
     saturated: np.ndarray | None = None         # raw pixels at or above saturation
     defects: np.ndarray | None = None           # zeroed, dead or hot rows and columns of this frame
     sky: SkyModel | None = None
@@ -106,8 +109,8 @@ def timed(name: str, seconds: dict[str, float]) -> Iterator[None]:
 
 # --------------------------------------------------------------------- the steps
 def load(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """Read the file into float32 and fill the header columns of its record."""
-    ctx.frame = load_frame(ctx.path, settings.header.keywords())
+    """Read the file into float32 (overscan-corrected and trimmed) and fill the header columns of its record."""
+    ctx.frame, ctx.pedestal, ctx.overscan = read_frame(ctx.path, settings)
     facts = ctx.frame.facts
     ctx.record.date_obs = facts.date_obs.isot if facts.date_obs is not None else ""
     ctx.record.exptime = float(facts.exptime) if facts.exptime is not None else float("nan")
@@ -143,8 +146,9 @@ def _check_science(state: NightState, settings: Settings, ctx: FrameContext) -> 
                             f"target's {target.shape[1]}x{target.shape[0]} frames")
     ctx.target = target
     red = settings.reduction
-    ctx.saturation = facts.saturate if facts.saturate else red.saturation_adu
-    ctx.saturated = ctx.frame.data >= min(ctx.saturation, red.saturation_adu)
+    # The raw levels saturate: after the overscan, the pedestal is no longer in the pixels.
+    ctx.saturation = (facts.saturate if facts.saturate else red.saturation_adu) - ctx.pedestal
+    ctx.saturated = ctx.frame.data >= min(ctx.saturation, red.saturation_adu - ctx.pedestal)
     ctx.raw_preview = preview_of(ctx.frame.data)
 
 
@@ -297,6 +301,7 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
     n = len(group.inputs)
     group.sky_level = (group.sky_level * n + sky_fit.level) / (n + 1)   # mean sky of the stacked frames
     group.inputs.append(Path(ctx.frame.path).name)
+    group.overscan = ctx.overscan or group.overscan
     ctx.record.status, ctx.record.reason = Status.STACKED, ""
     return ctx
 
@@ -349,10 +354,8 @@ def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSessio
 
 def rebuild_masters(state: NightState, settings: Settings) -> None:
     """Masters from every calibration file so far (re-read from disk: a handful of files, cheap)."""
-    keywords = settings.header.keywords()
-
     def stack_of(key: str) -> list[Frame]:
-        return [load_frame(p, keywords) for p in state.calibration_files.get(key, [])]
+        return [read_frame(p, settings)[0] for p in state.calibration_files.get(key, [])]
 
     bias = stack_of("bias")
     darks = stack_of("dark")
@@ -364,6 +367,23 @@ def rebuild_masters(state: NightState, settings: Settings) -> None:
         state.hot_map(base.dark_per_s.shape).add_dark(base.dark_per_s)
     for name in filters:
         state.masters[name] = combine_masters(bias=bias, darks=darks, flats=stack_of(f"flat:{name}"))
+
+
+def read_frame(path: str | Path, settings: Settings) -> tuple[Frame, float, str]:
+    """A file as every step sees it: overscan-subtracted and trimmed when its header has the sections.
+
+    Returns the frame, the overscan level subtracted (ADU) and what was done ("" when nothing was).
+    Calibration frames pass here too, so the masters have the science frames' shape and zero point.
+    """
+    frame = load_frame(path, settings.header.keywords())
+    result = correct_overscan(frame.data, frame.header)
+    if result is None:
+        return frame, 0.0, ""
+    frame.data = result.data
+    if frame.facts.wcs is not None and any(result.origin):
+        frame.facts.wcs.wcs.crpix -= np.asarray(result.origin, float)
+    log.debug("%s: %s (level %.1f ADU)", Path(path).name, result.note, result.level)
+    return frame, result.level, result.note
 
 
 def mask_on_grid(mask: np.ndarray, transform: Transform, shape: tuple[int, int]) -> np.ndarray:

@@ -31,7 +31,7 @@ from observer.session import ExposureGroup, FilterSession, NightState, TargetSes
 from observer.snapshot import preview_of
 from observer.state import CALIBRATION_KINDS, FrameRecord, Kind, Status
 from observer.tagging import TaggingError, Tags, tag_facts
-from reduction.background import SkyModel, offset_sky_shape, sky_model
+from reduction.background import SkyModel, low_response, offset_sky_shape, sky_model
 from reduction.calibration import apply_calibration, combine_masters
 from reduction.frames import Frame, FrameError, load_frame
 from reduction.overscan import correct_overscan
@@ -72,6 +72,8 @@ class FrameContext:
     overscan: str = ""                          # what the overscan correction did, for the stack header
     saturated: np.ndarray | None = None         # raw pixels at or above saturation
     defects: np.ndarray | None = None           # zeroed, dead or hot rows and columns of this frame
+    flat: np.ndarray | None = None              # the master flat the frame was divided by
+    low_response: np.ndarray | None = None      # vignetted pixels, kept out of the stars and the stack
     sky: SkyModel | None = None
     stars: Table | None = None
     quality: FrameQuality | None = None
@@ -159,6 +161,7 @@ def calibrate(state: NightState, settings: Settings, ctx: FrameContext) -> Frame
     date = frame.facts.date_obs
     ctx.data = frame.data if masters is None else apply_calibration(
         frame.data, frame.facts.exptime or 0.0, masters, date_mjd=date.mjd if date is not None else None)
+    ctx.flat = masters.flat if masters is not None else None
     return ctx
 
 
@@ -199,6 +202,7 @@ def sky(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContex
     ctx.sky = sky_model(ctx.data, box=red.background_box, filter_size=red.background_filter, shape=offset_shape)
     if not ctx.sky.rms > 0:
         raise FrameRejected("no noise in the sky (rms 0): a constant or synthetic image, not a camera frame")
+    ctx.low_response = low_response(ctx.data, ctx.sky, red.min_response, ctx.flat)
     ctx.data -= ctx.sky.model
     ctx.session = session
     return ctx
@@ -210,6 +214,10 @@ def detect(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCon
     seeing = ctx.session.baseline_fwhm() if ctx.session else None
     ctx.stars = detect_stars(ctx.data, ctx.sky.rms, fwhm_guess=seeing or red.fwhm_guess_px, sigma=red.detect_sigma,
                              max_stars=REFERENCE_STARS, saturation=ctx.saturation, sky=ctx.sky.model)
+    if ctx.low_response is not None:
+        ix = np.clip(np.rint(np.asarray(ctx.stars["x"], float)).astype(int), 0, ctx.data.shape[1] - 1)
+        iy = np.clip(np.rint(np.asarray(ctx.stars["y"], float)).astype(int), 0, ctx.data.shape[0] - 1)
+        ctx.stars = ctx.stars[~ctx.low_response[iy, ix]]
     ctx.quality = quality = measure_quality(ctx.data, ctx.sky, ctx.stars)
     record = ctx.record
     record.fwhm, record.elongation = quality.fwhm_px, quality.elongation
@@ -272,7 +280,9 @@ def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCont
 
 
 def warp(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """Resample the frame onto the target's grid."""
+    """Resample the frame onto the target's grid; vignetted pixels (NaN) are no measurement there."""
+    if ctx.low_response is not None:
+        ctx.data[ctx.low_response] = np.nan        # nothing reads the working image after the warp
     ctx.warped, ctx.valid = warp_to_reference(ctx.data, ctx.transform, ctx.target.shape)
     if ctx.defects is not None and ctx.defects.any():
         ctx.valid = ctx.valid & ~mask_on_grid(ctx.defects, ctx.transform, ctx.target.shape)

@@ -13,29 +13,11 @@ from astropy.table import Table
 from observer.config import Settings
 from observer.reprocess import process_existing
 from observer.simulator import SimSettings, simulate_night
+from ccd_frames import PRESCAN, write_ccd_night
 from reduction.frames import FrameError
 from reduction.overscan import correct_overscan, parse_section
 
 SIZE = 256
-PRESCAN = 4             # junk columns before the data
-OVERSCAN = 16           # overscan columns after them
-TOP = 3                 # junk rows above the data
-PEDESTAL = 1000.0       # the simulator's bias level
-SLOPE = 0.2             # ADU per row: the pedestal drifts along the readout
-
-
-def camera_frame(data: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The simulator's frame as the CCD reads it: prescan | data | overscan, junk rows on top, and a
-    pedestal that drifts with the row in the data and the overscan alike."""
-    n = data.shape[0]
-    drift = (SLOPE * np.arange(n))[:, None]
-    out = np.zeros((n + TOP, PRESCAN + n + OVERSCAN), np.float64)
-    out[:n, PRESCAN:PRESCAN + n] = data.astype(np.float64) + drift
-    # The simulator's bias rises by 3 ADU from the first to the last row: its overscan does too.
-    out[:n, PRESCAN + n:] = PEDESTAL + 3.0 * np.arange(n)[:, None] / (n - 1) + drift + \
-        6.0 * rng.standard_normal((n, OVERSCAN))
-    out[n:, :] = 50.0
-    return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +25,8 @@ def night(tmp_path_factory):
     root = tmp_path_factory.mktemp("overscan")
     simulate_night(root / "sim", SimSettings(size=SIZE, frames=2, fill_seconds=0.0, bad_frames=False, seed=11,
                                              satellite=False), truth_path=root / "truth.ecsv")
-    cam = root / "cam"
-    cam.mkdir()
-    rng = np.random.default_rng(3)
-    for path in sorted((root / "sim").glob("*.fits")):
-        with fits.open(path) as hdul:
-            header = hdul[0].header.copy()
-            data = camera_frame(hdul[0].data, rng)
-        header["BIASSEC"] = f"[{PRESCAN + SIZE + 1}:{PRESCAN + SIZE + OVERSCAN},1:{SIZE}]"
-        header["TRIMSEC"] = f"[{PRESCAN + 1}:{PRESCAN + SIZE},1:{SIZE}]"
-        header["SATURATE"] = 65535
-        fits.PrimaryHDU(data, header=header).writeto(cam / path.name)
-    process_existing(cam, root / "out", Settings())
+    write_ccd_night(root / "sim", root / "cam")
+    process_existing(root / "cam", root / "out", Settings())
     return root
 
 

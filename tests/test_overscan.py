@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from astropy.wcs import WCS
 
+from ccd_frames import PRESCAN, write_ccd_night
 from observer.config import Settings
+from observer.frame_path import read_frame
 from observer.reprocess import process_existing
 from observer.simulator import SimSettings, simulate_night
-from ccd_frames import PRESCAN, write_ccd_night
 from reduction.frames import FrameError
 from reduction.overscan import correct_overscan, parse_section
 
@@ -108,3 +110,16 @@ def test_malformed_section_sets_the_frame_aside_with_one_line(night, tmp_path, c
     assert list(frames["status"]) == ["rejected"]
     assert "TRIMSEC = '[5:300,1:256' is not a section" in frames["reason"][0]
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_trimmed_frame_keeps_its_wcs_on_the_sky(tmp_path):
+    data = np.full((40, 60), 1000, np.uint16)
+    header = fits.Header({"BIASSEC": "[51:60,1:40]", "TRIMSEC": "[6:50,3:40]", "CTYPE1": "RA---TAN",
+                          "CTYPE2": "DEC--TAN", "CRPIX1": 30.0, "CRPIX2": 20.0, "CRVAL1": 92.2, "CRVAL2": 24.3,
+                          "CDELT1": -1e-4, "CDELT2": 1e-4})
+    fits.PrimaryHDU(data, header=header).writeto(tmp_path / "f.fits")
+    frame, level, note = read_frame(tmp_path / "f.fits", Settings())
+    assert frame.data.shape == (38, 45) and level == 1000.0 and "trimmed to [6:50,3:40]" in note
+    raw = WCS(header).celestial
+    # Pixel (0, 0) of the trimmed frame is raw pixel (5, 2): the same point on the sky.
+    np.testing.assert_allclose(frame.facts.wcs.pixel_to_world_values(0, 0), raw.pixel_to_world_values(5, 2))

@@ -39,7 +39,8 @@ class CheckpointError(RuntimeError):
     """The output folder's saved state cannot be resumed; the message says why and what to do."""
 
 _FILTER_SCALARS = ("fwhm_history", "elongation_history", "n_rejected", "limiting_mag_history", "snr_at_mag", "saturation_mag")
-_GROUP_SCALARS = ("exptime", "gain", "read_noise", "sky_level", "best_throughput", "total_exptime", "inputs")
+_GROUP_SCALARS = ("exptime", "gain", "read_noise", "sky_level", "best_throughput", "total_exptime", "inputs",
+                  "overscan")
 _GROUP_ARRAYS = ("ref_xy", "ref_flux", "stack_preview")
 _FILTER_ARRAYS = ("offset_shape", "last_raw_preview")
 
@@ -193,7 +194,7 @@ def load(outdir: Path) -> NightState | None:
             session = FilterSession(name=fname, **{k: fmeta[k] for k in _FILTER_SCALARS})
             _load_arrays(session, current / f"filter__{key}", _FILTER_ARRAYS)
             for gmeta in fmeta["groups"]:
-                group = ExposureGroup(accumulator=None, **{k: gmeta[k] for k in _GROUP_SCALARS})
+                group = ExposureGroup(accumulator=None, **{k: gmeta[k] for k in _GROUP_SCALARS if k in gmeta})
                 gkey = f"{key}__{_safe(group.label)}"
                 group.accumulator = StackAccumulator.from_state(_read_arrays(current / f"acc__{gkey}"))
                 _load_arrays(group, current / f"group__{gkey}", _GROUP_ARRAYS)

@@ -167,6 +167,8 @@ class ReductionSettings:
     stack_reject_sigma: float = _num(5.0)
     saturation_adu: float = _num(60000.0)
     exposure_group_factor: float = _num(3.0, check=lambda v: v > 1, expected="a number > 1 (ratio of exposure times)")
+    min_response: float = field(default=0.5, metadata=_check(lambda v: 0 <= v < 1,
+                                                             "a fraction in [0, 1) (0: no vignetting mask)"))
 
 
 @dataclass

@@ -36,10 +36,11 @@ from observer.session import ExposureGroup, FilterSession, NightState, TargetSes
 from observer.snapshot import preview_of
 from observer.state import CALIBRATION_KINDS, FrameRecord, Kind, Status
 from observer.tagging import TaggingError, Tags, tag_facts
-from reduction.background import SkyModel, offset_sky_shape, sky_model
+from reduction.background import SkyModel, low_response, offset_sky_shape, sky_model
 from reduction.calibration import apply_calibration, combine_masters
 from reduction.colour import colour_planes
 from reduction.frames import Frame, FrameError, load_frame
+from reduction.overscan import correct_overscan
 from reduction.defects import find_defects
 from reduction.hotpixels import find_hot_pixels, repair_pixels
 from reduction.kernels import dilate_mask
@@ -74,8 +75,12 @@ class FrameContext:
     tags: Tags | None = None
     data: np.ndarray | None = None              # the working image (float32, cleaned, then sky-subtracted)
     saturation: float = float("inf")
+    pedestal: float = 0.0                       # overscan level subtracted on load (ADU)
+    overscan: str = ""                          # what the overscan correction did, for the stack header
     saturated: np.ndarray | None = None         # raw pixels at or above saturation
     defects: np.ndarray | None = None           # zeroed, dead or hot rows and columns of this frame
+    flat: np.ndarray | None = None              # the master flat the frame was divided by
+    low_response: np.ndarray | None = None      # vignetted pixels, kept out of the stars and the stack
     sky: SkyModel | None = None
     stars: Table | None = None
     quality: FrameQuality | None = None
@@ -113,9 +118,10 @@ def timed(name: str, seconds: dict[str, float]) -> Iterator[None]:
 
 # --------------------------------------------------------------------- the steps
 def load(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """Read the file into float32 and fill the header columns of its record (a colour plane: already read)."""
+    """Read the file into float32 (overscan-corrected and trimmed) and fill the header columns of its record
+    (a colour plane: already read)."""
     if ctx.frame is None:
-        ctx.frame = load_frame(ctx.path, settings.header.keywords())
+        ctx.frame, ctx.pedestal, ctx.overscan = read_frame(ctx.path, settings)
     facts = ctx.frame.facts
     ctx.record.date_obs = facts.date_obs.isot if facts.date_obs is not None else ""
     ctx.record.exptime = float(facts.exptime) if facts.exptime is not None else float("nan")
@@ -153,8 +159,9 @@ def _check_science(state: NightState, settings: Settings, ctx: FrameContext) -> 
                             f"target's {target.shape[1]}x{target.shape[0]} frames")
     ctx.target = target
     red = settings.reduction
-    ctx.saturation = facts.saturate if facts.saturate else red.saturation_adu
-    ctx.saturated = ctx.frame.data >= _saturation_threshold(settings, ctx.frame)
+    # The raw levels saturate: after the overscan, the pedestal is no longer in the pixels.
+    ctx.saturation = (facts.saturate if facts.saturate else red.saturation_adu) - ctx.pedestal
+    ctx.saturated = ctx.frame.data >= _saturation_threshold(settings, ctx.frame, ctx.pedestal)
     ctx.raw_preview = preview_of(ctx.frame.data)
 
 
@@ -165,6 +172,7 @@ def calibrate(state: NightState, settings: Settings, ctx: FrameContext) -> Frame
     date = frame.facts.date_obs
     ctx.data = frame.data if masters is None else apply_calibration(
         frame.data, frame.facts.exptime or 0.0, masters, date_mjd=date.mjd if date is not None else None)
+    ctx.flat = masters.flat if masters is not None else None
     return ctx
 
 
@@ -205,6 +213,7 @@ def sky(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContex
     ctx.sky = sky_model(ctx.data, box=red.background_box, filter_size=red.background_filter, shape=offset_shape)
     if not ctx.sky.rms > 0:
         raise FrameRejected("no noise in the sky (rms 0): a constant or synthetic image, not a camera frame")
+    ctx.low_response = low_response(ctx.data, ctx.sky, red.min_response, ctx.flat)
     ctx.data -= ctx.sky.model
     ctx.session = session
     return ctx
@@ -216,6 +225,10 @@ def detect(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCon
     seeing = ctx.session.baseline_fwhm() if ctx.session else None
     ctx.stars = detect_stars(ctx.data, ctx.sky.rms, fwhm_guess=seeing or red.fwhm_guess_px, sigma=red.detect_sigma,
                              max_stars=REFERENCE_STARS, saturation=ctx.saturation, sky=ctx.sky.model)
+    if ctx.low_response is not None:
+        ix = np.clip(np.rint(np.asarray(ctx.stars["x"], float)).astype(int), 0, ctx.data.shape[1] - 1)
+        iy = np.clip(np.rint(np.asarray(ctx.stars["y"], float)).astype(int), 0, ctx.data.shape[0] - 1)
+        ctx.stars = ctx.stars[~ctx.low_response[iy, ix]]
     ctx.quality = quality = measure_quality(ctx.data, ctx.sky, ctx.stars)
     record = ctx.record
     record.fwhm, record.elongation = quality.fwhm_px, quality.elongation
@@ -276,7 +289,9 @@ def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCont
 
 
 def warp(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """Resample the frame onto the target's grid."""
+    """Resample the frame onto the target's grid; vignetted pixels (NaN) are no measurement there."""
+    if ctx.low_response is not None:
+        ctx.data[ctx.low_response] = np.nan        # nothing reads the working image after the warp
     ctx.warped, ctx.valid = warp_to_reference(ctx.data, ctx.transform, ctx.target.shape)
     if ctx.defects is not None and ctx.defects.any():
         ctx.valid = ctx.valid & ~mask_on_grid(ctx.defects, ctx.transform, ctx.target.shape)
@@ -305,6 +320,7 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
     n = len(group.inputs)
     group.sky_level = (group.sky_level * n + sky_fit.level) / (n + 1)   # mean sky of the stacked frames
     group.inputs.append(Path(ctx.frame.path).name)
+    group.overscan = ctx.overscan or group.overscan
     ctx.record.status, ctx.record.reason = Status.STACKED, ""
     return ctx
 
@@ -326,7 +342,7 @@ def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "
     if ctx.record.status:
         return [_finished(ctx.record)]
     try:
-        planes = colour_planes(ctx.frame, saturation=_saturation_threshold(settings, ctx.frame))
+        planes = colour_planes(ctx.frame, saturation=_saturation_threshold(settings, ctx.frame, ctx.pedestal))
     except FrameError as exc:
         ctx.record.status, ctx.record.reason = Status.REJECTED, str(exc)
         return [_finished(ctx.record)]
@@ -335,7 +351,8 @@ def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "
         # The file's load time is in its first record only, so that sums over records stay true.
         seconds = ctx.record.step_seconds if not records else {}
         record = FrameRecord(path=str(path), sha256=sha256, plane=colour, step_seconds=dict(seconds))
-        plane_ctx = _run_steps(state, settings, FrameContext(path=path, record=record, frame=frame), STEPS)
+        plane_ctx = _run_steps(state, settings, FrameContext(path=path, record=record, frame=frame,
+                                                             pedestal=ctx.pedestal, overscan=ctx.overscan), STEPS)
         records.append(_finished(plane_ctx.record))
     return records
 
@@ -384,18 +401,17 @@ def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSessio
                        else None, baseline_elongation=baseline_elongation)
 
 
-def _saturation_threshold(settings: Settings, frame: Frame) -> float:
-    """Raw ADU from which a pixel counts as saturated: the header's SATURATE, capped by the config's level."""
+def _saturation_threshold(settings: Settings, frame: Frame, pedestal: float = 0.0) -> float:
+    """ADU from which a pixel counts as saturated: the header's SATURATE, capped by the config's level
+    (both raw levels: less the overscan ``pedestal`` subtracted on load)."""
     red = settings.reduction
-    return min(frame.facts.saturate or red.saturation_adu, red.saturation_adu)
+    return min(frame.facts.saturate or red.saturation_adu, red.saturation_adu) - pedestal
 
 
 def rebuild_masters(state: NightState, settings: Settings) -> None:
     """Masters from every calibration file so far (re-read from disk: a handful of files, cheap)."""
-    keywords = settings.header.keywords()
-
     def stack_of(key: str) -> list[Frame]:
-        return [load_frame(p, keywords) for p in state.calibration_files.get(key, [])]
+        return [read_frame(p, settings)[0] for p in state.calibration_files.get(key, [])]
 
     bias = stack_of("bias")
     darks = stack_of("dark")
@@ -407,6 +423,23 @@ def rebuild_masters(state: NightState, settings: Settings) -> None:
         state.hot_map(base.dark_per_s.shape).add_dark(base.dark_per_s)
     for name in filters:
         state.masters[name] = combine_masters(bias=bias, darks=darks, flats=stack_of(f"flat:{name}"))
+
+
+def read_frame(path: str | Path, settings: Settings) -> tuple[Frame, float, str]:
+    """A file as every step sees it: overscan-subtracted and trimmed when its header has the sections.
+
+    Returns the frame, the overscan level subtracted (ADU) and what was done ("" when nothing was).
+    Calibration frames pass here too, so the masters have the science frames' shape and zero point.
+    """
+    frame = load_frame(path, settings.header.keywords())
+    result = correct_overscan(frame.data, frame.header)
+    if result is None:
+        return frame, 0.0, ""
+    frame.data = result.data
+    if frame.facts.wcs is not None and any(result.origin):
+        frame.facts.wcs.wcs.crpix -= np.asarray(result.origin, float)
+    log.debug("%s: %s (level %.1f ADU)", Path(path).name, result.note, result.level)
+    return frame, result.level, result.note
 
 
 def mask_on_grid(mask: np.ndarray, transform: Transform, shape: tuple[int, int]) -> np.ndarray:

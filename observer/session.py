@@ -43,6 +43,7 @@ class ExposureGroup:
     total_exptime: float = 0.0
     stack_preview: np.ndarray | None = None
     inputs: list[str] = field(default_factory=list)   # file names stacked, in order
+    overscan: str = ""                       # how the frames' overscan was corrected ("": they had none)
 
     @property
     def n_stacked(self) -> int:

@@ -77,6 +77,9 @@ def _stack_hdus(target: TargetSession, fname: str, session: ExposureGroup, setti
     header["CREATOR"] = "observer"
     for key, value in settings_to_dict(settings)["reduction"].items():
         header[f"HIERARCH OBS {key.upper()}"] = value
+    if session.overscan:
+        header["OVERSCAN"] = (True, "overscan subtracted, trimmed (HISTORY)")
+        header.add_history(session.overscan)
     for name in session.inputs:
         header.add_history(f"input {name}")
     nframes = fits.ImageHDU(session.accumulator.nframes().astype(np.int16), name="NFRAMES")

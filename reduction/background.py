@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import make_interp_spline
 
-from reduction.kernels import dilate_mask
+from reduction.kernels import block_median, dilate_mask
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,40 @@ def _robust_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
             break
         keep = new
     return a, b
+
+
+#: Side (px) of the blocks whose medians give a frame's response: finer than the sky model's boxes,
+#: whose median filter smears a vignetting arc over three of them.
+RESPONSE_BLOCK = 16
+
+
+def low_response(data: np.ndarray, sky: SkyModel, fraction: float, flat: np.ndarray | None = None
+                 ) -> np.ndarray | None:
+    """Pixels the optics light below ``fraction`` of the frame's median (a vignetted corner or strip), or
+    None when there are none.
+
+    Why: there the stars are dim, the noise (once flat-fielded) high and the sky
+    model's steep fall-off leaves residuals, so a catalogue fills with spurious
+    stars. The sky is the flat field nature gives every frame: the response is the
+    median of ``data`` (before sky subtraction) in blocks of :data:`RESPONSE_BLOCK`
+    px (median-filtered over 3 x 3 blocks) over the sky's median level, times the
+    flat the frame was divided by (its sky is then flat, the vignetting is in the flat). A sky fainter than its own
+    noise says nothing (the flat alone then). A bias pedestal left in the data (no
+    bias frame, no overscan) dilutes the drop, so the mask errs towards keeping pixels.
+    """
+    if fraction <= 0:
+        return None
+    response = np.ones(data.shape, np.float32) if flat is None else flat.astype(np.float32, copy=True)
+    if sky.level > sky.rms:
+        # Every other pixel is plenty for a block's median (a quarter of the cost); a bright star can hold
+        # a block's median up, so each block takes the median of its 3 x 3 neighbours.
+        b = RESPONSE_BLOCK
+        half = b // 2
+        blocks = ndimage.median_filter(block_median(data[::2, ::2], half)[::half, ::half], size=3, mode="nearest")
+        response *= np.repeat(np.repeat(blocks, b, 0), b, 1)[:data.shape[0], :data.shape[1]]
+        response *= np.float32(1.0 / sky.level)
+    low = response < fraction
+    return low if low.any() else None
 
 
 def sky_model(data: np.ndarray, box: int = 64, filter_size: int = 3,

@@ -29,12 +29,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import bottleneck as bn
 import numpy as np
 from astropy.table import Table
 from photutils.aperture import CircularAperture, aperture_photometry
 from scipy.spatial import cKDTree
 
+from reduction.kernels import block_median
 from reduction.psf import PSF_MODEL_ERROR, PSFFit, nearest_distance
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class StackProduct:
             var = np.asarray(self.variance, dtype=np.float32).copy()
         elif self.variance is not None:
             # The plane holds the stars' own noise: a coarse block median keeps the sky part only.
-            var = _block_median(np.asarray(self.variance, dtype=np.float32), 64)
+            var = block_median(np.asarray(self.variance, dtype=np.float32), 64)
         else:
             per_frame = (max(self.sky_level, 0.0) * self.gain + self.read_noise ** 2) / self.gain ** 2
             with np.errstate(divide="ignore"):
@@ -105,17 +105,6 @@ class StackProduct:
         if self.variance is not None and self.variance_has_source:
             return np.zeros_like(np.asarray(flux, dtype=float))
         return np.clip(flux, 0, None) / (self.gain * np.clip(nframes, 1, None))
-
-
-def _block_median(a: np.ndarray, box: int) -> np.ndarray:
-    """Median over box x box blocks, expanded back to the full shape (robust to stars)."""
-    ny, nx = a.shape
-    by, bx = -(-ny // box), -(-nx // box)
-    padded = np.full((by * box, bx * box), np.nan, dtype=np.float32)
-    padded[:ny, :nx] = np.where(np.isfinite(a), a, np.nan)
-    # bottleneck's C median: 15x numpy's nanmedian, which loops over the blocks in Python
-    blocks = bn.nanmedian(padded.reshape(by, box, bx, box).transpose(0, 2, 1, 3).reshape(by, bx, -1), axis=2)
-    return np.repeat(np.repeat(blocks, box, 0), box, 1)[:ny, :nx].astype(np.float32)
 
 
 # --------------------------------------------------------------------------- photometry

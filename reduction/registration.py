@@ -497,7 +497,8 @@ def warp_to_reference(data: np.ndarray, transform: Transform, ref_shape: tuple[i
     """Resample ``data`` (a frame) onto the reference grid.
 
     Returns ``(image, valid)``: float32 image on the reference grid and a bool mask of the
-    pixels whose source position lies inside the frame (others are 0.0 in ``image``).
+    pixels whose source position lies inside the frame and is not NaN (a masked pixel, e.g.
+    vignetted; bilinear spreads it to its neighbours); the others are 0.0 in ``image``.
 
     Bilinear (``order=1``) is the default, through OpenCV's ``warpAffine`` (15x faster
     than ``scipy.ndimage.affine_transform`` on a 2048 px float32 frame: 7 ms against 100 ms;
@@ -542,12 +543,10 @@ def _integer_shift(data: np.ndarray, tx: int, ty: int, ref_shape: tuple[int, int
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Whole-pixel shift by slicing: out[y, x] = data[y + ty, x + tx]."""
     ny, nx = ref_shape
-    out = np.zeros((ny, nx), dtype=np.float32)
-    valid = np.zeros((ny, nx), dtype=bool)
+    out = np.full((ny, nx), np.nan, dtype=np.float32)
     fy, fx = data.shape
     y0, y1 = max(0, -ty), min(ny, fy - ty)
     x0, x1 = max(0, -tx), min(nx, fx - tx)
     if y1 > y0 and x1 > x0:
         out[y0:y1, x0:x1] = data[y0 + ty:y1 + ty, x0 + tx:x1 + tx]
-        valid[y0:y1, x0:x1] = True
-    return out, valid
+    return _finish(out)

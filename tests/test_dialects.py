@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
@@ -23,6 +24,7 @@ from observer.reprocess import process_existing
 from observer.simulator import SimSettings, simulate_night
 
 SIZE = 256
+OVERSCAN = 5        # the professional camera's last columns are its overscan (BIASSEC)
 KIND_WORDS = {"Bias Frame": "zero", "Dark Frame": "dark", "Flat Field": "dome flat", "Light Frame": "science"}
 BAND = {"blue": "B", "green": "V"}
 
@@ -45,8 +47,19 @@ def reheader(raw: Path, cam: Path, rewrite: Callable[[fits.Header, str], None], 
             header = hdul[0].header.copy()
             rewrite(header, path.name)
             name = f"img_{i:04d}.fits" if numbered else path.name
-            fits.PrimaryHDU(hdul[0].data, header=header).writeto(cam / name)
+            fits.PrimaryHDU(with_overscan(hdul[0].data, header), header=header).writeto(cam / name)
     return cam
+
+
+def with_overscan(data, header: fits.Header):
+    """The pixels a BIASSEC names read the bias (the camera's pedestal and read noise), as an overscan does."""
+    if "BIASSEC" not in header:
+        return data
+    out = data.copy()
+    rng = np.random.default_rng(1)
+    strip = out[:, -OVERSCAN:]
+    strip[:] = np.rint(1000.0 + 6.0 * rng.standard_normal(strip.shape)).astype(out.dtype)
+    return out
 
 
 def professional(header: fits.Header, name: str) -> None:
@@ -71,8 +84,8 @@ def professional(header: fits.Header, name: str) -> None:
     header["GAIN"] = 100          # a driver setting, not e-/ADU: must be passed over
     header["CCDGAIN"] = 1.5
     header["RON"] = header.pop("RDNOISE")
-    header["BIASSEC"] = f"[{SIZE - 4}:{SIZE},1:{SIZE}]"
-    header["DATASEC"] = f"[1:{SIZE - 5},1:{SIZE}]"
+    header["BIASSEC"] = f"[{SIZE - OVERSCAN + 1}:{SIZE},1:{SIZE}]"
+    header["DATASEC"] = f"[1:{SIZE - OVERSCAN},1:{SIZE}]"
 
 
 def maxim(header: fits.Header, name: str) -> None:

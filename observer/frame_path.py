@@ -81,6 +81,7 @@ class FrameContext:
     raw_preview: np.ndarray | None = None       # the raw frame, downsampled, for the dashboard
     warped: np.ndarray | None = None
     valid: np.ndarray | None = None
+    warning: str = ""                           # why the frame is stacked with a warning (its record's reason)
     done: bool = False                          # finished early (calibration, offset)
 
     @property
@@ -236,9 +237,9 @@ def register(state: NightState, settings: Settings, ctx: FrameContext) -> FrameC
                                            max_rms=red.registration_max_rms_px)
         except RegistrationError as exc:
             # A trailed or defocused frame often fails to match: its shape is the real reason.
-            session = target.filters.get(ctx.tags.filter)
-            shape = _quality_reason(settings, ctx, session, None)
-            raise FrameRejected(shape or f"registration failed: {exc}") from exc
+            reason, warning = _quality_reason(settings, ctx, target.filters.get(ctx.tags.filter), None)
+            shape = reason or warning
+            raise FrameRejected(f"{shape}; registration failed" if shape else f"registration failed: {exc}") from exc
     t, record = ctx.transform, ctx.record
     record.dx, record.dy, record.rotation, record.reg_rms = t.dx, t.dy, t.rotation_deg, t.rms_px
     return ctx
@@ -259,11 +260,13 @@ def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCont
         if len(xy) else np.empty(0)
     ctx.throughput = _throughput(ctx, group, xy, total_flux, facts.exptime)
     ctx.record.transparency = ctx.throughput / max(group.best_throughput, ctx.throughput)
-    reason = _quality_reason(settings, ctx, session, ctx.record.transparency)
+    reason, ctx.warning = _quality_reason(settings, ctx, session, ctx.record.transparency)
     session.last_raw_preview = ctx.raw_preview
     if reason:
         session.n_rejected += 1
         raise FrameRejected(reason)
+    if ctx.warning:
+        log.warning("%s: %s", ctx.path.name, ctx.warning)
     return ctx
 
 
@@ -289,7 +292,8 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
                           saturated=mask_on_grid(ctx.saturated, ctx.transform, ctx.target.shape))
     group.stack_preview = preview_of(group.accumulator.image())
     group.best_throughput = max(group.best_throughput, ctx.throughput)
-    if ctx.flux_reference is not None:
+    if ctx.flux_reference is not None and not ctx.warning:
+        # A frame stacked despite its shape is no yardstick: the next clear frame sets the flux reference.
         group.ref_xy, group.ref_flux = ctx.flux_reference
     ctx.session.fwhm_history.append(ctx.quality.fwhm_px)
     ctx.session.elongation_history.append(ctx.quality.elongation)
@@ -297,7 +301,7 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
     n = len(group.inputs)
     group.sky_level = (group.sky_level * n + sky_fit.level) / (n + 1)   # mean sky of the stacked frames
     group.inputs.append(Path(ctx.frame.path).name)
-    ctx.record.status, ctx.record.reason = Status.STACKED, ""
+    ctx.record.status, ctx.record.reason = Status.STACKED, ctx.warning
     return ctx
 
 
@@ -331,20 +335,30 @@ def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "
 
 # --------------------------------------------------------------------- helpers of the steps
 def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSession | None,
-                    transparency: float | None) -> str | None:
-    """Why the frame's seeing, shape, stars or transparency (None: not known) rule it out, if they do.
+                    transparency: float | None) -> tuple[str | None, str]:
+    """(why the frame's seeing, shape, stars or transparency rule it out, if they do; a warning to stack it with).
 
     Seeing and shape are judged against the filter's accepted frames (``session``) once it has some.
+    A filter's first frame is never rejected on its shape alone (it may be the night's only one, and
+    comatic optics elongate every frame): it is stacked, and the shape's reason is the warning.
     """
     baseline_fwhm = session.baseline_fwhm() if session else None
-    baseline_elongation = session.baseline_elongation() if session else None
     q, quality = settings.quality, ctx.quality
     scale_arcsec = ctx.frame.facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec
-    return judge_frame(quality.fwhm_px, quality.elongation, transparency, quality.nstars, baseline_fwhm,
-                       max_fwhm_ratio=q.max_fwhm_ratio, max_elongation=q.max_elongation,
-                       min_transparency=q.min_transparency, min_stars=q.min_stars,
-                       max_fwhm_px=(q.max_fwhm_arcsec / scale_arcsec) if q.max_fwhm_arcsec and scale_arcsec
-                       else None, baseline_elongation=baseline_elongation)
+    args = (quality.fwhm_px, quality.elongation, transparency, quality.nstars, baseline_fwhm)
+    kwargs = dict(max_fwhm_ratio=q.max_fwhm_ratio, max_elongation=q.max_elongation,
+                  min_transparency=q.min_transparency, min_stars=q.min_stars,
+                  max_fwhm_px=(q.max_fwhm_arcsec / scale_arcsec) if q.max_fwhm_arcsec and scale_arcsec else None,
+                  baseline_elongation=session.baseline_elongation() if session else None,
+                  night_elongation=session.baseline_elongation(min_frames=1) if session else None,
+                  shape=quality)
+    reason = judge_frame(*args, **kwargs)
+    if reason is None or (session is not None and session.n_stacked):
+        return reason, ""
+    without_shape = judge_frame(*args, **kwargs, check_shape=False)
+    if without_shape == reason:
+        return reason, ""
+    return without_shape, f"{reason}; stacked with a warning: the filter's first frame is not rejected on shape alone"
 
 
 def rebuild_masters(state: NightState, settings: Settings) -> None:

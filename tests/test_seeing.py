@@ -79,10 +79,11 @@ def test_every_good_frame_stacked_bad_ones_rejected_for_their_reason(tmp_path, f
         assert 0.7 <= pull <= (2.5 if low < 3 else 1.5), (f, pull)
 
 
-def test_a_trailed_first_frame_is_rejected_and_the_clear_ones_stacked(tmp_path):
-    """The trailed frame moved to the head of its filter: it is rejected, and the clear frames after it are
-    judged against each other (it used to become the filter's flux reference, and every clear frame was
-    then rejected as 'cloud' at transparency 0.45)."""
+def test_a_trailed_first_frame_is_stacked_with_a_warning_and_the_clear_ones_stacked(tmp_path):
+    """The trailed frame moved to the head of its filter: a filter's first frame is never rejected on its
+    shape alone (it may be the night's only one), so it is stacked with the trail as its warning, but it
+    is not the flux reference: the clear frames after it are judged against each other (it used to
+    become the filter's flux reference, and every clear frame was then rejected as 'cloud' at 0.45)."""
     from astropy.io import fits
     from astropy.time import Time, TimeDelta
 
@@ -97,7 +98,9 @@ def test_a_trailed_first_frame_is_rejected_and_the_clear_ones_stacked(tmp_path):
         hdul[0].header["DATE-OBS"] = (first - TimeDelta(60, format="sec")).isot
     night = process_existing(tmp_path / "cam", tmp_path / "out", Settings())
     blue = {Path(r.path).name: r for r in night.records if r.filter == "blue" and r.kind == "science"}
-    assert blue["M35_blue_003.fits"].status == "rejected" and "trailed" in blue["M35_blue_003.fits"].reason
+    trailed = blue["M35_blue_003.fits"]
+    assert trailed.status == "stacked" and trailed.reason.startswith("trailed: elongation")
+    assert "stacked with a warning" in trailed.reason
     for name in ("M35_blue_001.fits", "M35_blue_002.fits", "M35_blue_004.fits"):
         assert blue[name].status == "stacked", (name, blue[name].reason)
         assert blue[name].transparency > 0.8

@@ -148,6 +148,7 @@ class NightState:
     pending_offsets: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     cmd: dict[str, CmdData] = field(default_factory=dict)
     age: dict[str, AgeEstimate] = field(default_factory=dict)
+    age_reason: dict[str, str] = field(default_factory=dict)     # why a target has no age (its age.json says so)
     version: int = 0
     records_version: int = 0       # changes of ``records`` alone (frames.ecsv is rewritten only then)
 

@@ -56,3 +56,18 @@ def test_an_ageless_target_says_why_in_age_json_and_the_snapshot(tmp_path, caplo
     lines = [r for r in caplog.records if "no age" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.INFO
     no_tracebacks(caplog)
+
+
+def test_a_single_filter_target_says_once_it_has_no_colour(tmp_path, caplog):
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    settings = Settings()
+    settings.age.enabled = False
+    night = Night(settings, tmp_path / "out")
+    with caplog.at_level(logging.INFO):
+        for i in range(2):
+            night.process(write(cam, f"r{i}_I.fits", draw("round", seed=i), "R", i))
+            night.write_all_products()
+    lines = [r.getMessage() for r in caplog.records if "no colour" in r.getMessage()]
+    assert lines == ["NGC1: frames in red only: no blue, green yet, so no colour and no CMD"]
+    assert not (tmp_path / "out" / "NGC1" / "catalog.ecsv").exists()

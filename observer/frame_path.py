@@ -278,12 +278,13 @@ def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCont
         if len(xy) else np.empty(0)
     ctx.throughput = _throughput(ctx, group, xy, total_flux, facts.exptime)
     ctx.record.transparency = ctx.throughput / max(group.best_throughput, ctx.throughput)
-    reason, ctx.warning = _quality_reason(settings, ctx, session, ctx.record.transparency)
+    reason, shape = _quality_reason(settings, ctx, session, ctx.record.transparency)
     session.last_raw_preview = ctx.raw_preview
     if reason:
         session.n_rejected += 1
         raise FrameRejected(reason)
-    if ctx.warning:
+    if shape:
+        ctx.warning = f"{shape}; stacked with a warning: the filter's first frame is not rejected on shape alone"
         log.warning("%s: %s", ctx.path.name, ctx.warning)
     return ctx
 
@@ -354,11 +355,12 @@ def run_frame(state: NightState, settings: Settings, path: Path, sha256: str = "
 # --------------------------------------------------------------------- helpers of the steps
 def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSession | None,
                     transparency: float | None) -> tuple[str | None, str]:
-    """(why the frame's seeing, shape, stars or transparency rule it out, if they do; a warning to stack it with).
+    """(why the frame's seeing, shape, stars or transparency rule it out, if they do; what is wrong with its
+    shape when that alone would have).
 
     Seeing and shape are judged against the filter's accepted frames (``session``) once it has some.
     A filter's first frame is never rejected on its shape alone (it may be the night's only one, and
-    comatic optics elongate every frame): it is stacked, and the shape's reason is the warning.
+    comatic optics elongate every frame): it is stacked, and the shape's reason is its warning.
     """
     baseline_fwhm = session.baseline_fwhm() if session else None
     q, quality = settings.quality, ctx.quality
@@ -376,7 +378,7 @@ def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSessio
     without_shape = judge_frame(*args, **kwargs, check_shape=False)
     if without_shape == reason:
         return reason, ""
-    return without_shape, f"{reason}; stacked with a warning: the filter's first frame is not rejected on shape alone"
+    return without_shape, reason
 
 
 def rebuild_masters(state: NightState, settings: Settings) -> None:

@@ -222,10 +222,11 @@ class Night:
             log.info("%s: no age: %s", tname, exc)
             with self.lock:
                 had = self._state.age.pop(tname, None) is not None
+                self._state.age_reason[tname] = str(exc)
                 self._state.version += 1
                 cmd = self._state.cmd.get(tname)
-            written = [writers.write_age(self.outdir, tname, {"target": tname, "fitted": False,
-                                                              "reason": str(exc)})]
+            written = [writers.write_age(self.outdir, tname, {"target": tname, "fitted": False, "log_age": None,
+                                                              "age_myr": None, "reason": str(exc)})]
             if had and cmd is not None:
                 written.append(writers.write_cmd_figure(self.outdir, tname, cmd, None))
             return written
@@ -245,6 +246,7 @@ class Night:
         """Take an age fit into the night's state; returns the target's current CMD data (to redraw)."""
         with self.lock:
             self._state.age[result.target] = result.estimate
+            self._state.age_reason.pop(result.target, None)
             self._state.version += 1
             return self._state.cmd.get(result.target)
 

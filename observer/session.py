@@ -108,10 +108,13 @@ class FilterSession:
         """Running median FWHM of the frames stacked so far (the relative seeing baseline)."""
         return float(np.median(self.fwhm_history)) if self.fwhm_history else None
 
-    def baseline_elongation(self) -> float | None:
-        """Median elongation of the frames stacked so far, once there are two (one frame is no baseline)."""
+    def baseline_elongation(self, min_frames: int = 2) -> float | None:
+        """Median elongation of the frames stacked so far, once there are ``min_frames``.
+
+        One frame is no baseline for trailing; it is one for the optics' own elongation (coma).
+        """
         values = [e for e in self.elongation_history if np.isfinite(e)]
-        return float(np.median(values)) if len(values) >= 2 else None
+        return float(np.median(values)) if values and len(values) >= min_frames else None
 
 
 @dataclass
@@ -146,6 +149,7 @@ class NightState:
     pending_offsets: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     cmd: dict[str, CmdData] = field(default_factory=dict)
     age: dict[str, AgeEstimate] = field(default_factory=dict)
+    age_reason: dict[str, str] = field(default_factory=dict)     # why a target has no age (its age.json says so)
     version: int = 0
     records_version: int = 0       # changes of ``records`` alone (frames.ecsv is rewritten only then)
 

@@ -128,7 +128,8 @@ def target_state(state: NightState, settings: Settings, target: TargetSession, l
                        age=state.age.get(target.name), done=done, verdict=verdict,
                        frames_needed=None if done else needed,
                        warnings=tuple(_warnings(state, settings, target, low_disk)),
-                       completion_mag=mag, reasons=tuple(reasons), suggested=tuple(suggested))
+                       completion_mag=mag, reasons=tuple(reasons), suggested=tuple(suggested),
+                       age_reason=state.age_reason.get(target.name, ""))
 
 
 #: Exposure times an observer would pick (s); a suggestion is rounded down to one of them. None is

@@ -155,6 +155,7 @@ class TargetState:
     completion_mag: float          # the magnitude at which SNR is judged
     reasons: tuple[str, ...] = ()  # why it is not done yet (empty when done)
     suggested: tuple[Suggestion, ...] = ()
+    age_reason: str = ""           # why there is no age, when a fit was due and could not be made
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,8 @@ def write_cmd_figure(outdir: Path, tname: str, cmd: CmdData, age: AgeEstimate | 
 
 
 def write_age(outdir: Path, tname: str, record: dict) -> Path:
-    """``<target>/age.json``: the fit's record, or ``{"target", "fitted": false, "reason"}`` when there is none."""
+    """``<target>/age.json``: the fit's record, or ``{"target", "fitted": false, "log_age": null,
+    "age_myr": null, "reason"}`` when there is none (scripts that read ``log_age`` get null, not a KeyError)."""
     return atomic_write_json(outdir / tname / "age.json", record)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
+from scipy import ndimage
 
 from reduction.background import SkyModel
 from reduction.kernels import box_mean
@@ -49,16 +50,36 @@ _QUALITY_PEAK_SNR = 20.0
 _MIN_QUALITY_STARS = 5
 
 
+#: Stars less elongated than this carry no usable direction (noise turns their position angle at random).
+_DIRECTED_ELONGATION = 1.08
+#: Position angles this coherent (mean resultant length of 2 PA, 0: random, 1: parallel) are a trail.
+TRAIL_COHERENCE = 0.6
+#: A star's centre below this fraction of its brightest ring is a donut: a defocused (or obstructed) beam.
+RING_CORE_RATIO = 0.8
+#: Stars whose radial profile gives the core ratio (the brightest well-measured ones, one per ring).
+_PROFILE_STARS = 15
+
+
 @dataclass
 class FrameQuality:
     """The figures a frame is judged by: FWHM (px), elongation (major/minor axis), sky level and
-    noise (ADU), number of stars detected."""
+    noise (ADU), number of stars detected, and the shape's pattern across the field.
+
+    ``pa_deg``/``pa_coherence``: the elongated stars' mean position angle and how parallel they are
+    (1: all aligned, a trail; ~0: directions that vary, coma or tilt); ``radial``: their mean alignment
+    with the direction from the frame centre (1 radial, -1 tangential); ``core_ratio``: the median of
+    the stars' centre over their brightest ring (~1 for a peaked star, < 0.8 a donut).
+    """
 
     fwhm_px: float
     elongation: float
     sky: float
     sky_rms: float
     nstars: int
+    pa_deg: float = float("nan")
+    pa_coherence: float = float("nan")
+    radial: float = float("nan")
+    core_ratio: float = float("nan")
 
 
 def _find_peaks(data: np.ndarray, rms: float, fwhm_guess: float, sigma: float,
@@ -178,8 +199,11 @@ def _moffat_fit(cut: np.ndarray, weight: np.ndarray, fwhm_guess: float) -> tuple
     return p, ok
 
 
-def _ellipse(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Geometric-mean FWHM and elongation (major/minor) of fitted elliptical Moffats, per pixel-free PSF.
+def _ellipse(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Geometric-mean FWHM, elongation (major/minor) and position angle of fitted elliptical Moffats.
+
+    The position angle (degrees in [0, 180), from +x towards +y) is the major axis's direction: aligned
+    across the field it is a trail, varying (radially) it is the optics.
 
     The fit sees the PSF integrated over square pixels, which adds the pixel's variance (1/12 px^2)
     along each axis; it is removed in quadrature so that the FWHM is the seeing's, independent of
@@ -195,7 +219,9 @@ def _ellipse(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     minor2 = (k / np.sqrt(lmax)) ** 2
     major = np.sqrt(np.where(major2 > 2 * _PIXEL_FWHM2, major2 - _PIXEL_FWHM2, major2))
     minor = np.sqrt(np.where(minor2 > 2 * _PIXEL_FWHM2, minor2 - _PIXEL_FWHM2, minor2))
-    return np.sqrt(major * minor), major / minor
+    # The major axis is perpendicular to the eigenvector of the largest eigenvalue, at 0.5 atan2(2b, a - c).
+    pa = (np.degrees(0.5 * np.arctan2(2 * b, a - c)) + 90.0) % 180.0
+    return np.sqrt(major * minor), major / minor, pa
 
 
 def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, sigma: float = 5.0,
@@ -205,7 +231,8 @@ def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, si
 
     Columns: ``x, y`` (0-based pixel centres, column/row), ``flux`` (ADU in a circle of radius
     ~2 FWHM), ``peak`` (highest pixel, ADU above sky), ``fwhm`` (px, Moffat fit, pixel sampling
-    removed), ``elongation`` (major/minor axis), ``saturated``.  A star is saturated when its top is
+    removed), ``elongation`` (major/minor axis), ``pa`` (major axis, degrees from +x towards +y),
+    ``saturated``.  A star is saturated when its top is
     flat (>= 3 pixels within 0.5 % of its maximum), or, if ``saturation`` (the raw-ADU level at which
     the camera clips) is given, when ``peak + sky`` reaches 98 % of it (``sky``: the SkyModel's
     model array or level; without it ``saturation`` is in background-subtracted ADU).  Saturated
@@ -220,9 +247,9 @@ def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, si
     order = np.argsort(height)[::-1][:max_stars]
     ys, xs = ys[order], xs[order]
     n = ys.size
-    cols = ("x", "y", "flux", "peak", "fwhm", "elongation", "saturated")
+    cols = ("x", "y", "flux", "peak", "fwhm", "elongation", "pa", "saturated")
     if n == 0:
-        return Table([np.empty(0)] * 6 + [np.empty(0, dtype=bool)], names=cols)
+        return Table([np.empty(0)] * 7 + [np.empty(0, dtype=bool)], names=cols)
 
     off = np.arange(-half, half + 1)
     cut = data[(ys[:, None] + off[None, :])[:, :, None], (xs[:, None] + off[None, :])[:, None, :]]
@@ -240,14 +267,15 @@ def detect_stars(data_bgsub: np.ndarray, rms: float, fwhm_guess: float = 3.5, si
     weight[saturated] *= cut[saturated] < 0.98 * peak[saturated, None, None]
     with np.errstate(all="ignore"):
         params, ok = _moffat_fit(cut, weight, fwhm_guess)
-    fwhm, elong = _ellipse(params)
+    fwhm, elong, pa = _ellipse(params)
     x = np.where(ok, xs - half + params[:, 1], xs)
     y = np.where(ok, ys - half + params[:, 2], ys)
     fwhm = np.where(ok, fwhm, np.nan)
     elong = np.where(ok, elong, np.nan)
+    pa = np.where(ok, pa, np.nan)
     flux = np.sum(cut * window, axis=(1, 2))
     table = Table([x.astype(np.float64), y.astype(np.float64), flux.astype(np.float64),
-                   peak.astype(np.float64), fwhm, elong, saturated], names=cols)
+                   peak.astype(np.float64), fwhm, elong, pa, saturated], names=cols)
     table = table[~(elong > _MAX_STAR_ELONGATION)]
     table.sort("flux", reverse=True)
     log.debug("detect_stars: %d stars (%d fitted)", n, int(ok.sum()))
@@ -269,8 +297,66 @@ def measure_quality(data_bgsub: np.ndarray, sky: SkyModel, stars: Table | None =
     use = np.flatnonzero(good)[:_QUALITY_STARS]  # table is brightest first
     fwhm = float(np.median(stars["fwhm"][use])) if use.size else float("nan")
     elong = float(np.median(stars["elongation"][use])) if use.size else float("nan")
+    pa, coherence, radial = _direction_pattern(stars[use], data_bgsub.shape)
+    core = _core_ratio(data_bgsub, stars[use][:_PROFILE_STARS], fwhm)
     return FrameQuality(fwhm_px=fwhm, elongation=elong, sky=float(sky.level), sky_rms=float(sky.rms),
-                        nstars=len(stars))
+                        nstars=len(stars), pa_deg=pa, pa_coherence=coherence, radial=radial, core_ratio=core)
+
+
+def _direction_pattern(stars: Table, shape: tuple[int, int]) -> tuple[float, float, float]:
+    """(mean PA in degrees, coherence, radial alignment) of the stars elongated enough to have a direction.
+
+    Position angles are axial (0 and 180 degrees are one direction), so they are averaged as unit
+    vectors at twice the angle.  NaN when fewer than ``_MIN_QUALITY_STARS`` stars have a direction.
+    """
+    elong = np.asarray(stars["elongation"], float)
+    pa = np.asarray(stars["pa"], float)
+    directed = np.isfinite(pa) & (elong > _DIRECTED_ELONGATION)
+    if np.count_nonzero(directed) < _MIN_QUALITY_STARS:
+        return float("nan"), float("nan"), float("nan")
+    theta = np.radians(pa[directed])
+    mean = np.mean(np.exp(2j * theta))
+    cy, cx = (shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0
+    phi = np.arctan2(np.asarray(stars["y"], float)[directed] - cy, np.asarray(stars["x"], float)[directed] - cx)
+    radial = float(np.mean(np.cos(2.0 * (theta - phi))))
+    return float(np.degrees(np.angle(mean)) / 2.0 % 180.0), float(abs(mean)), radial
+
+
+def _core_ratio(data: np.ndarray, stars: Table, fwhm: float) -> float:
+    """Median over stars of the azimuthal profile's centre (r < 1 px) over its maximum: ~1 peaked, < 1 a ring.
+
+    Each profile is taken about the centroid of the star's own light (the connected pixels above half
+    the cut-out's maximum, which holds the detected peak), not the peak: on a donut the peak sits on the
+    ring, the centroid at its centre; in a crowded field the half-maximum contour keeps neighbours out.
+    The cut-out is 3 FWHM in radius so that a ring (whose fitted FWHM is about its diameter) fits in it;
+    one star per cut-out (a ring yields several peaks).
+    """
+    if not np.isfinite(fwhm) or len(stars) == 0:
+        return float("nan")
+    radius = int(min(max(8, math.ceil(3.0 * fwhm)), 40))
+    h, w = data.shape
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    taken: list[tuple[int, int]] = []
+    ratios = []
+    for xc, yc in zip(np.asarray(stars["x"], float), np.asarray(stars["y"], float)):
+        x0, y0 = int(round(xc)), int(round(yc))
+        if x0 < radius or y0 < radius or x0 >= w - radius or y0 >= h - radius \
+                or any(abs(x0 - tx) <= radius and abs(y0 - ty) <= radius for tx, ty in taken):
+            continue
+        taken.append((x0, y0))
+        cut = np.asarray(data[y0 - radius:y0 + radius + 1, x0 - radius:x0 + radius + 1], float)
+        labels, _ = ndimage.label(cut > 0.5 * cut.max())
+        own = labels == labels[np.unravel_index(np.argmax(cut), cut.shape)]
+        light = np.where(own, cut, 0.0)
+        cx, cy = (light * xx).sum() / light.sum(), (light * yy).sum() / light.sum()
+        dist = np.hypot(xx - cx, yy - cy)
+        extent = int(np.ceil(dist[own].max())) + 1
+        ring = np.floor(dist).astype(int).ravel()
+        counts = np.bincount(ring, minlength=extent)[:extent]
+        profile = np.bincount(ring, cut.ravel(), minlength=extent)[:extent] / np.maximum(counts, 1)
+        if counts[0] and profile.max() > 0:
+            ratios.append(profile[0] / profile.max())
+    return float(np.median(ratios)) if ratios else float("nan")
 
 
 def relative_transparency(flux: np.ndarray, ref_flux: np.ndarray, exptime: float = 1.0,
@@ -294,18 +380,23 @@ ELONGATION_MARGIN = 0.08
 def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, nstars: int,
                 baseline_fwhm: float | None, max_fwhm_ratio: float = 1.5, max_elongation: float = 1.35,
                 min_transparency: float = 0.6, min_stars: int = 10,
-                max_fwhm_px: float | None = None, baseline_elongation: float | None = None) -> str | None:
+                max_fwhm_px: float | None = None, baseline_elongation: float | None = None, *,
+                shape: FrameQuality | None = None, night_elongation: float | None = None,
+                check_shape: bool = True) -> str | None:
     """The reason to reject a frame, or None to stack it.
 
     Limits are relative to the target's running baseline (``baseline_fwhm``: the night's median
     FWHM so far; ``transparency`` relative to the best frame) so a soft night or a bright moon does
-    not reject everything.  Elongation is checked before FWHM: trailing also widens the mean FWHM,
-    and "trailed" is the diagnosis the observer can act on.  ``max_fwhm_px`` is an optional
+    not reject everything.  Shape is checked before FWHM: trailing and defocus also widen the mean
+    FWHM, and they are the diagnoses the observer can act on.  ``max_fwhm_px`` is an optional
     absolute limit (the caller converts the config's arcsec limit with the plate scale, when one
     is known). With ``baseline_elongation`` (the median of the night's accepted frames), the
     elongation is judged against the night's own stars, like the FWHM: a frame is trailed when it
     is ``ELONGATION_MARGIN`` (or half the baseline's own excess) more elongated than that, so comatic optics (every frame at 1.4) are not trailing, and a short trail in poor seeing
-    (1.2 against the night's 1.04) is.
+    (1.2 against the night's 1.04) is.  ``shape`` (the frame's :class:`FrameQuality`) tells a trail
+    from the optics and a donut from seeing (see :func:`shape_reason`); ``night_elongation`` (the
+    filter's stacked frames, even one) is what an elongation varying in direction must match.
+    ``check_shape=False`` leaves shape out (the caller's first frame of a filter is never rejected on it).
     """
     if nstars < min_stars:
         return f"only {nstars} star{'s' if nstars != 1 else ''} (< {min_stars})"
@@ -313,9 +404,11 @@ def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, n
         return "no measurable stars (FWHM unknown)"
     limit = max_elongation
     if baseline_elongation is not None and np.isfinite(baseline_elongation):
-        limit = baseline_elongation + max(ELONGATION_MARGIN, 0.5 * (baseline_elongation - 1.0))
-    if elongation is not None and np.isfinite(elongation) and elongation > limit:
-        return f"elongation {elongation:.2f} > {limit:.2f} (trailed?)"
+        limit = _elongation_limit(baseline_elongation)
+    if check_shape:
+        reason = shape_reason(fwhm_px, elongation, limit, shape, baseline_fwhm, night_elongation)
+        if reason:
+            return reason
     if baseline_fwhm and np.isfinite(baseline_fwhm) and fwhm_px > max_fwhm_ratio * baseline_fwhm:
         return (f"FWHM {fwhm_px:.1f} px is {fwhm_px / baseline_fwhm:.1f}x the night's median "
                 f"{baseline_fwhm:.1f} px")
@@ -324,3 +417,44 @@ def judge_frame(fwhm_px: float, elongation: float, transparency: float | None, n
     if max_fwhm_px is not None and fwhm_px > max_fwhm_px:
         return f"FWHM {fwhm_px:.1f} px > the absolute limit {max_fwhm_px:.1f} px"
     return None
+
+
+def _elongation_limit(baseline: float) -> float:
+    """The most elongated a frame may be against the night's ``baseline`` elongation."""
+    return baseline + max(ELONGATION_MARGIN, 0.5 * (baseline - 1.0))
+
+
+#: How a frame rejected as trailed (position angles aligned) has its reason begin.
+TRAILED = "trailed:"
+
+
+def shape_reason(fwhm_px: float, elongation: float, limit: float, shape: FrameQuality | None,
+                 baseline_fwhm: float | None, night_elongation: float | None = None) -> str | None:
+    """Why the stars' shape rules the frame out, naming the cause the observer can act on, or None.
+
+    - ring-shaped stars (centre below ``RING_CORE_RATIO`` of the ring): defocused;
+    - elongation above ``limit`` with the stars' position angles coherent across the field: trailed
+      (tracking, wind), whatever the night;
+    - elongation whose direction varies across the field (radial: coma; anything else: tilt) is the
+      optics: rejected only when it exceeds the limit of ``night_elongation`` too.
+    Without ``shape`` (no position angles) an elongation above ``limit`` is a probable trail.
+    """
+    if shape is not None and np.isfinite(shape.core_ratio) and shape.core_ratio < RING_CORE_RATIO:
+        than = f", {fwhm_px / baseline_fwhm:.1f}x the night's {baseline_fwhm:.1f} px" \
+            if baseline_fwhm and np.isfinite(baseline_fwhm) else ""
+        return (f"defocused: ring-shaped stars (centre at {shape.core_ratio:.0%} of the ring), "
+                f"FWHM {fwhm_px:.1f} px{than}")
+    if elongation is None or not np.isfinite(elongation) or elongation <= limit:
+        return None
+    if shape is None or not np.isfinite(shape.pa_coherence):
+        return f"elongation {elongation:.2f} > {limit:.2f} (trailed?)"
+    if shape.pa_coherence >= TRAIL_COHERENCE:
+        return (f"{TRAILED} elongation {elongation:.2f} > {limit:.2f}, stars aligned at PA {shape.pa_deg:.0f}° "
+                f"(coherence {shape.pa_coherence:.2f})")
+    if night_elongation is not None and np.isfinite(night_elongation):
+        limit = max(limit, _elongation_limit(night_elongation))
+        if elongation <= limit:
+            return None
+    cause = "coma" if shape.radial > 0.3 else "tilted or misaligned optics"
+    return (f"elongation {elongation:.2f} > {limit:.2f}, direction varying across the field "
+            f"(coherence {shape.pa_coherence:.2f}, radial {shape.radial:+.2f}): {cause}, not a trail")

@@ -75,3 +75,10 @@ def test_missing_and_broken_config_files(tmp_path):
     broken.write_text("quality: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(broken)
+
+
+def test_a_config_with_one_alias_keeps_the_default_aliases(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("filters: {aliases: {I: red}}\n")
+    filters = load_settings(path).filters
+    assert [filters.normalise(n) for n in ("I", "B", "V", "Luminance")] == ["red", "blue", "green", "luminance"]

@@ -83,7 +83,8 @@ def test_every_good_frame_stacked_bad_ones_rejected_for_their_reason(tmp_path, f
 
 
 def test_a_trailed_first_frame_is_rejected_and_the_clear_ones_stacked(tmp_path):
-    """The trailed frame moved to the head of its filter: it is rejected, and the clear frames after it are
+    """The trailed frame moved to the head of its filter: the stars' aligned position angles say trail (not
+    coma, which a first frame is stacked despite), so it is rejected, and the clear frames after it are
     judged against each other (it used to become the filter's flux reference, and every clear frame was
     then rejected as 'cloud' at transparency 0.45)."""
     from astropy.io import fits
@@ -100,7 +101,8 @@ def test_a_trailed_first_frame_is_rejected_and_the_clear_ones_stacked(tmp_path):
         hdul[0].header["DATE-OBS"] = (first - TimeDelta(60, format="sec")).isot
     night = process_existing(tmp_path / "cam", tmp_path / "out", Settings())
     blue = {Path(r.path).name: r for r in night.records if r.filter == "blue" and r.kind == "science"}
-    assert blue["M35_blue_003.fits"].status == "rejected" and "trailed" in blue["M35_blue_003.fits"].reason
+    trailed = blue["M35_blue_003.fits"]
+    assert trailed.status == "rejected" and trailed.reason.startswith("trailed: elongation"), trailed.reason
     truth = Table.read(tmp_path / "truth_frames.ecsv")
     true_t = dict(zip(truth["file"], truth["transparency"]))
     best = 0.0

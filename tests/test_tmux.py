@@ -161,7 +161,7 @@ def test_watch_in_tmux_shows_rows_hr_diagram_and_stack_while_frames_arrive(night
             match = re.search(rf"science\s+{SIM.target}\s+{row['filter']}\s+\d+s\s+([\d.]+)(\"|px)", line)
             assert match, f"no FWHM in the row of {row['file']}: {line!r}"
             if row["trailed"]:
-                assert re.search(r"rejected: elongation [\d.]+ > [\d.]+", line), line
+                assert re.search(r"rejected: trailed: elongation [\d.]+ > [\d.]+", line), line
                 continue
             if row["clouded"]:
                 assert re.search(r"rejected: transparency [\d.]+ < [\d.]+", line), line

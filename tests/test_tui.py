@@ -137,7 +137,8 @@ class SimSource:
                    else f"keep going: about {MIN_FRAMES - per_filter} more frames per filter")
         return TargetState(name=name, filters=filters, cmd=cmd, age=age, done=done, verdict=verdict,
                            frames_needed=None if done else MIN_FRAMES - per_filter,
-                           warnings=("no offset frame for green yet",), completion_mag=18.5)
+                           warnings=("no offset frame for green yet",), completion_mag=18.5,
+                           age_reason="12 usable stars, too few for an age fit" if per_filter == 1 else "")
 
     def _build(self) -> Snapshot:
         names = [t for t in self.targets if any(f.target == t for f in self.frames)]
@@ -337,6 +338,8 @@ def test_hr_diagram_grows_and_verdict_turns_done(tmp_path):
                 source.add_frame("M35", "green")
                 await pilot.pause()
                 counts.append(hr.n_points)
+                if len(counts) == 1:        # before its first age the panel says why there is none
+                    assert "no age: 12 usable stars" in str(status.query_one("#age", Static).render())
                 if not app.target.done:
                     assert "keep going" in str(verdict.render())
                     assert not verdict.has_class("done")

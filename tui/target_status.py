@@ -88,7 +88,8 @@ class TargetStatus(VerticalScroll):
             return
         verdict.show(Text(f"{target.name}: {target.verdict}"))
         verdict.set_class(target.done, "done")
-        self._show_optional("#age", age_text(target.age) if target.age else "")
+        self._show_optional("#age", age_text(target.age) if target.age
+                            else f"no age: {target.age_reason}" if target.age_reason else "")
         rows = filter_rows(target)
         self.query_one("#filters", QuietStatic).show(filter_table(rows, target.completion_mag),
                                                       key=(rows, target.completion_mag))

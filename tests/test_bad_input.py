@@ -1,0 +1,73 @@
+"""Bad input is one clear line naming the file and the reason, never a traceback at default verbosity,
+and a target without an age says why (age.json and the dashboard's snapshot)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from observer.config import Settings
+from observer.night import Night
+from test_shapes import draw, no_tracebacks, write
+
+
+def test_a_frame_of_exact_zeros_is_set_aside_saying_so(tmp_path, caplog):
+    """A float frame mostly of exact zeros (an empty stack, a synthetic test image) has no sky noise."""
+    rng = np.random.default_rng(2)
+    image = np.zeros((256, 256), np.float32)
+    image[100:108] = rng.normal(100.0, 5.0, (8, 256))       # 3 % of the frame carries anything
+    path = tmp_path / "empty_B.fits"
+    fits.PrimaryHDU(image, header=fits.Header({"IMAGETYP": "LIGHT", "OBJECT": "M35", "FILTER": "B",
+                                               "EXPTIME": 10.0, "DATE-OBS": "2026-01-01T20:00:00"})).writeto(path)
+    with caplog.at_level(logging.INFO):
+        [record] = Night(Settings(), tmp_path / "out").process(path)
+    assert record.status == "rejected"
+    assert record.reason == ("no sky noise: 97% of pixels are exactly 0: an empty or synthetic frame, "
+                             "not a camera's exposure")
+    assert any("empty_B.fits" in r.getMessage() and "no sky noise" in r.getMessage() for r in caplog.records)
+    no_tracebacks(caplog)
+
+
+def test_an_ageless_target_says_why_in_age_json_and_the_snapshot(tmp_path, caplog):
+    """Too few stars in the fit's magnitude window: one INFO line, age.json with the reason, no traceback."""
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    settings = Settings()
+    night = Night(settings, tmp_path / "out")
+    for i, filt in enumerate(("B", "V")):
+        night.process(write(cam, f"r_{filt}.fits", draw("round", seed=i), filt, i))
+    # 36 stars with both filters but colour errors of 0.3 mag: the fit's window keeps the few bright ones
+    rng = np.random.default_rng(0)
+    mag = np.sort(rng.uniform(14.0, 19.0, 36))
+    catalog = Table({"id": np.arange(36), "x": rng.uniform(0, 300, 36), "y": rng.uniform(0, 300, 36),
+                     "mag_blue": mag + 0.5, "mag_green": mag, "magerr_blue": np.full(36, 0.3),
+                     "magerr_green": np.full(36, 0.3), "color": 0.5 + rng.normal(0, 0.1, 36),
+                     "flags": np.zeros(36, int)})
+    with caplog.at_level(logging.INFO):
+        night.run_age("NGC1", catalog)
+    age = json.loads((tmp_path / "out" / "NGC1" / "age.json").read_text())
+    assert age["fitted"] is False and age["log_age"] is None and age["age_myr"] is None
+    assert age["reason"].startswith("isochrone fit needs at least 20 usable stars between magnitudes")
+    assert night.snapshot().targets["NGC1"].age_reason == age["reason"]
+    lines = [r for r in caplog.records if "no age" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    no_tracebacks(caplog)
+
+
+def test_a_single_filter_target_says_once_it_has_no_colour(tmp_path, caplog):
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    settings = Settings()
+    settings.age.enabled = False
+    night = Night(settings, tmp_path / "out")
+    with caplog.at_level(logging.INFO):
+        for i in range(2):
+            night.process(write(cam, f"r{i}_I.fits", draw("round", seed=i), "R", i))
+            night.write_all_products()
+    lines = [r.getMessage() for r in caplog.records if "no colour" in r.getMessage()]
+    assert lines == ["NGC1: frames in red only: no blue, green yet, so no colour and no CMD"]
+    assert not (tmp_path / "out" / "NGC1" / "catalog.ecsv").exists()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import optimize
+from scipy.special import expit
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,9 @@ def spatial_profile(x, y) -> SpatialProfile:
     def unpack(p: np.ndarray) -> tuple[float, float, float, float, float]:
         # Unconstrained parameters squashed into range: the core radius between its bounds,
         # the tidal radius beyond it, the fraction in 0..1.
-        core = float(np.exp(lo_a + (hi_a - lo_a) / (1.0 + np.exp(-p[2]))))
-        return float(p[0]), float(p[1]), core, core * (1.0 + float(np.exp(p[3]))), float(1 / (1 + np.exp(-p[4])))
+        # (expit, not 1 / (1 + exp(-p)): the simplex can wander far out, where exp overflows.)
+        core = float(np.exp(lo_a + (hi_a - lo_a) * expit(p[2])))
+        return float(p[0]), float(p[1]), core, core * (1.0 + float(np.exp(p[3]))), float(expit(p[4]))
 
     def nll(p: np.ndarray) -> float:
         x0, y0, core, tidal, fc = unpack(p)

@@ -12,7 +12,7 @@ from astropy.table import Table
 
 from observer.config import Settings
 from observer.night import Night
-from test_shapes import draw, no_tracebacks, write
+from test_shapes import draw, no_tracebacks, reduce, write
 
 
 def test_a_frame_of_exact_zeros_is_set_aside_saying_so(tmp_path, caplog):
@@ -59,15 +59,7 @@ def test_an_ageless_target_says_why_in_age_json_and_the_snapshot(tmp_path, caplo
 
 
 def test_a_single_filter_target_says_once_it_has_no_colour(tmp_path, caplog):
-    cam = tmp_path / "cam"
-    cam.mkdir()
-    settings = Settings()
-    settings.age.enabled = False
-    night = Night(settings, tmp_path / "out")
-    with caplog.at_level(logging.INFO):
-        for i in range(2):
-            night.process(write(cam, f"r{i}_I.fits", draw("round", seed=i), "R", i))
-            night.write_all_products()
+    reduce(tmp_path, [(f"r{i}_I.fits", "round", "R") for i in range(2)], caplog, measure_each_frame=True)
     lines = [r.getMessage() for r in caplog.records if "no colour" in r.getMessage()]
     assert lines == ["NGC1: frames in red only: no blue, green yet, so no colour and no CMD"]
     assert not (tmp_path / "out" / "NGC1" / "catalog.ecsv").exists()

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 from astropy.io import fits
 from astropy.table import Table
 
@@ -64,8 +63,10 @@ def write(folder: Path, name: str, image: np.ndarray, filt: str, minute: int) ->
     return path
 
 
-def reduce(tmp_path: Path, frames: list[tuple[str, str, str]], caplog) -> tuple[Night, dict]:
-    """Reduce (name, kind, filter) frames in order; returns the night and its records by file name."""
+def reduce(tmp_path: Path, frames: list[tuple[str, str, str]], caplog, *,
+           measure_each_frame: bool = False) -> tuple[Night, dict]:
+    """Reduce (name, kind, filter) frames in order, measuring after the last (or after each) frame;
+    returns the night and its records by file name."""
     cam = tmp_path / "cam"
     cam.mkdir()
     settings = Settings()
@@ -74,7 +75,8 @@ def reduce(tmp_path: Path, frames: list[tuple[str, str, str]], caplog) -> tuple[
     with caplog.at_level(logging.INFO):
         for i, (name, kind, filt) in enumerate(frames):
             night.process(write(cam, name, draw(kind, seed=10 + i, shift=(0.7 * i, -0.4 * i)), filt, i))
-        night.write_all_products()
+            if measure_each_frame or i == len(frames) - 1:
+                night.write_all_products()
     return night, {Path(r.path).name: r for r in night.records}
 
 

@@ -43,7 +43,6 @@ from reduction.frames import Frame, FrameError, load_frame
 from reduction.overscan import correct_overscan
 from reduction.defects import find_defects
 from reduction.hotpixels import find_hot_pixels, repair_pixels
-from reduction.kernels import dilate_mask
 from reduction.quality import TRAILED, FrameQuality, detect_stars, judge_frame, measure_quality
 from reduction.registration import RegistrationError, Transform, find_transform, warp_to_reference
 from reduction.stacking import StackAccumulator
@@ -559,8 +558,9 @@ def _throughput(ctx: FrameContext, group: ExposureGroup, radius: float, exptime:
     xy = ctx.transform.apply(group.ref_xy)
     ny, nx = ctx.data.shape
     inside = (xy[:, 0] > radius) & (xy[:, 0] < nx - 1 - radius) & (xy[:, 1] > radius) & (xy[:, 1] < ny - 1 - radius)
-    ix, iy = np.round(xy[:, 0]).astype(int).clip(0, nx - 1), np.round(xy[:, 1]).astype(int).clip(0, ny - 1)
-    clipped = dilate_mask(ctx.saturated, max(int(np.ceil(radius)), 1))[iy, ix] if ctx.saturated is not None \
+    # Saturated pixels are a few thousand: the nearest one to each star, not a dilated full-frame mask.
+    saturated = np.argwhere(ctx.saturated)[:, ::-1] if ctx.saturated is not None else np.empty((0, 2))
+    clipped = np.isfinite(cKDTree(saturated).query(xy, distance_upper_bound=radius)[0]) if len(saturated) \
         else np.zeros(len(xy), bool)
     use = np.flatnonzero(inside & ~clipped)
     if use.size < 3:

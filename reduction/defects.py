@@ -27,6 +27,16 @@ CONSTANT_FRACTION = 0.5
 SAMPLE_LINES = 256
 #: Smallest line length (pixels) judged: shorter profiles have too noisy a median.
 MIN_LENGTH = 16
+#: The quantile of a line's pixels that stands for its level, and its standard error in noise sigma
+#: per sqrt(pixels): sqrt(q (1 - q)) / pdf(ppf(q)) of a Gaussian.
+PROFILE_QUANTILE = 0.2
+QUANTILE_ERROR = 1.43
+#: A deviant line is checked in this many pieces along its length ...
+SEGMENTS = 8
+#: ... and is defective only when at least this fraction of them jump the same way, each by this many
+#: of their own spread (lower than the whole line's threshold: a piece's median is noisier).
+SEGMENT_AGREEMENT = 0.75
+SEGMENT_SIGMA = 3.0
 
 
 def _constant_lines(sample: np.ndarray, middle: np.ndarray) -> np.ndarray:
@@ -38,17 +48,46 @@ def _constant_lines(sample: np.ndarray, middle: np.ndarray) -> np.ndarray:
     return np.count_nonzero(sample == middle[None, :], axis=0) > CONSTANT_FRACTION * sample.shape[0]
 
 
-def _deviant_lines(sample: np.ndarray, profile: np.ndarray, sigma: float) -> np.ndarray:
-    """Per column: True where the column's median ``profile`` jumps away from its neighbours' running median.
+def _profile(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``sample``: its middle value (the repeated one of a zeroed line) and its low quantile.
+
+    The profile is the ``PROFILE_QUANTILE`` quantile, not the median: where a line crosses a cluster
+    core, stars and their halos cover much of it and lift its median, but a defect shifts every
+    pixel of the line, the faintest too.  One partition gives both values.
+    """
+    n = sample.shape[0]
+    low = int(PROFILE_QUANTILE * (n - 1))
+    ordered = np.partition(sample, [low, n // 2], axis=0)
+    return ordered[n // 2], ordered[low]
+
+
+def _along_the_line(sample: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """Per column: True where the jump holds, with the same ``sign``, along most of the column.
+
+    A defective column is offset over its length; a line through a cluster core only where it crosses
+    the core (the stars lift that part of its median), so it shows in a few of the column's segments.
+    """
+    segments = min(SEGMENTS, sample.shape[0] // MIN_LENGTH)
+    if segments < 2:
+        return np.ones(sample.shape[1], bool)
+    agree = np.zeros(sample.shape[1], int)
+    for piece in np.array_split(sample, segments, axis=0):
+        _, profile = _profile(piece)
+        agree += (_jumps(piece, profile, SEGMENT_SIGMA) * sign) > 0
+    return agree >= SEGMENT_AGREEMENT * segments
+
+
+def _jumps(sample: np.ndarray, profile: np.ndarray, sigma: float) -> np.ndarray:
+    """Per column: the median ``profile``'s jump from its neighbours' running median where over ``sigma``, else 0.
 
     The scale is the robust spread of those jumps over all columns (fixed-pattern noise included),
-    floored at the noise of a median of ``ny`` pixels, so a clean detector flags nothing.
+    floored at the noise of a quantile of ``ny`` pixels, so a clean detector flags nothing.
     """
     jump = profile - ndimage.median_filter(profile, size=PROFILE_WINDOW, mode="nearest")
-    # the standard error of a median of n Gaussian values is 1.2533 sigma / sqrt(n)
-    floor = 1.2533 * pixel_noise(sample) / np.sqrt(sample.shape[0])
+    # the standard error of the 20% quantile of n Gaussian values is 1.43 sigma / sqrt(n) (1.2533 for the median)
+    floor = QUANTILE_ERROR * pixel_noise(sample) / np.sqrt(sample.shape[0])
     spread = max(1.4826 * float(np.median(np.abs(jump - np.median(jump)))), floor)
-    return np.abs(jump) > sigma * spread
+    return np.where(np.abs(jump) > sigma * spread, jump, 0.0)
 
 
 def _bad_columns(data: np.ndarray, sigma: float) -> np.ndarray:
@@ -57,12 +96,12 @@ def _bad_columns(data: np.ndarray, sigma: float) -> np.ndarray:
     # Every k-th row is enough for a column's median and its repeated value, at 1/k of the cost
     # (a full-frame median per column costs a second at 2048 px, the whole per-frame budget).
     sample = np.ascontiguousarray(data[::max(1, data.shape[0] // SAMPLE_LINES)])
-    n = sample.shape[0]
-    # one partition gives both the middle value (the repeated one) and the median
-    ordered = np.partition(sample, [(n - 1) // 2, n // 2], axis=0)
-    middle = ordered[n // 2]
-    profile = 0.5 * (ordered[(n - 1) // 2] + middle)
-    return _constant_lines(sample, middle) | _deviant_lines(sample, profile, sigma)
+    middle, profile = _profile(sample)
+    jumps = _jumps(sample, profile, sigma)
+    deviant = jumps != 0
+    if deviant.any():
+        deviant &= _along_the_line(sample, np.sign(jumps))
+    return _constant_lines(sample, middle) | deviant
 
 
 def find_defects(data: np.ndarray, sigma: float = 8.0) -> np.ndarray:

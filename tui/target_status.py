@@ -58,7 +58,7 @@ class TargetStatus(VerticalScroll):
     TargetStatus #verdict.done { background: $success; color: $background; }
     TargetStatus #histories { height: auto; }
     TargetStatus .filter-row { height: 1; }
-    TargetStatus .filter-row Label { width: 8; }
+    TargetStatus .filter-row Label { width: 12; }
     TargetStatus .filter-row Sparkline { width: 1fr; }
     TargetStatus #warnings { color: $warning; }
     """

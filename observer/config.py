@@ -238,8 +238,15 @@ class AgeSettings:
     """Isochrone fitting of the cluster's age."""
 
     enabled: bool = True
-    metallicity: float = field(default=0.0, metadata=_check(lambda v: -2.0 <= v <= 0.0, "[M/H] between -2 and 0"))
+    metallicity: float = field(default=0.0, metadata=_check(lambda v: -2.3 <= v <= 0.3,
+                                                            "[M/H] between -2.3 and 0.3"))
     fit_metallicity: bool = False
+    metallicity_sigma: float | None = field(default=None, metadata=_check(
+        lambda v: v is None or 0.0 < v <= 1.0, "null (no prior) or a prior width in dex, 0-1"))
+    color_scale: list[float] = field(default_factory=lambda: [1.0, 1.0], metadata=_check(
+        lambda v: len(v) == 2 and 0.5 <= v[0] <= v[1] <= 2.0,
+        "[low, high] with 0.5 <= low <= high <= 2 (equal values: a fixed colour term)"))
+    systematic_dex: float = field(default=0.05, metadata=_check(_non_negative, "a number >= 0 (dex)"))
     distance_modulus: float | None = None
     ebv: float | None = None
     calibrated_zeropoints: bool = False

@@ -171,7 +171,9 @@ def fit_target_age(target: str, catalog: Table, settings: Settings) -> AgeResult
     age = settings.age
     try:
         fit = fit_age(color, mag, color_err, mag_err, usable, bands=bands, mh=age.metallicity,
-                      fit_mh=age.fit_metallicity, distance_modulus=age.distance_modulus, ebv=age.ebv,
+                      fit_mh=age.fit_metallicity, mh_sigma=age.metallicity_sigma,
+                      color_scale=(age.color_scale[0], age.color_scale[1]), systematic=age.systematic_dex,
+                      distance_modulus=age.distance_modulus, ebv=age.ebv,
                       calibrated=age.calibrated_zeropoints, bootstrap=age.bootstrap,
                       rng=np.random.default_rng(0),
                       # Members crowd towards the cluster's centre, field stars do not: positions weigh in.

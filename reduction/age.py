@@ -28,16 +28,21 @@ Model (per PARSEC isochrone of log age ``a`` and metallicity ``[M/H]``):
 * The model is truncated to the observed box (colour range, saturation limit,
   faint limit) and renormalised there, so saturation and faint incompleteness
   do not bias the fit: the model only has to explain what could be observed.
-* Shifts: ``mag = M + dmag``, ``colour = colour_0 + dcolor``.  Calibrated data:
-  ``dmag = mu + A_band2 E(B-V)``, ``dcolor = (A_band1 - A_band2) E(B-V)``.
-  Uncalibrated data: both shifts are free and absorb the zeropoints.
+* Shifts: ``mag = M + dmag``, ``colour = k colour_0 + dcolor``.  Calibrated data:
+  ``dmag = mu + A_band2 E(B-V)``, ``dcolor = (A_band1 - A_band2) E(B-V)``, k = 1.
+  Uncalibrated data: both shifts are free and absorb the zeropoints; the colour
+  scale k is fixed (1 by default) or fitted within a range, for filters that are
+  not the isochrone's.
 * Per age, a global FFT search scores every shift with an approximate,
   box-normalised likelihood; Nelder-Mead refines its best few candidates, and
   an age fitting much worse than a neighbour is refitted from the neighbour's
-  shifts.  The age is the maximum of the profile likelihood, interpolated
-  by a parabola between grid ages.  The interval is the union of a bootstrap over
-  stars (16-84 %), the ages whose profile likelihood is within 3 of the best
-  (about 95 % plus the grid's bumpiness) and a systematic floor of one grid step (0.05 dex).
+  shifts.  Ages are scanned every 0.1 dex, then every 0.025 dex (isochrones
+  interpolated between the grid's nodes) near the best.  [M/H] is fixed, or
+  marginalised under its prior over a few interpolated values near the best age.
+  The age is the maximum of that profile, interpolated by a parabola.  The 68 %
+  and 95 % intervals are bootstrap percentiles over the stars (``_intervals``),
+  the 95 % one also spanning the profile within 3 of its maximum, each widened by
+  a systematic floor (0.05 dex, one sigma) in quadrature.
 
 This module is the fit; the model it scores is ``reduction.cmd_model`` and the
 spatial membership prior ``reduction.membership``.
@@ -47,7 +52,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import optimize
@@ -56,25 +61,38 @@ from scipy.ndimage import gaussian_filter, maximum_filter
 
 from reduction.cmd_model import (AgeModel, FitData, age_model, component_densities, field_density, full_grid,
                                  mixture_lnl, model_tracks, neg_lnl, prepare, render)
-from reduction.isochrones import A_OVER_EBV, LABEL_MAIN_SEQUENCE, get_isochrone, grid
+from reduction.isochrones import A_OVER_EBV, LABEL_MAIN_SEQUENCE, MH_EXTRAPOLATION, grid, interpolated_isochrone
 from reduction.membership import SPATIAL_MIN_GAIN, SpatialProfile, spatial_profile
 
 log = logging.getLogger(__name__)
 
 ISOCHRONE_SET = "PARSEC v1.2S (uwastro465isos)"
 
-#: Systematic floor of the reported interval (dex): the isochrone grid step; ages between grid
-#: points come from interpolating the likelihood, not from interpolated isochrones.
+#: Systematic floor (dex, one sigma) added in quadrature to both intervals: the isochrone set's own
+#: systematics and the grid step (ages between grid points come from interpolating the likelihood).
 AGE_FLOOR_DEX = 0.05
-#: Profile-likelihood drop defining the interval: 2 (about 95 % for one parameter) plus 1 for the
-#: bumpiness of the profile between neighbouring grid isochrones (pre-main-sequence, hook, a few
-#: field stars just above the turn-off that one isochrone explains and its neighbour does not:
-#: 2-3 units on pipeline catalogues of a 300 Myr cluster, enough to move the maximum by 0.25 dex).
+#: Profile-likelihood drop that the 95 % interval always spans: 2 (about 95 % for one parameter)
+#: plus 1 for the bumpiness of the profile between neighbouring grid isochrones (pre-main-sequence,
+#: hook, a few field stars just above the turn-off that one isochrone explains and its neighbour
+#: does not: 2-3 units on pipeline catalogues of a 300 Myr cluster).
 PROFILE_DELTA_LNL = 3.0
-#: Percentiles of the bootstrap ages that bound the interval.
-BOOTSTRAP_PERCENTILES = (16.0, 84.0)
-#: Half-width (grid steps) of the window around the best age where every grid age is fitted.
-FINE_HALF_WINDOW = 4
+#: Percentiles of the bootstrap ages that bound the 68 % and the 95 % intervals.
+PERCENTILES_68 = (16.0, 84.0)
+PERCENTILES_95 = (2.5, 97.5)
+#: Gaussian quantile of the 95 % interval (the floor is one sigma).
+Z_95 = 1.96
+#: [M/H] values marginalised over when there is no prior: the range of open clusters.
+MH_SCAN = (-0.6, -0.4, -0.2, 0.0, 0.2)
+#: Range of the colour scale k (observed colour = k model colour + c) for a filter set that is not the
+#: isochrone's (``color_scale``; the default is 1, Johnson-like filters).
+COLOR_SCALE_RANGE = (0.8, 1.2)
+#: Ages fitted per grid step of the isochrone set: between nodes the isochrone is interpolated,
+#: so the profile near its maximum is sampled at 0.025 dex.
+AGE_SUBSTEPS = 2
+#: The first scan fits every COARSE_STEP-th age of that axis (0.1 dex) ...
+COARSE_STEP = 2 * AGE_SUBSTEPS
+#: ... then every age within this many axis steps of the best one.
+FINE_HALF_WINDOW = 3 * AGE_SUBSTEPS
 #: Global shift search (FFT): field fraction assumed in the approximate likelihood, ladder of
 #: log10 box-normalisation levels (first, last, step), neighbourhood of a candidate peak (pixels of
 #: the coarse grid: 0.6 mag x 0.2 colour), at most this many candidates, and only those whose
@@ -98,6 +116,8 @@ class AgeFit:
     age_myr: float
     age_myr_low: float
     age_myr_high: float
+    log_age_low95: float
+    log_age_high95: float
     distance_modulus: float
     ebv: float
     mh: float
@@ -122,6 +142,9 @@ class AgeFit:
     membership_prior: np.ndarray = field(default_factory=lambda: np.empty(0))
     membership: np.ndarray = field(default_factory=lambda: np.empty(0))
     spatial: "SpatialProfile | None" = None
+    color_scale: float = 1.0            # fitted k of colour = k (model colour) + colour shift
+    color_scale_range: tuple[float, float] = (1.0, 1.0)
+    systematic_dex: float = AGE_FLOOR_DEX
 
     def to_json(self) -> dict:
         """Plain JSON-serialisable record (age.json)."""
@@ -132,6 +155,12 @@ class AgeFit:
             "age_myr": round(float(self.age_myr), 2),
             "age_myr_low": round(float(self.age_myr_low), 2),
             "age_myr_high": round(float(self.age_myr_high), 2),
+            "log_age_low95": round(float(self.log_age_low95), 4),
+            "log_age_high95": round(float(self.log_age_high95), 4),
+            "confidence": {"log_age_low/high": 0.68, "log_age_low95/high95": 0.95},
+            "systematic_dex": round(float(self.systematic_dex), 4),
+            "color_scale": round(float(self.color_scale), 4),
+            "color_scale_range": [float(v) for v in self.color_scale_range],
             "distance_modulus": round(float(self.distance_modulus), 3),
             "ebv": round(float(self.ebv), 4),
             "mh": float(self.mh),
@@ -240,30 +269,28 @@ class _AgeResult:
     f_binary: float
     single: np.ndarray
     binary: np.ndarray
+    scale: float = 1.0          # colour scale k: observed colour = k (model colour) + dcolor
+
+    @property
+    def start(self) -> tuple[float, float, float]:
+        """This solution as a start for another age's fit."""
+        return self.dcolor, self.dmag, self.scale
 
 
-def _fit_shifts(model: AgeModel, data: FitData, starts: list[tuple[float, float]], fixed: "_Fixed") -> _AgeResult:
-    """Best shifts for one age: Nelder-Mead from each start, keep the best."""
+def _fit_shifts(model: AgeModel, data: FitData, start: tuple[float, ...], fixed: "_Fixed") -> _AgeResult:
+    """Best shifts (and colour scale) for one age: Nelder-Mead from ``start``."""
     weights = np.ones(data.mag.size)
-    best: _AgeResult | None = None
-    for start in starts:
-        p0 = fixed.to_params(*start)
-        if p0.size == 0:
-            dc, dm = fixed.to_shifts(p0)
-            nll = neg_lnl(np.array([dc, dm]), model, data, weights)
-        else:
-            res = optimize.minimize(
-                lambda p: neg_lnl(np.array(fixed.to_shifts(p)), model, data, weights), p0,
-                method="Nelder-Mead",
-                options={"xatol": 2e-3, "fatol": 0.02, "initial_simplex": fixed.simplex(p0)})
-            p0, nll = res.x, float(res.fun)
-            dc, dm = fixed.to_shifts(p0)
-        if best is None or -nll > best.lnl:
-            s, b = component_densities(model, data, dc, dm)
-            lnl, ff, fb = mixture_lnl(s, b, data.field, weights, data.field_prior)
-            best = _AgeResult(lnl, dc, dm, ff, fb, s, b)
-    assert best is not None
-    return best
+    p0 = fixed.to_params(*start)
+    if p0.size:         # else everything is fixed (calibrated, distance and reddening given)
+        warm = [(0.2, 0.3)]
+        p0 = optimize.minimize(
+            lambda p: neg_lnl(np.array(fixed.to_shifts(p)), model, data, weights, warm), p0,
+            method="Nelder-Mead",
+            options={"xatol": 4e-3, "fatol": 0.02, "initial_simplex": fixed.simplex(p0)}).x
+    dc, dm, k = fixed.to_shifts(p0)
+    s, b = component_densities(model, data, dc, dm, k)
+    lnl, ff, fb = mixture_lnl(s, b, data.field, weights, data.field_prior)
+    return _AgeResult(lnl, dc, dm, ff, fb, s, b, k)
 
 
 @dataclass
@@ -275,27 +302,50 @@ class _Fixed:
     calibrated: bool
     mu: float | None
     ebv: float | None
+    #: Range of the colour scale k (colour = k model colour + dcolor); equal ends fix it.
+    scales: tuple[float, float] = (1.0, 1.0)
+    #: Observed colour the scale pivots about in the free parameters (the data's median): scaling
+    #: about the middle of the sequence leaves its position alone, so k and the colour shift are
+    #: nearly independent and Nelder-Mead can walk k (about colour 0, a 7 % scale moves the
+    #: whole sequence by a few of its widths and the optimiser stalls in a local optimum).
+    pivot: float = 0.0
 
-    def to_shifts(self, p: np.ndarray) -> tuple[float, float]:
-        """(dcolor, dmag) from the free parameters."""
+    @property
+    def free_scale(self) -> bool:
+        return self.scales[1] > self.scales[0]
+
+    def _scale(self, p: float) -> float:
+        # k = middle + half-range * tanh(p): bounded, and smooth for Nelder-Mead.
+        mid, half = 0.5 * (self.scales[0] + self.scales[1]), 0.5 * (self.scales[1] - self.scales[0])
+        return float(mid + half * np.tanh(p))
+
+    def to_shifts(self, p: np.ndarray) -> tuple[float, float, float]:
+        """(dcolor, dmag, colour scale) from the free parameters."""
+        k = self._scale(p[-1]) if self.free_scale else self.scales[0]
         if not self.calibrated:
-            return float(p[0]), float(p[1])
+            # p[0] is the colour shift at k = 1 about the pivot: colour = k (model - pivot + p0) + pivot
+            return self.pivot - k * (self.pivot - float(p[0])), float(p[1]), k
         it = iter(p)
         # |E(B-V)|: reddening cannot be negative; the reflection keeps Nelder-Mead unconstrained.
         ebv = self.ebv if self.ebv is not None else abs(float(next(it)))
         mu = self.mu if self.mu is not None else float(next(it))
-        return self.k_color * ebv, mu + self.k_mag * ebv
+        return self.k_color * ebv, mu + self.k_mag * ebv, k
 
-    def to_params(self, dcolor: float, dmag: float) -> np.ndarray:
-        """Free parameters closest to the given shifts (the optimiser's start)."""
+    def to_params(self, dcolor: float, dmag: float, scale: float | None = None) -> np.ndarray:
+        """Free parameters closest to the given shifts and scale (the optimiser's start)."""
+        mid, half = 0.5 * (self.scales[0] + self.scales[1]), 0.5 * (self.scales[1] - self.scales[0])
+        k = scale if scale is not None and self.free_scale else mid
         if not self.calibrated:
-            return np.array([dcolor, dmag])
-        ebv = self.ebv if self.ebv is not None else dcolor / self.k_color
-        out = []
-        if self.ebv is None:
-            out.append(max(ebv, 0.0))
-        if self.mu is None:
-            out.append(dmag - self.k_mag * ebv)
+            out = [self.pivot - (self.pivot - dcolor) / k, dmag]
+        else:
+            ebv = self.ebv if self.ebv is not None else dcolor / self.k_color
+            out = []
+            if self.ebv is None:
+                out.append(max(ebv, 0.0))
+            if self.mu is None:
+                out.append(dmag - self.k_mag * ebv)
+        if self.free_scale:
+            out.append(float(np.arctanh(np.clip((k - mid) / half, -0.95, 0.95))))
         return np.array(out)
 
     def simplex(self, p0: np.ndarray) -> np.ndarray:
@@ -308,6 +358,8 @@ class _Fixed:
                 steps.append(0.03)
             if self.mu is None:
                 steps.append(0.1)
+        if self.free_scale:
+            steps.append(0.3)           # about 0.06 in k over 0.8-1.2
         sim = np.tile(p0, (len(p0) + 1, 1))
         for i, st in enumerate(steps):
             sim[i + 1, i] += st
@@ -352,12 +404,120 @@ def _profile_interval(ages: np.ndarray, lnl: np.ndarray, delta: float) -> tuple[
     return lo, hi
 
 
+def _bootstrap(ages: np.ndarray, by_mh: dict[float, dict[int, _AgeResult]], log_prior: dict[float, float],
+               data: FitData, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Best ages of ``n`` resamples of the stars (multinomial weights), over all the ages and [M/H] fitted.
+
+    The shifts and colour scale stay at each fit's full-data optimum (re-optimising them changes
+    the maximum only to second order) while the fractions are refitted, and [M/H] is marginalised
+    as in the fit; this makes a resample cost a few milliseconds, so it can roam the whole grid:
+    when the data hold little age information (e.g. a saturated turn-off) the likelihood is a
+    plateau and the interval must show it.
+    """
+    stars = data.mag.size
+    boot = []
+    for _ in range(n):
+        w = rng.multinomial(stars, np.full(stars, 1.0 / stars)).astype(float)
+        resampled = {met: {i: replace(r, lnl=mixture_lnl(r.single, r.binary, data.field, w, data.field_prior)[0])
+                           for i, r in results.items()} for met, results in by_mh.items()}
+        boot.append(_profile(ages, _marginal_curve(ages, resampled, log_prior)[0]))
+    log.debug("bootstrap log ages: %s", np.round(np.sort(boot), 3))
+    return np.array(boot)
+
+
+def _metallicities(mh: float, mh_sigma: float | None, fit_mh: bool) -> tuple[list[float], dict[float, float]]:
+    """The [M/H] values the fit tries, each with its log prior weight (normalised).
+
+    Without a fit, ``mh`` alone. With a prior (``mh_sigma``), mh and 1 and 2 sigma either side
+    (within the isochrones' reach); without one, ``MH_SCAN`` evenly (open clusters' range).
+    """
+    if not fit_mh:
+        return [float(mh)], {float(mh): 0.0}
+    _, nodes = grid()
+    lo, hi = nodes[0] - MH_EXTRAPOLATION, nodes[-1] + MH_EXTRAPOLATION
+    if mh_sigma is None or mh_sigma <= 0:
+        values = [float(v) for v in MH_SCAN]
+        weights = np.zeros(len(values))
+    else:
+        values = sorted({round(float(np.clip(mh + k * mh_sigma, lo, hi)), 3) for k in (-2, -1, 0, 1, 2)})
+        weights = -0.5 * ((np.array(values) - mh) / mh_sigma) ** 2
+    weights = weights - np.logaddexp.reduce(weights)
+    return values, dict(zip(values, (float(w) for w in weights)))
+
+
+def _scan_metallicities(ages: np.ndarray, metallicities: list[float], bands: tuple[str, str], data: FitData,
+                        fixed: _Fixed) -> dict[float, dict[int, _AgeResult]]:
+    """Fits at every [M/H]: the whole age scan at the middle one, the others near its best age only.
+
+    Why not a full scan per [M/H]: [M/H] moves the best age by a few hundredths of a dex per
+    0.1 dex, so the other metallicities matter only within the fine window, where each age
+    starts from the middle metallicity's solution (no global search): a fraction of the cost.
+    """
+    middle = metallicities[len(metallicities) // 2]
+    by_mh = {middle: _scan_ages(ages, middle, bands, data, fixed)}
+    centre = max(by_mh[middle], key=lambda i: by_mh[middle][i].lnl)
+    # grid nodes only (no interpolation in age on top of the one in [M/H]), one beyond either end
+    reach = FINE_HALF_WINDOW + AGE_SUBSTEPS - 1
+    window = [i for i in range(max(centre - reach, 0), min(centre + reach + 1, len(ages)))
+              if i in by_mh[middle] and i % AGE_SUBSTEPS == 0]
+    for met in metallicities:
+        if met != middle:
+            by_mh[met] = {i: _fit_one_age(float(ages[i]), met, bands, data, fixed, [by_mh[middle][i]], search=False)
+                          for i in window}
+    return by_mh
+
+
+def _marginal_curve(ages: np.ndarray, by_mh: dict[float, dict[int, _AgeResult]], log_prior: dict[float, float]
+                    ) -> tuple[np.ndarray, float, int]:
+    """Profile lnL over the age axis with [M/H] marginalised under its prior, and the best fit's
+    ([M/H], age index).
+
+    Each metallicity's lnL is interpolated linearly across the ages it skipped, within the ages
+    it was fitted over; beyond them (outside the window of ``_scan_metallicities``) the sum runs
+    over the metallicities that reach there: far from the best age a lower bound, all it needs.
+    """
+    axis = np.arange(len(ages))
+    terms = []
+    for met, results in by_mh.items():
+        fitted = np.array(sorted(results))
+        term = np.full(len(ages), -np.inf)
+        reach = (axis >= fitted[0]) & (axis <= fitted[-1])
+        term[reach] = np.interp(axis[reach], fitted, [results[i].lnl for i in fitted]) + log_prior[met]
+        terms.append(term)
+    best_mh, i_best = max(((met, i) for met, results in by_mh.items() for i in results),
+                          key=lambda key: by_mh[key[0]][key[1]].lnl + log_prior[key[0]])
+    return np.logaddexp.reduce(terms, axis=0), best_mh, i_best
+
+
+def _intervals(log_age: float, boot: np.ndarray, profile95: tuple[float, float], systematic: float
+               ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The 68 % and 95 % intervals: bootstrap percentiles, the systematic floor added in quadrature.
+
+    Each side is widened on its own: ``sqrt(stat**2 + (z systematic)**2)`` from the best age, z = 1
+    for 68 % and 1.96 for 95 %.  The 95 % interval also spans the ages whose profile likelihood is
+    within ``PROFILE_DELTA_LNL`` of the best (``profile95``), which holds when the resamples are
+    few or the profile is a plateau the resamples do not roam.
+    """
+    def widen(lo: float, hi: float, z: float) -> tuple[float, float]:
+        below, above = max(log_age - lo, 0.0), max(hi - log_age, 0.0)
+        return (log_age - float(np.hypot(below, z * systematic)), log_age + float(np.hypot(above, z * systematic)))
+
+    if boot.size:
+        lo68, hi68 = np.percentile(boot, PERCENTILES_68)
+        lo95, hi95 = np.percentile(boot, PERCENTILES_95)
+    else:
+        lo68 = hi68 = log_age
+        lo95, hi95 = profile95
+    lo95, hi95 = min(lo95, profile95[0]), max(hi95, profile95[1])
+    return widen(min(lo68, log_age), max(hi68, log_age), 1.0), widen(min(lo95, log_age), max(hi95, log_age), Z_95)
+
+
 def _as_float(values) -> np.ndarray:
     """A float array with masked entries (astropy MaskedColumn, numpy masked array) as NaN."""
     return np.ma.asarray(values, dtype=float).filled(np.nan)
 
 
-def _plot_isochrone(log_age: float, mh: float, bands: tuple[str, str], dcolor: float, dmag: float,
+def _plot_isochrone(log_age: float, mh: float, bands: tuple[str, str], best: _AgeResult,
                     mag: np.ndarray, turnoff_mag: float) -> tuple[np.ndarray, np.ndarray]:
     """The fitted isochrone on the observed axes, for drawing over the diagram.
 
@@ -365,27 +525,26 @@ def _plot_isochrone(log_age: float, mh: float, bands: tuple[str, str], dcolor: f
     only the magnitudes the diagram shows (its stars' range and the turn-off, a little beyond),
     so that a plot scaled to the isochrone is scaled to the data.
     """
-    iso = get_isochrone(log_age, mh)
-    c = iso.mags[bands[0]] - iso.mags[bands[1]] + dcolor
-    m = iso.mags[bands[1]] + dmag
+    iso = interpolated_isochrone(log_age, mh)
+    c = best.scale * (iso.mags[bands[0]] - iso.mags[bands[1]]) + best.dcolor
+    m = iso.mags[bands[1]] + best.dmag
     finite = mag[np.isfinite(mag)]
     keep = (iso.label <= 7) & (m >= min(finite.min(), turnoff_mag) - 1.0) & (m <= finite.max() + 0.5)
     return c[keep], m[keep]
 
 
-def _turnoff(log_age: float, mh: float, bands: tuple[str, str], dcolor: float, dmag: float
-             ) -> tuple[float, float]:
+def _turnoff(log_age: float, mh: float, bands: tuple[str, str], best: _AgeResult) -> tuple[float, float]:
     """Bluest main-sequence point of the isochrone (the turn-off), on the observed axes."""
-    iso = get_isochrone(log_age, mh)
+    iso = interpolated_isochrone(log_age, mh)
     c = iso.mags[bands[0]] - iso.mags[bands[1]]
     ms = iso.label == LABEL_MAIN_SEQUENCE
     if not ms.any():
         ms = np.ones_like(c, bool)
     idx = np.flatnonzero(ms)[np.argmin(c[ms])]
-    return float(c[idx] + dcolor), float(iso.mags[bands[1]][idx] + dmag)
+    return float(best.scale * c[idx] + best.dcolor), float(iso.mags[bands[1]][idx] + best.dmag)
 
 
-def _distinct(start: tuple[float, float], others: list[tuple[float, float]]) -> bool:
+def _distinct(start: tuple[float, ...], others: list[tuple[float, ...]]) -> bool:
     """True if a start is not within a sequence width of any of the others (it would find the same optimum)."""
     return all(abs(start[0] - o[0]) > 0.05 or abs(start[1] - o[1]) > 0.2 for o in others)
 
@@ -397,13 +556,13 @@ def _fit_one_age(log_age: float, mh: float, bands: tuple[str, str], data: FitDat
     Each start gets its own model window: candidates can be magnitudes apart, and one
     window spanning them all would cost many times more to blur.
     """
-    starts: list[tuple[float, float]] = _fft_starts(log_age, mh, bands, data) if search else []
+    starts: list[tuple[float, ...]] = list(_fft_starts(log_age, mh, bands, data)) if search else []
     for r in neighbours:
-        if _distinct((r.dcolor, r.dmag), starts):
-            starts.append((r.dcolor, r.dmag))
+        if _distinct(r.start, starts):
+            starts.append(r.start)
     best: _AgeResult | None = None
     for start in starts:
-        result = _fit_shifts(age_model(log_age, mh, bands, data, [start]), data, [start], fixed)
+        result = _fit_shifts(age_model(log_age, mh, bands, data, [start[:2]], fixed.scales), data, start, fixed)
         if best is None or result.lnl > best.lnl:
             best = result
     assert best is not None
@@ -425,8 +584,7 @@ def _propagate(ages: np.ndarray, mh: float, bands: tuple[str, str], data: FitDat
         fitted = sorted(results)
         for a, b in list(zip(fitted[:-1], fitted[1:])) + list(zip(fitted[1:], fitted[:-1])):
             good, poor = results[a], results[b]
-            if good.lnl < poor.lnl + PROPAGATE_DLNL or not _distinct((good.dcolor, good.dmag),
-                                                                    [(poor.dcolor, poor.dmag)]):
+            if good.lnl < poor.lnl + PROPAGATE_DLNL or not _distinct(good.start, [poor.start]):
                 continue
             refit = _fit_one_age(float(ages[b]), mh, bands, data, fixed, [good], search=False)
             if refit.lnl > poor.lnl + 1e-6:
@@ -444,8 +602,8 @@ def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: FitDat
     the optimum; halving the ages scanned halves the cost of the fit.
     """
     results: dict[int, _AgeResult] = {}
-    for i in range(0, len(ages), 2):
-        prev = [results[i - 2]] if i >= 2 else []
+    for i in range(0, len(ages), COARSE_STEP):
+        prev = [results[i - COARSE_STEP]] if i >= COARSE_STEP else []
         results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, prev)
     while True:
         _propagate(ages, mh, bands, data, fixed, results)
@@ -460,18 +618,14 @@ def _scan_ages(ages: np.ndarray, mh: float, bands: tuple[str, str], data: FitDat
             results[i] = _fit_one_age(float(ages[i]), mh, bands, data, fixed, near, search=not near)
 
 
-def _filled_curve(ages: np.ndarray, results: dict[int, _AgeResult]) -> np.ndarray:
-    """Profile lnL on the whole grid, linearly interpolated across ages not fitted."""
-    idx = np.array(sorted(results))
-    return np.interp(np.arange(len(ages)), idx, [results[i].lnl for i in idx])
-
-
 def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B", "V"),
-            mh: float = 0.0, fit_mh: bool = False, distance_modulus: float | None = None,
+            mh: float = 0.0, fit_mh: bool = False, mh_sigma: float | None = None,
+            distance_modulus: float | None = None,
             ebv: float | None = None, calibrated: bool = False, bootstrap: int = 30,
             rng: np.random.Generator | int | None = None, mag_limit: float | None = None,
             bright_limit: float | None = None, x: np.ndarray | None = None,
-            y: np.ndarray | None = None) -> AgeFit:
+            y: np.ndarray | None = None, color_scale: tuple[float, float] = (1.0, 1.0),
+            systematic: float = AGE_FLOOR_DEX) -> AgeFit:
     """Fit a PARSEC isochrone to a colour-magnitude diagram; see the module docstring.
 
     color = mag(bands[0]) - mag(bands[1]), mag = mag(bands[1]), with their errors;
@@ -485,7 +639,8 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     fainter than where the catalogue is complete.  ``bright_limit`` (default:
     the brightest usable star if excluded stars brighter than it show
     saturation, else 1 mag above it) truncates the model at the bright end.
-    ``fit_mh`` scans the five [M/H] of the grid (five times the cost).
+    ``fit_mh`` marginalises [M/H] (``_metallicities``): over ``MH_SCAN`` evenly, or with
+    ``mh_sigma`` over a Gaussian prior of mean ``mh``; without it [M/H] is fixed at ``mh``.
     ``x``, ``y`` (pixel positions on one grid, e.g. the catalogue's reference grid)
     add a spatial membership prior: a King cluster on a uniform field is fitted to
     the positions of the usable stars (``spatial_profile``) and each star's prior
@@ -510,40 +665,21 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     if not calibrated and (distance_modulus is not None or ebv is not None):
         notes.append("distance modulus / E(B-V) given but zeropoints uncalibrated: ignored")
         distance_modulus = ebv = None
+    # Calibrated magnitudes are on the isochrone's system: no colour scale to fit.
+    scales = (1.0, 1.0) if calibrated else (float(color_scale[0]), float(color_scale[1]))
     fixed = _Fixed(A_OVER_EBV[bands[0]] - A_OVER_EBV[bands[1]], A_OVER_EBV[bands[1]], calibrated,
-                   distance_modulus, ebv)
-    ages, mhs = grid()
-    mh_values = [float(v) for v in mhs] if fit_mh else [float(mhs[np.argmin(np.abs(mhs - mh))])]
+                   distance_modulus, ebv, scales, float(np.median(data.color)))
+    nodes, _ = grid()
+    ages = np.round(np.linspace(nodes[0], nodes[-1], AGE_SUBSTEPS * (len(nodes) - 1) + 1), 4)
+    metallicities, log_prior = _metallicities(mh, mh_sigma, fit_mh)
+    by_mh = _scan_metallicities(ages, metallicities, bands, data, fixed)
+    curve, best_mh, i_best = _marginal_curve(ages, by_mh, log_prior)
+    log_age = _profile(ages, curve)
+    best = by_mh[best_mh][i_best]
 
-    best_mh, best_curve, best_results = None, None, None
-    for met in mh_values:
-        results = _scan_ages(ages, met, bands, data, fixed)
-        curve = _filled_curve(ages, results)
-        if best_curve is None or curve.max() > best_curve.max():
-            best_mh, best_curve, best_results = met, curve, results
-    assert best_curve is not None and best_results is not None and best_mh is not None
-    i_best = int(np.argmax(best_curve))
-    log_age = _profile(ages, best_curve)
-    p_lo, p_hi = _profile_interval(ages, best_curve, PROFILE_DELTA_LNL)
-    best = best_results[i_best]
-
-    # Bootstrap: resample stars (multinomial weights) and re-maximise over all the ages fitted.
-    # The shifts stay at each age's full-data optimum (re-optimising them changes the maximum
-    # only to second order) while the fractions are refitted; this makes a resample cost a few
-    # milliseconds, so it can roam the whole grid: when the data hold little age information
-    # (e.g. a saturated turn-off) the likelihood is a plateau and the interval must show it.
-    boot = []
-    fitted = np.array(sorted(best_results))
-    for _ in range(bootstrap):
-        w = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
-        lnl = [mixture_lnl(best_results[i].single, best_results[i].binary, data.field, w, data.field_prior)[0]
-               for i in fitted]
-        boot.append(_profile(ages, np.interp(np.arange(len(ages)), fitted, lnl)))
-    low, high = min(p_lo, log_age - AGE_FLOOR_DEX), max(p_hi, log_age + AGE_FLOOR_DEX)
-    if boot:
-        b16, b84 = np.percentile(boot, BOOTSTRAP_PERCENTILES)
-        log.debug("bootstrap log ages: %s", np.round(np.sort(boot), 3))
-        low, high = min(low, float(b16)), max(high, float(b84))
+    boot = _bootstrap(ages, by_mh, log_prior, data, bootstrap, rng)
+    (low, high), (low95, high95) = _intervals(log_age, boot, _profile_interval(ages, curve, PROFILE_DELTA_LNL),
+                                              systematic)
 
     mu, ebv_fit = fixed.physical(best.dcolor, best.dmag)
     if calibrated:
@@ -556,7 +692,7 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
                         f"(= {band_m} shift - {fixed.k_mag:.2f} ebv) and ebv (from the {colour} shift) include "
                         "the unknown zeropoints and are not physical; the age comes from the shape of the "
                         "sequence (turn-off, main-sequence curvature, giants)")
-    turnoff = _turnoff(float(ages[i_best]), best_mh, bands, best.dcolor, best.dmag)
+    turnoff = _turnoff(float(ages[i_best]), best_mh, bands, best)
     if turnoff[1] < data.box[2]:
         # Why say so: without the turn-off the age rests on the main sequence's curvature (or the
         # pre-main sequence), which a few field stars or 0.01 mag colour errors can bend; on
@@ -564,7 +700,7 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
         notes.append(f"the fitted turn-off ({bands[1]} = {turnoff[1]:.2f}) is brighter than the brightest star "
                      f"used ({data.box[2]:.2f}, saturation): the age comes from the sequence below the turn-off "
                      "(main-sequence curvature, pre-main-sequence turn-on) and may be less certain than the interval says")
-    iso_c, iso_m = _plot_isochrone(float(ages[i_best]), best_mh, bands, best.dcolor, best.dmag, mag, turnoff[1])
+    iso_c, iso_m = _plot_isochrone(float(ages[i_best]), best_mh, bands, best, mag, turnoff[1])
     membership = np.full(mag.size, np.nan)
     prior_field = best.f_field if data.field_prior is None else data.field_prior
     cluster = (1 - prior_field) * ((1 - best.f_binary) * best.single + best.f_binary * best.binary)
@@ -574,13 +710,15 @@ def fit_age(color, mag, color_err, mag_err, usable, bands: tuple[str, str] = ("B
     return AgeFit(
         log_age=log_age, log_age_low=low, log_age_high=high,
         age_myr=10 ** log_age / 1e6, age_myr_low=10 ** low / 1e6, age_myr_high=10 ** high / 1e6,
+        log_age_low95=low95, log_age_high95=high95,
         distance_modulus=mu, ebv=ebv_fit, mh=best_mh, n_stars=n, calibrated_zeropoints=bool(calibrated),
         isochrone_set=ISOCHRONE_SET, iso_color=iso_c, iso_mag=iso_m,
         turnoff=turnoff,
         bands=bands, note="; ".join(notes), dmag=best.dmag, dcolor=best.dcolor,
         field_fraction=best.f_field, binary_fraction=best.f_binary, mag_limit=data.box[3],
-        seconds=seconds, profile_log_age=np.asarray(ages, float), profile_lnl=best_curve,
-        membership_prior=prior, membership=membership, spatial=spatial)
+        seconds=seconds, profile_log_age=np.asarray(ages, float), profile_lnl=curve,
+        membership_prior=prior, membership=membership, spatial=spatial, color_scale=best.scale,
+        color_scale_range=scales, systematic_dex=systematic)
 
 
 def _use_positions(data: FitData, x: np.ndarray, y: np.ndarray, usable: np.ndarray

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from reduction.isochrones import get_isochrone
+from reduction.isochrones import interpolated_isochrone
+from reduction.kernels import gaussian_blur_zero
 
 #: Intrinsic width of the sequence (mag): differential reddening, model and calibration scatter.
 INTRINSIC_WIDTH = 0.025
@@ -80,10 +81,13 @@ def combine_magnitudes(m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
     return -2.5 * np.log10(10 ** (-0.4 * m1) + 10 ** (-0.4 * m2))
 
 
-@functools.lru_cache(maxsize=80)
+@functools.lru_cache(maxsize=400)
 def model_tracks(log_age: float, mh: float, bands: tuple[str, str]) -> tuple[Track, Track]:
-    """Single-star and binary tracks for one isochrone (cached: they do not depend on the data)."""
-    iso = get_isochrone(log_age, mh)
+    """Single-star and binary tracks for one isochrone (cached: they do not depend on the data).
+
+    Between the grid's nodes (ages at half steps, [M/H] anywhere) the isochrone is interpolated.
+    """
+    iso = interpolated_isochrone(log_age, mh)
     keep = iso.label < 9                      # post-AGB: negligible IMF weight, wild colours
     mini, cum = iso.mini[keep], iso.int_imf[keep]
     b1, b2 = iso.mags[bands[0]][keep], iso.mags[bands[1]][keep]
@@ -163,7 +167,7 @@ class ImageStack:
         for k, ((sc, sm), (r0, r1)) in enumerate(zip(sigmas, rows)):
             pad = int(np.ceil(3.0 * sm / g.dy)) + 1
             p0, p1 = max(r0 - pad, 0), min(r1 + pad, g.ny)
-            band = gaussian_filter(counts32[p0:p1], (sm / g.dy, sc / g.dx), mode="constant", truncate=3.0)
+            band = gaussian_blur_zero(counts32[p0:p1], (sm / g.dy, sc / g.dx), truncate=3.0)
             self.density[k, : r1 - r0] = band[r0 - p0: r1 - p0]
         self.density /= np.float32(g.dx * g.dy)
         self.row0 = np.array([r0 for r0, _ in rows])
@@ -172,19 +176,26 @@ class ImageStack:
         self.cum = np.zeros((g.ny + 1, g.nx + 1))
         self.cum[1:, 1:] = counts.cumsum(0).cumsum(1)
 
-    def at(self, klass: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Bilinear interpolation of each star's class image at (x, y); 0 outside its band."""
+    def locate(self, klass: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Where each star's bilinear interpolation reads: flat index of the lower-left pixel in
+        ``density``, the fractions, and whether it is inside its band.  Images built on the same
+        grid and rows (a model's single and binary tracks) share it."""
         g = self.grid
         fx = (x - g.x0) / g.dx - 0.5
         fy = (y - g.y0) / g.dy - 0.5 - self.row0[klass]
-        ix = np.floor(fx).astype(int)
-        iy = np.floor(fy).astype(int)
+        ix = np.floor(fx).astype(np.intp)
+        iy = np.floor(fy).astype(np.intp)
         tx, ty = fx - ix, fy - iy
         ok = (ix >= 0) & (ix < g.nx - 1) & (iy >= 0) & (iy < self.rows[klass] - 1)
-        ix, iy = np.where(ok, ix, 0), np.where(ok, iy, 0)
-        d = self.density
-        val = ((1 - ty) * ((1 - tx) * d[klass, iy, ix] + tx * d[klass, iy, ix + 1])
-               + ty * ((1 - tx) * d[klass, iy + 1, ix] + tx * d[klass, iy + 1, ix + 1]))
+        flat = np.where(ok, (klass * self.density.shape[1] + iy) * g.nx + ix, 0)
+        return flat, tx, ty, ok
+
+    def at(self, where: tuple[np.ndarray, ...]) -> np.ndarray:
+        """Bilinear interpolation of each star's class image at the places ``locate`` found; 0 outside."""
+        flat, tx, ty, ok = where
+        d, nx = self.density.ravel(), self.grid.nx
+        val = ((1 - ty) * ((1 - tx) * d[flat] + tx * d[flat + 1])
+               + ty * ((1 - tx) * d[flat + nx] + tx * d[flat + nx + 1]))
         return np.where(ok, val, 0.0)
 
     def integral(self, x_lo: float, x_hi: float, y_lo: float, y_hi: float) -> float:
@@ -319,13 +330,19 @@ WINDOW_MARGIN = (0.2, 0.6)
 
 
 def age_model(log_age: float, mh: float, bands: tuple[str, str], data: FitData,
-               starts: list[tuple[float, float]]) -> AgeModel:
-    """Model images over the window where the data can fall for shifts near ``starts``."""
+               starts: list[tuple[float, float]], scales: tuple[float, float] = (1.0, 1.0)) -> AgeModel:
+    """Model images over the window where the data can fall for shifts near ``starts``.
+
+    ``scales`` is the range of colour scales the fit may try: the data's colours map to
+    ``(colour - dcolor) / scale`` on the model's axis, so the window covers both ends.
+    """
     lo_c, hi_c, lo_m, hi_m = data.box
     dcs = [s[0] for s in starts]
     dms = [s[1] for s in starts]
-    g = window_grid(lo_c - max(dcs) - WINDOW_MARGIN[0], hi_c - min(dcs) + WINDOW_MARGIN[0],
-                lo_m - max(dms) - WINDOW_MARGIN[1], hi_m - min(dms) + WINDOW_MARGIN[1])
+    c_lo = min((lo_c - max(dcs)) / k for k in scales)
+    c_hi = max((hi_c - min(dcs)) / k for k in scales)
+    g = window_grid(c_lo - WINDOW_MARGIN[0], c_hi + WINDOW_MARGIN[0],
+                    lo_m - max(dms) - WINDOW_MARGIN[1], hi_m - min(dms) + WINDOW_MARGIN[1])
     rows = []
     for k in range(len(data.class_sigma)):
         mags = data.mag[data.klass == k]
@@ -338,20 +355,26 @@ def age_model(log_age: float, mh: float, bands: tuple[str, str], data: FitData,
                      ImageStack(render(binary_t, g), data.class_sigma, rows, g))
 
 
-def component_densities(model: AgeModel, data: FitData, dcolor: float, dmag: float
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Single and binary densities at each star for the given shifts, normalised on the observed box."""
-    x, y = data.color - dcolor, data.mag - dmag
+def component_densities(model: AgeModel, data: FitData, dcolor: float, dmag: float, scale: float = 1.0
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Single and binary densities at each star for the given shifts, normalised on the observed box.
+
+    ``scale`` is the colour scale k of ``colour = k (model colour) + dcolor``: a filter system
+    that is not exactly the isochrone's stretches the diagram's colours.  The densities are per
+    unit of observed colour, hence the 1/k.
+    """
+    where = model.single.locate(data.klass, (data.color - dcolor) / scale, data.mag - dmag)
     lo_c, hi_c, lo_m, hi_m = data.box
     out = []
     for img in (model.single, model.binary):
-        z = img.integral(lo_c - dcolor, hi_c - dcolor, lo_m - dmag, hi_m - dmag)
-        out.append(img.at(data.klass, x, y) / max(z, 1e-300))
+        z = img.integral((lo_c - dcolor) / scale, (hi_c - dcolor) / scale, lo_m - dmag, hi_m - dmag)
+        out.append(img.at(where) / max(z * scale, 1e-300))
     return out[0], out[1]
 
 
 def mixture_lnl(s: np.ndarray, b: np.ndarray, f: np.ndarray, weights: np.ndarray,
-                 field_prior: np.ndarray | None = None, iterations: int = 15) -> tuple[float, float, float]:
+                field_prior: np.ndarray | None = None, iterations: int = 15,
+                start: tuple[float, float] = (0.2, 0.3)) -> tuple[float, float, float]:
     """Maximise over the field and binary fractions by EM; returns (lnL, f_field, f_binary).
 
     Why EM inside the shift optimiser: the fractions enter linearly, so a few EM
@@ -360,7 +383,7 @@ def mixture_lnl(s: np.ndarray, b: np.ndarray, f: np.ndarray, weights: np.ndarray
     fixed to it and only the binary fraction is fitted; f_field is then the mean
     posterior field probability.
     """
-    ff, fb = 0.2, 0.3
+    ff, fb = start
     if field_prior is not None:
         ff = field_prior
     wsum = weights.sum()
@@ -379,7 +402,22 @@ def mixture_lnl(s: np.ndarray, b: np.ndarray, f: np.ndarray, weights: np.ndarray
     return float(weights @ np.log(tot + 1e-300)), ff, fb
 
 
-def neg_lnl(shift: np.ndarray, model: AgeModel, data: FitData, weights: np.ndarray) -> float:
-    """Minus the log-likelihood at the given shifts, the fractions maximised."""
-    s, b = component_densities(model, data, shift[0], shift[1])
-    return -mixture_lnl(s, b, data.field, weights, data.field_prior)[0]
+#: EM steps per likelihood inside the shift optimiser, started from the previous evaluation's
+#: fractions: neighbouring simplex points have nearly the same fractions, so a few steps converge
+#: (the optimum's own likelihood is then recomputed from scratch with the full count).
+WARM_ITERATIONS = 6
+
+
+def neg_lnl(shift: np.ndarray, model: AgeModel, data: FitData, weights: np.ndarray,
+            warm: list[tuple[float, float]] | None = None) -> float:
+    """Minus the log-likelihood at the given shifts (dcolor, dmag[, colour scale]), the fractions maximised.
+
+    ``warm`` (a one-element list) holds the fractions of the previous call: EM starts there and
+    stores its result back, so an optimiser's run of calls costs fewer EM steps.
+    """
+    s, b = component_densities(model, data, *shift)
+    if warm is None:
+        return -mixture_lnl(s, b, data.field, weights, data.field_prior)[0]
+    lnl, ff, fb = mixture_lnl(s, b, data.field, weights, data.field_prior, WARM_ITERATIONS, warm[0])
+    warm[0] = (ff if data.field_prior is None else warm[0][0], fb)
+    return -lnl

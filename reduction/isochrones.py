@@ -111,41 +111,87 @@ def get_isochrone(log_age: float, mh: float = 0.0) -> Isochrone:
                      int_imf=table["int_IMF"][sel][order], label=table["label"][sel][order], mags=mags)
 
 
+#: How far beyond the grid's richest (and poorest) [M/H] an isochrone may be extrapolated (dex):
+#: open clusters reach +0.1-0.3, past the grid's solar end.
+MH_EXTRAPOLATION = 0.3
+
+
 def interpolated_isochrone(log_age: float, mh: float = 0.0) -> Isochrone:
-    """An isochrone at any log age inside the grid, between its two neighbouring nodes.
+    """An isochrone at any log age inside the grid and any [M/H] near it, between neighbouring nodes.
 
     Why: a simulated cluster drawn from the nearest node puts the truth on the grid, so a
-    fit that only searches the grid is rewarded by construction. Points are matched by
-    evolutionary phase, not by initial mass: within each PARSEC stage (``label``) both
-    nodes' points are resampled at the same fractions of the stage's initial-mass range,
-    so the turn-off of one node is interpolated with the turn-off of the other (matching
-    by mass would average a turn-off star with a subgiant). Then every column is
-    interpolated linearly in log age. [M/H] stays the nearest grid value.
+    fit that only searches the grid is rewarded by construction; and a fit limited to the
+    grid's 0.5 dex steps in [M/H] cannot follow a cluster at -0.3. Points are matched by
+    evolutionary phase, not by initial mass (``_blend``): first in log age at the two
+    [M/H] nodes around ``mh``, then between those in [M/H]. Beyond the grid's ends [M/H]
+    is extrapolated linearly from the two end nodes, by at most ``MH_EXTRAPOLATION``.
     """
+    _, mhs = grid()
+    if not mhs[0] - MH_EXTRAPOLATION - 1e-9 <= mh <= mhs[-1] + MH_EXTRAPOLATION + 1e-9:
+        raise ValueError(f"[M/H] {mh} is outside {mhs[0] - MH_EXTRAPOLATION}..{mhs[-1] + MH_EXTRAPOLATION}")
+    node = np.flatnonzero(np.abs(mhs - mh) < 1e-6)
+    if node.size or mhs.size < 2:
+        return _age_interpolated(log_age, float(mhs[node[0]] if node.size else mhs[0]))
+    i = int(np.clip(np.searchsorted(mhs, mh) - 1, 0, mhs.size - 2))
+    lo, hi = float(mhs[i]), float(mhs[i + 1])
+    out = _blend(_age_interpolated(log_age, lo), _age_interpolated(log_age, hi), (mh - lo) / (hi - lo))
+    return Isochrone(log_age=out.log_age, mh=float(mh), mini=out.mini, int_imf=out.int_imf, label=out.label,
+                     mags=out.mags)
+
+
+def _age_interpolated(log_age: float, mh: float) -> Isochrone:
+    """The isochrone at ``log_age`` between the two age nodes around it, at the grid [M/H] ``mh``."""
     ages, _ = grid()
     below = ages[ages <= log_age + 1e-9]
     if below.size == 0 or below[-1] == ages[-1] or abs(below[-1] - log_age) < 1e-6:
         return get_isochrone(log_age, mh)
     lo, hi = float(below[-1]), float(ages[ages > below[-1]][0])
-    a, b = get_isochrone(lo, mh), get_isochrone(hi, mh)
-    t = (log_age - lo) / (hi - lo)
+    out = _blend(get_isochrone(lo, mh), get_isochrone(hi, mh), (log_age - lo) / (hi - lo))
+    return Isochrone(log_age=float(log_age), mh=out.mh, mini=out.mini, int_imf=out.int_imf, label=out.label,
+                     mags=out.mags)
+
+
+def _blend(a: Isochrone, b: Isochrone, t: float) -> Isochrone:
+    """``(1 - t) a + t b``, point by point within each evolutionary stage (``label``).
+
+    Within a stage both isochrones are resampled at the same fractions of the stage's
+    initial-mass range (the union of both: the upper main sequence is a sliver of mass),
+    so a turn-off is interpolated with a turn-off, not with a subgiant of the same mass.
+    A stage only one of them has (e.g. not yet reached) is left out.
+    """
     bands = list(a.mags)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ("mini", "int_imf", "label", *bands)}
-    for stage in np.unique(a.label):
-        sa, sb = np.flatnonzero(a.label == stage), np.flatnonzero(b.label == stage)
+    stage_a, stage_b = _stages(a.label), _stages(b.label)
+    for stage in np.unique(stage_a):
+        sa, sb = np.flatnonzero(stage_a == stage), np.flatnonzero(stage_b == stage)
         if sa.size < 2 or sb.size < 2:
-            continue        # a stage one node lacks (e.g. not yet reached): no partner to interpolate with
+            continue
         fa, fb = _stage_fraction(a.mini[sa]), _stage_fraction(b.mini[sb])
-        u = np.union1d(fa, fb)      # every point of both nodes: the upper main sequence is a sliver of mass
+        u = np.union1d(fa, fb)
         for name, va, vb in [("mini", a.mini, b.mini), ("int_imf", a.int_imf, b.int_imf),
                              *((band, a.mags[band], b.mags[band]) for band in bands)]:
             parts[name].append((1 - t) * np.interp(u, fa, va[sa]) + t * np.interp(u, fb, vb[sb]))
-        parts["label"].append(np.full(u.size, stage))
+        # each point keeps the PARSEC label of the nearest point of ``a`` (pre-MS or MS in stage 1)
+        nearest = np.clip(np.searchsorted(fa, u), 0, sa.size - 1)
+        parts["label"].append(a.label[sa][nearest])
     merged = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     order = np.argsort(merged["mini"], kind="stable")
-    return Isochrone(log_age=float(log_age), mh=a.mh, mini=merged["mini"][order],
-                     int_imf=merged["int_imf"][order], label=merged["label"][order],
+    # int_IMF must keep growing with mass: an extrapolation (t > 1) could make it dip.
+    int_imf = np.maximum.accumulate(merged["int_imf"][order])
+    return Isochrone(log_age=(1 - t) * a.log_age + t * b.log_age, mh=(1 - t) * a.mh + t * b.mh,
+                     mini=merged["mini"][order], int_imf=int_imf, label=merged["label"][order],
                      mags={band: merged[band][order] for band in bands})
+
+
+def _stages(label: np.ndarray) -> np.ndarray:
+    """The stages points are matched within: PARSEC's labels, with the pre-main sequence (0) and the
+    main sequence (1) as one.
+
+    Why: PARSEC labels unevolved low-mass stars of old isochrones 0 up to a mass that jumps from node
+    to node (1.15 Msun at log age 8.55, 0.85 at 8.60, overlapping label 1 from 0.9), so matching the
+    two labels apart paired a 1.05 with a 0.77 Msun star and bent the lower main sequence off itself.
+    """
+    return np.where(label == 0, 1, label)
 
 
 def _stage_fraction(mini: np.ndarray) -> np.ndarray:

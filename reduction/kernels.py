@@ -32,6 +32,21 @@ def gaussian_blur(data: np.ndarray, sigma: float) -> np.ndarray:
                             borderType=cv2.BORDER_REFLECT)
 
 
+def _gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
+    """scipy.ndimage's 1-D Gaussian: radius int(truncate sigma + 0.5), normalised to sum 1."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / float(sigma)) ** 2) if sigma > 0 else (x == 0).astype(float)
+    return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_blur_zero(data: np.ndarray, sigma_yx: tuple[float, float], truncate: float = 4.0) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(data, sigma_yx, mode='constant', truncate=truncate)`` in float32:
+    different widths along rows and columns, zero outside the image (the age fit's model images)."""
+    ky, kx = (_gaussian_kernel(s, truncate) for s in sigma_yx)
+    return cv2.sepFilter2D(_f32(data), cv2.CV_32F, kx, ky, borderType=cv2.BORDER_CONSTANT)
+
+
 def correlate_separable(data: np.ndarray, k1: np.ndarray) -> np.ndarray:
     """Correlation with ``outer(k1, k1)``, zero outside the frame
     (two ``scipy.ndimage.correlate1d(..., mode='constant')`` passes)."""

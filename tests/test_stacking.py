@@ -288,6 +288,22 @@ def test_state_round_trip_is_byte_identical(night: dict, tmp_path) -> None:
     assert back.image().tobytes() == acc.image().tobytes()
 
 
+def test_state_without_fwhms_loads_as_unmatched(night: dict) -> None:
+    """A version-3 checkpoint (no frame FWHMs) resumes: its frames count as of unknown seeing, so
+    the next frame, FWHM given or not, is judged exactly as by an unmatched stack."""
+    frames = night["frames"]
+    old = dict(_stack(frames[:5]).state())
+    old["version"] = np.array(3)
+    del old["slot_fwhm"]
+    back, unmatched = StackAccumulator.from_state(old), _stack(frames[:5])
+    assert back.image().tobytes() == unmatched.image().tobytes()
+    back.add("f5", frames[5], noise_var=_noise_var(frames[5]), valid=None, fwhm=2.0)
+    unmatched.add("f5", frames[5], noise_var=_noise_var(frames[5]), valid=None)
+    assert back.image().tobytes() == unmatched.image().tobytes()
+    fwhm = back.state()["slot_fwhm"]
+    assert np.isnan(fwhm[:5]).all() and fwhm[5] == 2.0
+
+
 def test_valid_masks_counts_and_saturation() -> None:
     rng = np.random.default_rng(9)
     acc = StackAccumulator((N, N))

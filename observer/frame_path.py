@@ -330,7 +330,8 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
     weight = 1.0 / (sky_fit.rms ** 2 * scale ** 2)
     group.accumulator.add(ctx.record.sha256 or str(ctx.frame.path), ctx.warped, noise_var=noise_var,
                           valid=ctx.valid, scale=scale, weight=weight,
-                          saturated=mask_on_grid(ctx.saturated, ctx.transform, ctx.target.shape))
+                          saturated=mask_on_grid(ctx.saturated, ctx.transform, ctx.target.shape),
+                          fwhm=ctx.quality.fwhm_px)
     group.stack_preview = preview_of(group.accumulator.image())
     group.best_throughput = max(group.best_throughput, ctx.throughput)
     if ctx.flux_reference is not None and not ctx.warning:

@@ -50,10 +50,11 @@ def moffat_image(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], fwhm:
 
 def render_frame(rng: np.random.Generator, xy_ref: np.ndarray, flux: np.ndarray,
                  transform: Transform | None = None, shape: tuple[int, int] = (SIZE, SIZE),
-                 fwhm: float = 3.5, sky: float = SKY, noise: bool = True) -> np.ndarray:
-    """Background-subtracted frame (ADU) of stars at reference positions seen through ``transform``."""
+                 fwhm: float = 3.5, sky: float = SKY, noise: bool = True, beta: float = 3.0) -> np.ndarray:
+    """Background-subtracted frame (ADU) of stars at reference positions seen through ``transform``
+    (Moffat ``beta``; a large one is a Gaussian)."""
     xy = transform.apply(xy_ref) if transform is not None else xy_ref
-    img = moffat_image(xy, flux, shape, fwhm=fwhm) + sky
+    img = moffat_image(xy, flux, shape, fwhm=fwhm, beta=beta) + sky
     if noise:
         img = rng.poisson(img * GAIN) / GAIN + rng.normal(0.0, READ_NOISE / GAIN, shape)
     return (img - sky).astype(np.float32)

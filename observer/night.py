@@ -109,7 +109,16 @@ class Night:
             records = run_frame(self._state, self.settings, path, sha256)
             for record in records:
                 self._note(path, record)
+            self._note_restacked()
             return records
+
+    def _note_restacked(self) -> None:
+        """A group whose first frames were judged together has a new stack, and earlier records changed."""
+        for tname, fname, label in sorted(self._state.restacked):
+            self._stacks_dirty.add((tname, fname, label))
+            self._catalog_dirty.add(tname)
+            self._dirty_state |= checkpoint.group_files(tname, fname, label)
+        self._state.restacked.clear()
 
     def _note(self, path: Path, record: FrameRecord) -> None:
         """Append one record and mark what it made out of date (stacks, catalogue, checkpoint files)."""

@@ -136,6 +136,13 @@ class Night:
                  record.target, record.filter, record.status, record.reason)
         self._state.append(record)
 
+    def take_rejudged(self) -> dict[str, list[FrameRecord]]:
+        """The records, by file, of earlier files whose outcome changed since the last call (a first frame
+        rejected once its group's baseline existed), so that the service brings their ledger rows up to date."""
+        with self.lock:
+            paths, self._state.rejudged = self._state.rejudged, set()
+            return {p: [r for r in self._state.records if r.path == p] for p in sorted(paths)}
+
     def record_skipped(self, path: str | Path, sha256: str, status: Status, reason: str) -> FrameRecord:
         """Record a file that is not reduced (quarantined, ignored, unreadable) with its reason."""
         record = FrameRecord(path=str(path), sha256=sha256, status=status, reason=reason, seen_at=time.time())

@@ -187,6 +187,8 @@ class NightState:
     #: (target, filter, group) whose stack was rebuilt when its first frames were judged together, and
     #: some of whose earlier records changed: ``Night`` rewrites their stacks, frames.ecsv and checkpoint.
     restacked: set[tuple[str, str, str]] = field(default_factory=set)
+    #: paths of the files whose records :meth:`replace_record` changed (their ledger rows are out of date)
+    rejudged: set[str] = field(default_factory=set)
 
     def append(self, record: FrameRecord) -> None:
         """Add a record; a file quarantined earlier and taken now replaces its quarantine row."""
@@ -200,6 +202,7 @@ class NightState:
     def replace_record(self, old: FrameRecord, new: FrameRecord) -> None:
         """Put ``new`` in ``old``'s place (a copy, so a published snapshot keeps the record it showed)."""
         self.records = [new if r is old else r for r in self.records]
+        self.rejudged.add(new.path)
         self.version += 1
         self.records_version += 1
 

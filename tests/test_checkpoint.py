@@ -86,5 +86,7 @@ def test_frames_held_for_the_first_judgement_survive_a_restart(tmp_path):
     assert again.inputs == group.inputs == [p.name for p in science[1:]] and not again.held
     np.testing.assert_allclose(again.accumulator.image(), group.accumulator.image(), rtol=1e-6, atol=1e-6)
     assert [r.transparency for r in resumed.records] == pytest.approx([r.transparency for r in whole.records])
+    shown = {r.path: r for r in resumed.snapshot().frames}        # the frame log of the dashboard
+    assert shown[str(science[0])].status == "rejected" and "judged with" in shown[str(science[0])].reason
     resumed.checkpoint()
     assert checkpoint.load(tmp_path / "split").targets["M35"].filters["blue"].main.settled

@@ -19,6 +19,7 @@ import pytest
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
+from observer.ledger import Ledger
 from reduction.photometry import FLAG_EDGE, FLAG_LOW_COVERAGE, FLAG_SATURATED
 
 SIZE = 448
@@ -175,6 +176,9 @@ def test_a_bad_first_frame_is_rejected_and_the_products_are_those_of_it_last(tmp
                 filt = name.split("_")[1]
                 best = max(true_t[n] for n in rows if n not in FIRST_FRAMES and f"_{filt}_" in n)
                 assert transparency == pytest.approx(true_t[name] / best, abs=0.03), (out.name, name)
+    ledger = Ledger(first / "ledger.sqlite")      # the rejected first frames' rows say so there too
+    assert [row.status for name in FIRST_FRAMES for row in ledger.by_path(cam / name)] == ["rejected"] * 2
+    ledger.close()
     box = np.s_[40:-40, 40:-40]
     for filt in ("blue", "green"):
         a, b = (fits.open(out / "M35" / filt / "stack.fits")[0] for out in (first, last))

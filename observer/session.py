@@ -200,11 +200,13 @@ class NightState:
         self.records_version += 1
 
     def replace_record(self, old: FrameRecord, new: FrameRecord) -> None:
-        """Put ``new`` in ``old``'s place (a copy, so a published snapshot keeps the record it showed)."""
+        """Put ``new`` in ``old``'s place (a copy, so a published snapshot keeps the record it showed).
+
+        Only while a frame is in hand (its group's first frames judged with it): the versions move once,
+        with that frame's :meth:`append`, so every change to the night still moves them exactly once.
+        """
         self.records = [new if r is old else r for r in self.records]
         self.rejudged.add(new.path)
-        self.version += 1
-        self.records_version += 1
 
     def hot_map(self, shape: tuple[int, int]) -> HotPixelMap:
         """The camera's persistent hot-pixel map for frames of this shape (created on first use)."""

@@ -19,12 +19,12 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 
-from observer.session import ExposureGroup, FilterSession, NightState, TargetSession
+from observer.session import ExposureGroup, FilterSession, HeldFrame, NightState, TargetSession
 from observer.state import FrameRecord, Status
 from reduction.hotpixels import HotPixelMap
 from reduction.stacking import StackAccumulator
@@ -40,7 +40,9 @@ class CheckpointError(RuntimeError):
 
 _FILTER_SCALARS = ("fwhm_history", "elongation_history", "n_rejected", "limiting_mag_history", "snr_at_mag", "saturation_mag")
 _GROUP_SCALARS = ("exptime", "gain", "read_noise", "sky_level", "best_throughput", "total_exptime", "inputs",
-                  "overscan")
+                  "overscan", "settled")
+#: A provisionally stacked frame's arrays (saved as ``<name>_<index>``; ``valid`` may be None).
+_HELD_ARRAYS = ("warped", "valid", "saturated")
 _GROUP_ARRAYS = ("ref_xy", "ref_flux", "stack_preview")
 _FILTER_ARRAYS = ("offset_shape", "last_raw_preview")
 
@@ -56,8 +58,14 @@ def changed_files(record: FrameRecord) -> set[str]:
     key = f"{_safe(record.target)}__{_safe(record.filter)}"
     changed = {f"target__{_safe(record.target)}", f"filter__{key}", f"pending__{key}"}
     if record.status == Status.STACKED:
-        changed |= {f"acc__{key}__{_safe(record.group)}", f"group__{key}__{_safe(record.group)}"}
+        changed |= group_files(record.target, record.filter, record.group)
     return changed
+
+
+def group_files(target: str, filter_name: str, group: str) -> set[str]:
+    """The state files of one exposure group: its accumulator, arrays and provisionally stacked frames."""
+    gkey = f"{_safe(target)}__{_safe(filter_name)}__{_safe(group)}"
+    return {f"acc__{gkey}", f"group__{gkey}", f"held__{gkey}", f"filter__{_safe(target)}__{_safe(filter_name)}"}
 
 
 def state_dir(outdir: Path) -> Path:
@@ -129,13 +137,16 @@ def save(state: NightState, outdir: Path, dirty: set[str]) -> None:
             key = f"{_safe(tname)}__{_safe(fname)}"
             fmeta = {k: getattr(session, k) for k in _FILTER_SCALARS}
             fmeta["has_offset"] = session.offset_shape is not None
-            fmeta["groups"] = [{k: getattr(g, k) for k in _GROUP_SCALARS} for g in session.groups]
+            fmeta["groups"] = [{**{k: getattr(g, k) for k in _GROUP_SCALARS},
+                                "held": [_held_scalars(h) for h in g.held]} for g in session.groups]
             tmeta["filters"][fname] = fmeta
             put(f"filter__{key}", lambda s=session: _arrays(s, _FILTER_ARRAYS))
             for group in session.groups:
                 gkey = f"{key}__{_safe(group.label)}"
                 put(f"acc__{gkey}", group.accumulator.state)
                 put(f"group__{gkey}", lambda g=group: _arrays(g, _GROUP_ARRAYS))
+                put(f"held__{gkey}", lambda g=group: {f"{k}_{i}": getattr(h, k) for i, h in enumerate(g.held)
+                                                      for k in _HELD_ARRAYS if getattr(h, k) is not None})
         meta["targets"][tname] = tmeta
     for (tname, fname), shape in state.pending_offsets.items():
         put(f"pending__{_safe(tname)}__{_safe(fname)}", lambda s=shape: {"shape": s})
@@ -194,10 +205,16 @@ def load(outdir: Path) -> NightState | None:
             session = FilterSession(name=fname, **{k: fmeta[k] for k in _FILTER_SCALARS})
             _load_arrays(session, current / f"filter__{key}", _FILTER_ARRAYS)
             for gmeta in fmeta["groups"]:
-                group = ExposureGroup(accumulator=None, **{k: gmeta[k] for k in _GROUP_SCALARS if k in gmeta})
+                # A group saved before the first frames were judged together ("settled" missing) is settled.
+                group = ExposureGroup(accumulator=None, **{"settled": True, **{k: gmeta[k] for k in _GROUP_SCALARS
+                                                                              if k in gmeta}})
                 gkey = f"{key}__{_safe(group.label)}"
                 group.accumulator = StackAccumulator.from_state(_read_arrays(current / f"acc__{gkey}"))
                 _load_arrays(group, current / f"group__{gkey}", _GROUP_ARRAYS)
+                if gmeta.get("held"):
+                    held = _read_arrays(current / f"held__{gkey}")
+                    group.held = [HeldFrame(**h, **{k: held.get(f"{k}_{i}") for k in _HELD_ARRAYS})
+                                  for i, h in enumerate(gmeta["held"])]
                 session.add_group(group)
             target.filters[fname] = session
         state.targets[tname] = target
@@ -212,6 +229,11 @@ def load(outdir: Path) -> NightState | None:
 def _arrays(obj: object, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The named array attributes of ``obj`` that are set (None is not saved)."""
     return {k: getattr(obj, k) for k in names if getattr(obj, k) is not None}
+
+
+def _held_scalars(frame: HeldFrame) -> dict:
+    """A provisionally stacked frame's fields other than its arrays (night.json)."""
+    return {f.name: getattr(frame, f.name) for f in fields(frame) if f.name not in _HELD_ARRAYS}
 
 
 def _load_arrays(obj: object, folder: Path, names: tuple[str, ...]) -> None:

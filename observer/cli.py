@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fwhm", default=None, metavar="LO:HI",
                      help="seeing range of the night in pixels (default 2.5:4.5), e.g. 1.4:1.7 (undersampled) "
                           "or 6:8 (poor seeing)")
+    sim.add_argument("--first-bad", choices=("trailed", "cloud", "sharp"), default="",
+                     help="make the first frame of every filter the bad one (instead of the usual trailed and "
+                          "clouded frames mid-sequence): trailed, clouded, or very sharp (half the seeing)")
     sim.add_argument("--cadence", type=float, default=0.0, help="seconds between files (0: at once)")
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--truth", type=Path, default=None,
@@ -177,7 +180,7 @@ def _run_simulate(args: argparse.Namespace, settings: Settings) -> int:
     seeing = {"seeing_range": parse_range(args.fwhm, "--fwhm")} if args.fwhm else {}
     sim = SimSettings(target=args.target, filters=filters, frames=args.frames, size=args.size,
                       short_frames=short_frames, short_exptime=short_exptime, **seeing,
-                      cadence=args.cadence, seed=args.seed, age_myr=args.age_myr,
+                      cadence=args.cadence, seed=args.seed, age_myr=args.age_myr, first_bad=args.first_bad,
                       calibration=args.calibration,
                       # Files grow while written only when a watcher may be looking (a live cadence);
                       # all at once, the growth would only sleep 0.3 s per file.

@@ -194,6 +194,10 @@ class QualitySettings:
     min_transparency: float = field(default=0.6, metadata=_check(_fraction, "a fraction in (0, 1]"))
     min_stars: int = field(default=10, metadata=_check(_non_negative, "an integer >= 0"))
     max_fwhm_arcsec: float | None = None
+    #: Frames of an exposure group stacked provisionally before they are judged together: one frame is no
+    #: baseline (a clouded first frame would be the flux reference, a very sharp one the seeing baseline).
+    baseline_frames: int = field(default=3, metadata=_check(lambda v: isinstance(v, int) and v >= 1,
+                                                            "an integer >= 1"))
 
 
 @dataclass

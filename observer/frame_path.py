@@ -20,6 +20,7 @@ worker thread, under the night's lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture
 from scipy.spatial import cKDTree
 
 from observer.config import Settings
-from observer.session import ExposureGroup, FilterSession, NightState, TargetSession
+from observer.session import ExposureGroup, FilterSession, HeldFrame, NightState, TargetSession
 from observer.snapshot import preview_of
 from observer.state import CALIBRATION_KINDS, FrameRecord, Kind, Status
 from observer.tagging import TaggingError, Tags, tag_facts
@@ -320,32 +321,110 @@ def warp(state: NightState, settings: Settings, ctx: FrameContext) -> FrameConte
 
 
 def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """Add the frame to its exposure group's stack, normalised to the group's unit frame and transparency."""
-    group, facts, sky_fit = ctx.group, ctx.frame.facts, ctx.sky
-    gain = facts.gain or settings.camera.gain or 1.0
-    noise_var = np.clip(ctx.warped, 0, None)         # sky + Poisson variance, in one plane
-    noise_var *= np.float32(1.0 / gain)
-    noise_var += np.float32(sky_fit.rms ** 2)
-    scale = (group.exptime / facts.exptime) / ctx.throughput
-    weight = 1.0 / (sky_fit.rms ** 2 * scale ** 2)
-    group.accumulator.add(ctx.record.sha256 or str(ctx.frame.path), ctx.warped, noise_var=noise_var,
-                          valid=ctx.valid, scale=scale, weight=weight,
-                          saturated=mask_on_grid(ctx.saturated, ctx.transform, ctx.target.shape),
-                          fwhm=ctx.quality.fwhm_px)
+    """Add the frame to its exposure group's stack, normalised to the group's unit frame and transparency.
+
+    A group's first ``quality.baseline_frames`` frames are stacked provisionally and kept
+    (:class:`HeldFrame`); with the last of them the group is settled (:func:`_settle`).
+    """
+    group, facts, sky_fit, quality = ctx.group, ctx.frame.facts, ctx.sky, ctx.quality
+    frame = HeldFrame(path=ctx.record.path, plane=ctx.record.plane, frame_id=ctx.record.sha256 or str(ctx.frame.path),
+                      name=Path(ctx.frame.path).name, warped=ctx.warped, valid=ctx.valid,
+                      saturated=mask_on_grid(ctx.saturated, ctx.transform, ctx.target.shape),
+                      exptime=float(facts.exptime), throughput=ctx.throughput,
+                      gain=facts.gain or settings.camera.gain or 1.0, sky_rms=float(sky_fit.rms),
+                      sky_level=float(sky_fit.level), fwhm=float(quality.fwhm_px),
+                      elongation=float(quality.elongation), nstars=int(quality.nstars),
+                      plate_scale_arcsec=facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec,
+                      overscan=ctx.overscan, warning=ctx.warning)
+    stack_frame(group, frame)
     group.stack_preview = preview_of(group.accumulator.image())
-    group.best_throughput = max(group.best_throughput, ctx.throughput)
     if ctx.flux_reference is not None and not ctx.warning:
         # A frame stacked despite its shape is no yardstick: the next clear frame sets the flux reference.
         group.ref_xy, group.ref_flux = ctx.flux_reference
-    ctx.session.fwhm_history.append(ctx.quality.fwhm_px)
-    ctx.session.elongation_history.append(ctx.quality.elongation)
-    group.total_exptime += facts.exptime
-    n = len(group.inputs)
-    group.sky_level = (group.sky_level * n + sky_fit.level) / (n + 1)   # mean sky of the stacked frames
-    group.inputs.append(Path(ctx.frame.path).name)
-    group.overscan = ctx.overscan or group.overscan
+    ctx.session.fwhm_history.append(frame.fwhm)
+    ctx.session.elongation_history.append(frame.elongation)
     ctx.record.status, ctx.record.reason = Status.STACKED, ctx.warning
+    if not group.settled:
+        group.held.append(frame)
+        if len(group.held) >= settings.quality.baseline_frames:
+            _settle(state, settings, ctx)
     return ctx
+
+
+def stack_frame(group: ExposureGroup, frame: HeldFrame) -> None:
+    """Add one frame to its group's stack and totals: by :func:`accumulate`, and again when a group is rebuilt."""
+    noise_var = np.clip(frame.warped, 0, None)         # sky + Poisson variance, in one plane
+    noise_var *= np.float32(1.0 / frame.gain)
+    noise_var += np.float32(frame.sky_rms ** 2)
+    scale = (group.exptime / frame.exptime) / frame.throughput
+    weight = 1.0 / (frame.sky_rms ** 2 * scale ** 2)
+    group.accumulator.add(frame.frame_id, frame.warped, noise_var=noise_var, valid=frame.valid, scale=scale,
+                          weight=weight, saturated=frame.saturated, fwhm=frame.fwhm)
+    group.best_throughput = max(group.best_throughput, frame.throughput)
+    group.total_exptime += frame.exptime
+    n = len(group.inputs)
+    group.sky_level = (group.sky_level * n + frame.sky_level) / (n + 1)   # mean sky of the stacked frames
+    group.inputs.append(frame.name)
+    group.overscan = frame.overscan or group.overscan
+
+
+def _settle(state: NightState, settings: Settings, ctx: FrameContext) -> None:
+    """Judge a group's provisionally stacked first frames together, now that they make a baseline.
+
+    Why: each of them was judged against the frames before it, and the first against nothing (its
+    transparency is 1 by definition, and it proposed the flux reference). Now the flux reference
+    moves to the clearest of them (the reference stars' fluxes scaled by its throughput, so every
+    transparency, theirs and the later frames', is relative to it), the seeing baseline is the
+    filter's median FWHM (one exceptional frame cannot set it), and a frame that fails either is
+    rejected after all: its record says why, and the stack is rebuilt from the others, which is
+    exactly the stack of never having added it. Shape is not judged again (a trail was rejected on
+    arrival; coma or defocus of a first frame only warn).
+    """
+    group, session, target = ctx.group, ctx.session, ctx.target
+    held, group.held, group.settled = group.held, [], True
+    best = max(h.throughput for h in held)
+    baseline = session.baseline_fwhm()
+    records = {(r.path, r.plane): r for r in state.records
+               if r.status == Status.STACKED and r.target == target.name and r.filter == session.name}
+    records[(ctx.record.path, ctx.record.plane)] = ctx.record
+    kept = []
+    for frame in held:
+        frame.throughput /= best
+        reason = judge_frame(frame.fwhm, frame.elongation, frame.throughput, frame.nstars, baseline,
+                             **_limits(settings, session, frame.plate_scale_arcsec), check_shape=False)
+        old = records[(frame.path, frame.plane)]
+        new = old if old is ctx.record else dataclasses.replace(old)
+        new.transparency = frame.throughput
+        if reason:
+            new.status, new.reason = Status.REJECTED, f"{reason}; judged with the group's first {len(held)} frames"
+            session.n_rejected += 1
+            _forget(session.fwhm_history, frame.fwhm)
+            _forget(session.elongation_history, frame.elongation)
+            log.warning("%s: rejected after all: %s", frame.name, new.reason)
+        else:
+            kept.append(frame)
+        if new is not old:
+            state.replace_record(old, new)
+    if len(kept) == len(held) and best == 1.0:
+        return                                  # nothing changed: the provisional stack is the stack
+    if group.ref_flux is not None:
+        group.ref_flux = group.ref_flux * best
+    group.accumulator = _new_accumulator(settings, target)
+    group.best_throughput, group.total_exptime, group.sky_level, group.inputs, group.overscan = 1.0, 0.0, 0.0, [], ""
+    for frame in kept:
+        stack_frame(group, frame)
+    group.stack_preview = preview_of(group.accumulator.image())
+    state.restacked.add((target.name, session.name, group.label))
+    log.info("%s %s %s: first %d frames judged together: %d stacked, flux reference x%.3f", target.name,
+             session.name, group.label, len(held), len(kept), best)
+
+
+def _forget(history: list[float], value: float) -> None:
+    """Take one occurrence of ``value`` (NaN included) out of a filter's history."""
+    for i, v in enumerate(history):
+        if v == value or (np.isnan(v) and np.isnan(value)):
+            del history[i]
+            return
 
 
 #: The per-frame path, in order (the names are the frame log's and the bench's step names).
@@ -418,16 +497,11 @@ def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSessio
     The exception is a trail (the stars' position angles aligned across the field): a tracking or
     wind fault of that exposure, not the optics, which would smear every star of the stack.
     """
-    baseline_fwhm = session.baseline_fwhm() if session else None
-    q, quality = settings.quality, ctx.quality
+    baseline_fwhm = session.baseline_fwhm(settings.quality.baseline_frames) if session else None
+    quality = ctx.quality
     scale_arcsec = ctx.frame.facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec
     args = (quality.fwhm_px, quality.elongation, transparency, quality.nstars, baseline_fwhm)
-    kwargs = dict(max_fwhm_ratio=q.max_fwhm_ratio, max_elongation=q.max_elongation,
-                  min_transparency=q.min_transparency, min_stars=q.min_stars,
-                  max_fwhm_px=(q.max_fwhm_arcsec / scale_arcsec) if q.max_fwhm_arcsec and scale_arcsec else None,
-                  baseline_elongation=session.baseline_elongation() if session else None,
-                  night_elongation=session.baseline_elongation(min_frames=1) if session else None,
-                  shape=quality)
+    kwargs = dict(_limits(settings, session, scale_arcsec), shape=quality)
     reason = judge_frame(*args, **kwargs)
     if reason is None or (session is not None and session.n_stacked) or reason.startswith(TRAILED):
         return reason, ""
@@ -435,6 +509,16 @@ def _quality_reason(settings: Settings, ctx: FrameContext, session: FilterSessio
     if without_shape == reason:
         return reason, ""
     return without_shape, reason
+
+
+def _limits(settings: Settings, session: FilterSession | None, scale_arcsec: float | None) -> dict:
+    """The config's quality limits and the filter's elongation baselines, as ``judge_frame`` takes them."""
+    q = settings.quality
+    return dict(max_fwhm_ratio=q.max_fwhm_ratio, max_elongation=q.max_elongation,
+                min_transparency=q.min_transparency, min_stars=q.min_stars,
+                max_fwhm_px=(q.max_fwhm_arcsec / scale_arcsec) if q.max_fwhm_arcsec and scale_arcsec else None,
+                baseline_elongation=session.baseline_elongation() if session else None,
+                night_elongation=session.baseline_elongation(min_frames=1) if session else None)
 
 
 def _saturation_threshold(settings: Settings, frame: Frame, pedestal: float = 0.0) -> float:
@@ -528,13 +612,17 @@ def _exposure_group(settings: Settings, target: TargetSession, session: FilterSe
     group = session.group_for(float(facts.exptime), red.exposure_group_factor)
     if group is None:
         group = session.add_group(ExposureGroup(
-            exptime=float(facts.exptime), accumulator=StackAccumulator(target.shape, reject_sigma=red.stack_reject_sigma),
+            exptime=float(facts.exptime), accumulator=_new_accumulator(settings, target),
             gain=facts.gain or settings.camera.gain or 1.0,
             read_noise=facts.read_noise or settings.camera.read_noise or 0.0))
         if len(session.groups) > 1:
             log.info("%s %s: exposure group %s (frames of %s)", target.name, session.name, group.label,
                      ", ".join(g.label for g in session.groups))
     return group
+
+
+def _new_accumulator(settings: Settings, target: TargetSession) -> StackAccumulator:
+    return StackAccumulator(target.shape, reject_sigma=settings.reduction.stack_reject_sigma)
 
 
 def _throughput(ctx: FrameContext, group: ExposureGroup, radius: float, exptime: float) -> float:

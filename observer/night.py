@@ -109,7 +109,16 @@ class Night:
             records = run_frame(self._state, self.settings, path, sha256)
             for record in records:
                 self._note(path, record)
+            self._note_restacked()
             return records
+
+    def _note_restacked(self) -> None:
+        """A group whose first frames were judged together has a new stack, and earlier records changed."""
+        for tname, fname, label in sorted(self._state.restacked):
+            self._stacks_dirty.add((tname, fname, label))
+            self._catalog_dirty.add(tname)
+            self._dirty_state |= checkpoint.group_files(tname, fname, label)
+        self._state.restacked.clear()
 
     def _note(self, path: Path, record: FrameRecord) -> None:
         """Append one record and mark what it made out of date (stacks, catalogue, checkpoint files)."""
@@ -126,6 +135,13 @@ class Night:
         log.info("%s%s: %s %s %s -> %s %s", path.name, f" [{record.plane}]" if record.plane else "", record.kind,
                  record.target, record.filter, record.status, record.reason)
         self._state.append(record)
+
+    def take_rejudged(self) -> dict[str, list[FrameRecord]]:
+        """The records, by file, of earlier files whose outcome changed since the last call (a first frame
+        rejected once its group's baseline existed), so that the service brings their ledger rows up to date."""
+        with self.lock:
+            paths, self._state.rejudged = self._state.rejudged, set()
+            return {p: [r for r in self._state.records if r.path == p] for p in sorted(paths)}
 
     def record_skipped(self, path: str | Path, sha256: str, status: Status, reason: str) -> FrameRecord:
         """Record a file that is not reduced (quarantined, ignored, unreadable) with its reason."""

@@ -452,7 +452,13 @@ class Service:
         self.ledger.begin(path, sha, job.size, job.mtime_ns)
         records = self.night.process(path, sha)
         records[0].step_seconds["hash"] = hashed - started
-        return records, lambda: self.ledger.finish(file_outcome(records), job.size, job.mtime_ns)
+        rejudged = [file_outcome(r) for r in self.night.take_rejudged().values() if r]
+
+        def commit() -> None:
+            self.ledger.finish(file_outcome(records), job.size, job.mtime_ns)
+            for outcome in rejudged:        # earlier files judged again with this one (size and mtime unchanged)
+                self.ledger.finish(outcome)
+        return records, commit
 
 
 # --------------------------------------------------------------------- the command line's entry point

@@ -24,6 +24,35 @@ def group_label(exptime: float) -> str:
 
 
 @dataclass
+class HeldFrame:
+    """A frame stacked provisionally, kept until its group's first frames are judged together.
+
+    What :func:`observer.frame_path.stack_frame` needs to add it again (its warped pixels on the
+    target's grid, masks, noise figures and throughput), and the figures it is judged by: the stack
+    is rebuilt from these once the baseline exists, without the frames it then rejects.
+    """
+
+    path: str                               # the frame record's path and plane identify it
+    plane: str
+    frame_id: str                           # its id in the accumulator (sha256, else the path)
+    name: str                               # file name, for the stack's inputs
+    warped: np.ndarray
+    valid: np.ndarray | None
+    saturated: np.ndarray                   # saturated pixels on the target's grid
+    exptime: float
+    throughput: float                       # relative to the group's flux reference at the time
+    gain: float
+    sky_rms: float
+    sky_level: float
+    fwhm: float
+    elongation: float
+    nstars: int
+    plate_scale_arcsec: float | None = None
+    overscan: str = ""
+    warning: str = ""                       # stacked with a warning (shape of a first frame)
+
+
+@dataclass
 class ExposureGroup:
     """The frames of one filter with about one exposure time: their own stack on the target's grid.
 
@@ -44,6 +73,8 @@ class ExposureGroup:
     stack_preview: np.ndarray | None = None
     inputs: list[str] = field(default_factory=list)   # file names stacked, in order
     overscan: str = ""                       # how the frames' overscan was corrected ("": they had none)
+    held: list[HeldFrame] = field(default_factory=list)   # stacked provisionally, not yet judged together
+    settled: bool = False                    # its first frames have been judged against their baseline
 
     @property
     def n_stacked(self) -> int:
@@ -104,9 +135,10 @@ class FilterSession:
         self.groups.sort(key=lambda g: -g.exptime)
         return group
 
-    def baseline_fwhm(self) -> float | None:
-        """Running median FWHM of the frames stacked so far (the relative seeing baseline)."""
-        return float(np.median(self.fwhm_history)) if self.fwhm_history else None
+    def baseline_fwhm(self, min_frames: int = 1) -> float | None:
+        """Running median FWHM of the frames stacked so far (the relative seeing baseline), once there are
+        ``min_frames``: a median of one or two frames would let one very sharp frame set it."""
+        return float(np.median(self.fwhm_history)) if len(self.fwhm_history) >= max(min_frames, 1) else None
 
     def baseline_elongation(self, min_frames: int = 2) -> float | None:
         """Median elongation of the frames stacked so far, once there are ``min_frames``.
@@ -152,6 +184,11 @@ class NightState:
     age_reason: dict[str, str] = field(default_factory=dict)     # why a target has no age (its age.json says so)
     version: int = 0
     records_version: int = 0       # changes of ``records`` alone (frames.ecsv is rewritten only then)
+    #: (target, filter, group) whose stack was rebuilt when its first frames were judged together, and
+    #: some of whose earlier records changed: ``Night`` rewrites their stacks, frames.ecsv and checkpoint.
+    restacked: set[tuple[str, str, str]] = field(default_factory=set)
+    #: paths of the files whose records :meth:`replace_record` changed (their ledger rows are out of date)
+    rejudged: set[str] = field(default_factory=set)
 
     def append(self, record: FrameRecord) -> None:
         """Add a record; a file quarantined earlier and taken now replaces its quarantine row."""
@@ -161,6 +198,15 @@ class NightState:
         self.records.append(record)
         self.version += 1
         self.records_version += 1
+
+    def replace_record(self, old: FrameRecord, new: FrameRecord) -> None:
+        """Put ``new`` in ``old``'s place (a copy, so a published snapshot keeps the record it showed).
+
+        Only while a frame is in hand (its group's first frames judged with it): the versions move once,
+        with that frame's :meth:`append`, so every change to the night still moves them exactly once.
+        """
+        self.records = [new if r is old else r for r in self.records]
+        self.rejudged.add(new.path)
 
     def hot_map(self, shape: tuple[int, int]) -> HotPixelMap:
         """The camera's persistent hot-pixel map for frames of this shape (created on first use)."""

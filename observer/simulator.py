@@ -117,6 +117,9 @@ class SimSettings:
     drift_px: float = 14.0                  # tracking drift by the last science frame
     rotation_deg: float = 0.3               # field rotation by the last science frame (at most)
     bad_frames: bool = True                 # one trailed frame (first filter), one thin-cloud frame (second)
+    # "trailed", "cloud" or "sharp": instead of the bad frames above, the first frame of every filter is
+    # trailed, clouded or very sharp (FIRST_SHARP_FACTOR of the seeing): where pipelines take their reference.
+    first_bad: str = ""
     cloud_transparency: float = 0.5
     trail_px: float = 6.0
     satellite: bool = True
@@ -145,6 +148,8 @@ class SimSettings:
         if self.short_frames < 0 or not self.short_exptime > 0:
             raise ConfigError(f"expected short_frames >= 0 and short_exptime > 0, got {self.short_frames} and "
                               f"{self.short_exptime}")
+        if self.first_bad not in FIRST_BAD:
+            raise ConfigError(f"first_bad: expected one of {', '.join(FIRST_BAD[1:])}, got {self.first_bad!r}")
         if not 0 < self.exptime_range[0] <= self.exptime_range[1]:
             raise ConfigError(f"exptime_range: expected 0 < low <= high, got {self.exptime_range}")
 
@@ -554,30 +559,41 @@ def _exptimes(s: SimSettings, rng: np.random.Generator) -> dict[str, float]:
     return {f: float(rng.choice(choices)) for f in s.filters}
 
 
-Slot = tuple[int, int] | None   # (filter index, frame index) of a special frame, or None
+Slot = tuple[int, int]   # (filter index, frame index) of a special frame
+
+#: SimSettings.first_bad: "" (the usual bad frames) or what the first frame of every filter is.
+FIRST_BAD = ("", "trailed", "cloud", "sharp")
+#: A "sharp" first frame's FWHM against the seeing of the night's other frames.
+FIRST_SHARP_FACTOR = 0.5
 
 
-def _bad_frame_slots(s: SimSettings) -> tuple[Slot, Slot, Slot]:
-    """(filter index, frame index) of the trailed, clouded and satellite frames.
+def _bad_frame_slots(s: SimSettings) -> tuple[set[Slot], set[Slot], set[Slot], Slot | None]:
+    """(filter index, frame index) of the trailed, clouded, sharp and satellite frames.
 
-    Never the first frame of a filter: that is where pipelines take their reference.
+    Never the first frame of a filter (that is where pipelines take their reference), unless
+    ``first_bad`` asks for exactly that: then the first frame of every filter is the only bad one.
     """
     mid = max(1, s.frames // 2)
-    trailed = clouded = None
-    if s.bad_frames and s.frames >= 2:
-        trailed = (0, mid)
+    trailed: set[Slot] = set()
+    clouded: set[Slot] = set()
+    sharp: set[Slot] = set()
+    if s.first_bad:
+        firsts = {(fi, 0) for fi in range(len(s.filters))}
+        {"trailed": trailed, "cloud": clouded, "sharp": sharp}[s.first_bad].update(firsts)
+    elif s.bad_frames and s.frames >= 2:
+        trailed.add((0, mid))
         if len(s.filters) >= 2:
-            clouded = (1, mid)
+            clouded.add((1, mid))
         elif s.frames >= 3:
-            clouded = (0, mid + 1 if mid + 1 < s.frames else mid - 1)
+            clouded.add((0, mid + 1 if mid + 1 < s.frames else mid - 1))
     satellite = None
     if s.satellite:
         last = len(s.filters) - 1
         for k in (2, 1, s.frames - 1):        # never the first frame: a clean reference
-            if 1 <= k < s.frames and (last, k) not in (trailed, clouded):
+            if 1 <= k < s.frames and (last, k) not in trailed | clouded:
                 satellite = (last, k)
                 break
-    return trailed, clouded, satellite
+    return trailed, clouded, sharp, satellite
 
 
 def _sexagesimal(value: float, hours: bool) -> str:
@@ -669,13 +685,14 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
     seeing0 = rng.uniform(0.25, 0.55) * (s.seeing_range[1] - s.seeing_range[0]) + s.seeing_range[0]
     beta = night_beta(s)
     walk = 0.0
-    trailed, clouded, satellite = _bad_frame_slots(s)
+    trailed, clouded, sharp, satellite = _bad_frame_slots(s)
     trail_angle = rng.uniform(0, np.pi)
 
-    def psf_for(f: str, trail: bool) -> Psf:
+    def psf_for(f: str, trail: bool, is_sharp: bool = False) -> Psf:
         nonlocal walk
         walk = 0.6 * walk + rng.normal(0.0, 0.06)
         fwhm = float(np.clip(seeing0 * _SEEING_BAND_FACTOR.get(s.band(f), 1.0) * (1.0 + walk), *s.seeing_range))
+        fwhm *= FIRST_SHARP_FACTOR if is_sharp else 1.0
         axis_ratio = round(1.0 + min(abs(rng.normal(0, 0.03)), 0.08), 4)     # optics: slightly oval stars
         return Psf(fwhm=round(fwhm, 3), beta=beta, axis_ratio=axis_ratio,
                    angle=float(rng.uniform(0, np.pi)), trail_px=s.trail_px if trail else 0.0, trail_angle=trail_angle)
@@ -687,15 +704,15 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
         for k in range(s.frames + s.short_frames):
             tt = times[(fi, k)]
             dx, dy, rot = tracking(tt)
-            is_cloud = (fi, k) == clouded
+            is_cloud = (fi, k) in clouded
             name = f"{s.target}_{f}_{k + 1:03d}" if k < s.frames else f"{s.target}_{f}_short_{k - s.frames + 1:03d}"
             add(file=f"{name}.fits", kind="science", filter=f,
                 date_obs=start + timedelta(seconds=tt), exptime=exptime_of(f, k),
-                psf=psf_for(f, (fi, k) == trailed),
+                psf=psf_for(f, (fi, k) in trailed, (fi, k) in sharp),
                 dx=round(dx, 4), dy=round(dy, 4), rotation_deg=round(rot, 5),
                 sky_rate=_sky_rate(s, f) * sky_drift(tt) * (1.25 if is_cloud else 1.0),
                 transparency=s.cloud_transparency if is_cloud else round(1.0 - abs(rng.normal(0, 0.015)), 4),
-                trailed=(fi, k) == trailed, clouded=is_cloud, satellite=(fi, k) == satellite, ccd_temp=temp(),
+                trailed=(fi, k) in trailed, clouded=is_cloud, satellite=(fi, k) == satellite, ccd_temp=temp(),
                 n_cosmics=cosmics(exptime_of(f, k)), ra_deg=s.ra_deg, dec_deg=s.dec_deg, object=s.target)
         tt = offset_times[fi]
         add(file=f"{s.target}_offset_{f}.fits", kind="offset", filter=f, date_obs=start + timedelta(seconds=tt),

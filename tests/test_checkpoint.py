@@ -55,3 +55,38 @@ def test_an_older_checkpoint_is_refused_by_name_with_what_to_do(tmp_path):
     assert run.returncode == 1
     assert "saved by an older observer" in run.stderr and "new output folder" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_frames_held_for_the_first_judgement_survive_a_restart(tmp_path):
+    """A group's first frames are stacked provisionally and held until three make a baseline; a night
+    checkpointed and restored with two of them held judges them exactly as one never interrupted: the
+    clouded first frame rejected after all, its record rewritten (one per file), the same stack."""
+    truth = simulate_night(tmp_path / "cam", SimSettings(size=256, frames=4, filters=("blue",), n_members=150,
+                                                         n_field=50, short_frames=0, fill_seconds=0.0,
+                                                         first_bad="cloud", satellite=False),
+                           truth_path=tmp_path / "truth.ecsv")
+    science = [p for p in truth.files if "_blue_0" in p.name]
+    whole = Night(Settings(), tmp_path / "whole")
+    for path in science:
+        whole.process(path)
+    split = Night(Settings(), tmp_path / "split")
+    for path in science[:2]:
+        split.process(path)
+    assert len(split._state.targets["M35"].filters["blue"].main.held) == 2
+    split.checkpoint()
+    resumed = Night.restore(Settings(), tmp_path / "split")
+    for path in science[2:]:
+        resumed.process(path)
+    for night in (whole, resumed):
+        records = {r.path: r for r in night.records}
+        assert len(records) == len(night.records) == 4
+        assert records[str(science[0])].status == "rejected" and "cloud" in records[str(science[0])].reason
+        assert all(records[str(p)].status == "stacked" for p in science[1:])
+    group, again = (n._state.targets["M35"].filters["blue"].main for n in (whole, resumed))
+    assert again.inputs == group.inputs == [p.name for p in science[1:]] and not again.held
+    np.testing.assert_allclose(again.accumulator.image(), group.accumulator.image(), rtol=1e-6, atol=1e-6)
+    assert [r.transparency for r in resumed.records] == pytest.approx([r.transparency for r in whole.records])
+    shown = {r.path: r for r in resumed.snapshot().frames}        # the frame log of the dashboard
+    assert shown[str(science[0])].status == "rejected" and "judged with" in shown[str(science[0])].reason
+    resumed.checkpoint()
+    assert checkpoint.load(tmp_path / "split").targets["M35"].filters["blue"].main.settled

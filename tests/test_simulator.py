@@ -15,8 +15,9 @@ from astropy.io import fits
 from astropy.table import Table
 from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture
 
-from observer.simulator import (ADC_MAX, SimSettings, offset_field_stars, render_stars, simulate_night,
-                                transform_xy, Psf)
+from observer.config import ConfigError
+from observer.simulator import (ADC_MAX, FIRST_SHARP_FACTOR, SimSettings, offset_field_stars, plan_night,
+                                render_stars, simulate_night, transform_xy, Psf)
 
 SIZE = 512
 
@@ -419,3 +420,23 @@ def test_stop_ends_a_live_night_early(tmp_path):
     assert not worker.is_alive()
     assert 2 <= len(result["night"].files) < 6
     assert sorted(p.name for p in (tmp_path / "cam").iterdir()) == sorted(p.name for p in result["night"].files)
+
+
+def test_first_bad_makes_each_filters_first_frame_the_only_bad_one():
+    """``--first-bad``: the first frame of every filter is trailed, clouded or twice as sharp, and no other
+    frame is (the usual mid-sequence bad frames are left out)."""
+    for bad in ("trailed", "cloud", "sharp"):
+        plans = [p for p in plan_night(SimSettings(frames=4, short_frames=0, first_bad=bad)) if p.kind == "science"]
+        first = [p for p in plans if p.file.endswith("_001.fits")]
+        rest = [p for p in plans if p not in first]
+        assert len(first) == 2 and len(rest) == 6
+        assert all(p.trailed == (bad == "trailed") and p.clouded == (bad == "cloud") for p in first)
+        assert not any(p.trailed or p.clouded for p in rest)
+        for p in first:
+            others = np.median([q.psf.fwhm for q in rest if q.filter == p.filter])
+            if bad == "sharp":
+                assert p.psf.fwhm == pytest.approx(FIRST_SHARP_FACTOR * others, rel=0.25)
+            else:
+                assert p.psf.fwhm == pytest.approx(others, rel=0.25)
+    with pytest.raises(ConfigError, match="first_bad"):
+        SimSettings(first_bad="fog")

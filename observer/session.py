@@ -23,6 +23,24 @@ def group_label(exptime: float) -> str:
     return f"{exptime:g}s"
 
 
+#: Where a gain came from (the stack header's GAINSRC, age.json's ``gain.source``).
+GAIN_SOURCES = ("header", "config", "photon transfer", "sky noise")
+
+
+@dataclass
+class CameraGain:
+    """A camera's gain (e-/ADU) and where it came from: a header keyword, ``camera.gain`` or an estimate.
+
+    An estimate is night state (``NightState.gains``): made once, from the night's flats and biases or
+    from the first frame's sky, and kept (and checkpointed) so that every frame and a restart use the
+    same value.
+    """
+
+    value: float
+    source: str                              # one of GAIN_SOURCES
+    origin: str = ""                         # the keyword, or the file(s) the estimate was measured on
+
+
 @dataclass
 class ExposureGroup:
     """The frames of one filter with about one exposure time: their own stack on the target's grid.
@@ -35,6 +53,7 @@ class ExposureGroup:
     exptime: float                           # EXPTIME of the group's unit frame (its first stacked frame)
     accumulator: StackAccumulator
     gain: float = 1.0
+    gain_source: str = ""                    # where ``gain`` came from (GAIN_SOURCES)
     read_noise: float = 0.0
     sky_level: float = 0.0                   # mean sky of the stacked frames (ADU per unit frame), for errors
     ref_xy: np.ndarray | None = None         # the group's flux reference stars on the reference grid
@@ -147,6 +166,7 @@ class NightState:
     calibration_files: dict[str, list[str]] = field(default_factory=lambda: {"bias": [], "dark": [], "flat": []})
     masters: dict[str, Masters] = field(default_factory=dict)     # by filter ("" for bias/dark only)
     pending_offsets: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    gains: dict[tuple[int, int], CameraGain] = field(default_factory=dict)   # estimated, by frame shape (camera)
     cmd: dict[str, CmdData] = field(default_factory=dict)
     age: dict[str, AgeEstimate] = field(default_factory=dict)
     age_reason: dict[str, str] = field(default_factory=dict)     # why a target has no age (its age.json says so)

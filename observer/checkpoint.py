@@ -206,7 +206,8 @@ def load(outdir: Path) -> NightState | None:
         state.pending_offsets[(tname, fname)] = _read_arrays(current / f"pending__{_safe(tname)}__{_safe(fname)}")["shape"]
     # The estimated gain is restored, not measured again: a restart reduces with the very same value.
     for g in meta.get("gains", []):
-        state.gains[tuple(g.pop("shape"))] = CameraGain(**g)
+        shape = tuple(g.pop("shape"))
+        state.gains[shape] = CameraGain(**g)
     for shape in meta["hot_maps"]:
         state.hot_maps[tuple(shape)] = HotPixelMap.from_state(_read_arrays(current / f"hot__{shape[0]}x{shape[1]}"))
     log.info("resumed from %s: %d files already taken", current, len(state.records))

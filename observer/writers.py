@@ -71,7 +71,7 @@ def _stack_hdus(target: TargetSession, fname: str, session: ExposureGroup, setti
     header["NCOMBINE"] = (session.n_stacked, "frames stacked")
     header["BUNIT"] = ("adu", "ADU per frame of EXPTIME, background subtracted")
     header["GAIN"] = (session.gain, "[e-/ADU] of the camera")
-    header["GAINSRC"] = (session.gain_source, "GAIN: header, config, photon transfer, sky noise")
+    header["GAINSRC"] = (session.gain_source, "where GAIN came from")
     header["RDNOISE"] = (session.read_noise, "[e-] per frame")
     header["SKYLEVEL"] = (session.sky_level, "[ADU] sky removed, per frame")
     header["REFFRAME"] = (Path(target.reference_file).name[:60], "file defining the reference grid")

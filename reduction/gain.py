@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.ndimage import binary_dilation, uniform_filter
 from scipy.stats import theilslopes
 
 from reduction.frames import PLAUSIBLE_GAIN
@@ -33,8 +34,13 @@ SKY_TILE = 32
 #: Clipping of pixel differences, in sigma: 4 keeps a Gaussian's variance within 0.1 % (3 would cut it
 #: by 1.3 %) while stars, hot pixels and cosmics fall out.
 CLIP_SIGMA = 4.0
-#: A tile is sky when at most this share of its pixels stand above its level by CLIP_SIGMA sigma.
-MAX_STAR_SHARE = 0.01
+#: A pixel belongs to a star when its 3x3 mean stands this many sigma (of that mean) above the tile's level;
+#: pure noise does so in 3e-5 of the pixels, so the sky's own noise is hardly cut.
+STAR_SIGMA = 4.0
+#: Star pixels are grown by this many px, to leave out the wings below the threshold too.
+STAR_GROW = 2
+#: A tile serves when at least this share of its pixels is sky.
+MIN_SKY_SHARE = 0.5
 #: Without a known bias the gain is the inverse slope of variance against level: it is refused when its
 #: 95 % interval is wider than this fraction of it (a sky too flat across the frame to give a slope).
 MAX_SLOPE_SPREAD = 0.25
@@ -44,12 +50,15 @@ class GainError(ValueError):
     """No usable gain from the frames; the message says why and names ``camera.gain``."""
 
 
-def _clipped_var(values: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
-    """Variance of ``values`` along ``axis``, iteratively clipped at CLIP_SIGMA about the median."""
-    centre = np.median(values, axis=axis, keepdims=True)
-    sigma = 1.4826 * np.median(np.abs(values - centre), axis=axis, keepdims=True)
+def _clipped_var(values: np.ndarray, axis: tuple[int, ...], use: np.ndarray | None = None) -> np.ndarray:
+    """Variance of ``values`` along ``axis`` (of those where ``use``), iteratively clipped at CLIP_SIGMA
+    about the median."""
+    use = np.ones(values.shape, bool) if use is None else use
+    masked = np.where(use, values, np.nan)
+    centre = np.nanmedian(masked, axis=axis, keepdims=True)
+    sigma = 1.4826 * np.nanmedian(np.abs(masked - centre), axis=axis, keepdims=True)
     for _ in range(4):
-        keep = np.abs(values - centre) <= CLIP_SIGMA * np.maximum(sigma, 1e-6)
+        keep = use & (np.abs(values - centre) <= CLIP_SIGMA * np.maximum(sigma, 1e-6))
         n = np.maximum(keep.sum(axis=axis, keepdims=True), 2)
         centre = np.where(keep, values, 0).sum(axis=axis, keepdims=True) / n
         var = np.where(keep, (values - centre) ** 2, 0).sum(axis=axis, keepdims=True) / (n - 1)
@@ -122,14 +131,23 @@ def _sky_tiles(data: np.ndarray, flat: np.ndarray | None) -> tuple[np.ndarray, n
     the variance at 2 e-/ADU, 5000 ADU and 0.5 % PRNU), and the tile mean restores the camera's units.
     """
     img = _tiles(data)
-    level = np.median(img, axis=(1, 3))
     # Differences of horizontal neighbours within each tile: a gradient or vignetting cancels.
-    var = _clipped_var(np.diff(img, axis=3), (1, 3)) / 2.0
-    bright = (img > (level + CLIP_SIGMA * np.sqrt(var))[:, None, :, None]).mean(axis=(1, 3))
+    diff = np.diff(img, axis=3)
+    level = np.median(img, axis=(1, 3))
+    noise = np.sqrt(_clipped_var(diff, (1, 3)) / 2.0)
+    # Stars (and their wings) would add structure to the differences: pixels where the 3x3 mean stands
+    # STAR_SIGMA of its own noise above the tile's level, grown by STAR_GROW px, are left out.
+    ny, nx = level.shape
+    smooth = uniform_filter(img.reshape(ny * SKY_TILE, nx * SKY_TILE), 3, mode="nearest")
+    star = smooth.reshape(img.shape) > (level + STAR_SIGMA * noise / 3.0)[:, None, :, None]
+    star = binary_dilation(star.reshape(smooth.shape), iterations=STAR_GROW).reshape(img.shape)
+    sky_px = ~star
+    level = np.nanmedian(np.where(sky_px, img, np.nan), axis=(1, 3))
+    var = _clipped_var(diff, (1, 3), use=sky_px[..., 1:] & sky_px[..., :-1]) / 2.0
     if flat is not None:
         scale = _tiles(flat).mean(axis=(1, 3))
         level, var = level * scale, var * scale ** 2
-    sky = (bright <= MAX_STAR_SHARE) & (var > 0)
+    sky = (sky_px.mean(axis=(1, 3)) >= MIN_SKY_SHARE) & (var > 0)
     if sky.sum() < 4:
         raise GainError("too few star-free sky tiles for a sky-noise gain estimate")
     return level[sky], var[sky]

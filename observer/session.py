@@ -23,10 +23,6 @@ def group_label(exptime: float) -> str:
     return f"{exptime:g}s"
 
 
-#: Where a gain came from (the stack header's GAINSRC, age.json's ``gain.source``).
-GAIN_SOURCES = ("header", "config", "photon transfer", "sky noise")
-
-
 @dataclass
 class CameraGain:
     """A camera's gain (e-/ADU) and where it came from: a header keyword, ``camera.gain`` or an estimate.
@@ -37,7 +33,7 @@ class CameraGain:
     """
 
     value: float
-    source: str                              # one of GAIN_SOURCES
+    source: str                              # header, config, photon transfer or sky noise (GAINSRC)
     origin: str = ""                         # the keyword, or the file(s) the estimate was measured on
 
 
@@ -53,7 +49,7 @@ class ExposureGroup:
     exptime: float                           # EXPTIME of the group's unit frame (its first stacked frame)
     accumulator: StackAccumulator
     gain: float = 1.0
-    gain_source: str = ""                    # where ``gain`` came from (GAIN_SOURCES)
+    gain_source: str = ""                    # where ``gain`` came from (CameraGain.source)
     read_noise: float = 0.0
     sky_level: float = 0.0                   # mean sky of the stacked frames (ADU per unit frame), for errors
     ref_xy: np.ndarray | None = None         # the group's flux reference stars on the reference grid

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from observer.session import ExposureGroup, FilterSession, HeldFrame, NightState, TargetSession
+from observer.session import CameraGain, ExposureGroup, FilterSession, HeldFrame, NightState, TargetSession
 from observer.state import FrameRecord, Status
 from reduction.hotpixels import HotPixelMap
 from reduction.stacking import StackAccumulator
@@ -39,8 +39,8 @@ class CheckpointError(RuntimeError):
     """The output folder's saved state cannot be resumed; the message says why and what to do."""
 
 _FILTER_SCALARS = ("fwhm_history", "elongation_history", "n_rejected", "limiting_mag_history", "snr_at_mag", "saturation_mag")
-_GROUP_SCALARS = ("exptime", "gain", "read_noise", "sky_level", "best_throughput", "total_exptime", "inputs",
-                  "overscan", "settled")
+_GROUP_SCALARS = ("exptime", "gain", "gain_source", "read_noise", "sky_level", "best_throughput", "total_exptime",
+                  "inputs", "overscan", "settled")
 #: A provisionally stacked frame's arrays (saved as ``<name>_<index>``; ``valid`` may be None).
 _HELD_ARRAYS = ("warped", "valid", "saturated")
 _GROUP_ARRAYS = ("ref_xy", "ref_flux", "stack_preview")
@@ -119,7 +119,8 @@ def save(state: NightState, outdir: Path, dirty: set[str]) -> None:
     new.mkdir()
     meta: dict = {"format": FORMAT, "version": state.version, "records": [asdict(r) for r in state.records],
                   "calibration_files": state.calibration_files, "targets": {},
-                  "pending_offsets": [list(k) for k in state.pending_offsets], "hot_maps": []}
+                  "pending_offsets": [list(k) for k in state.pending_offsets], "hot_maps": [],
+                  "gains": [{"shape": list(shape), **asdict(g)} for shape, g in state.gains.items()]}
 
     def put(name: str, arrays_fn) -> None:
         """Write ``name`` if it changed since the last generation, else hard-link the old files."""
@@ -220,6 +221,10 @@ def load(outdir: Path) -> NightState | None:
         state.targets[tname] = target
     for tname, fname in meta["pending_offsets"]:
         state.pending_offsets[(tname, fname)] = _read_arrays(current / f"pending__{_safe(tname)}__{_safe(fname)}")["shape"]
+    # The estimated gain is restored, not measured again: a restart reduces with the very same value.
+    for g in meta.get("gains", []):
+        shape = tuple(g.pop("shape"))
+        state.gains[shape] = CameraGain(**g)
     for shape in meta["hot_maps"]:
         state.hot_maps[tuple(shape)] = HotPixelMap.from_state(_read_arrays(current / f"hot__{shape[0]}x{shape[1]}"))
     log.info("resumed from %s: %d files already taken", current, len(state.records))

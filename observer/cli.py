@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="truth catalogue path (default OUTDIR/../truth.ecsv)")
     sim.add_argument("--age-myr", type=float, default=150.0, help="cluster age in Myr")
     sim.add_argument("--calibration", action="store_true", help="also write bias, dark and flat frames")
+    sim.add_argument("--gain", type=float, default=1.5, help="camera gain in e-/ADU (a CMOS camera: ~0.25)")
+    sim.add_argument("--no-gain-keyword", action="store_true",
+                     help="leave GAIN/EGAIN out of the headers (a camera that does not write them)")
     _add_config(sim)
 
     watch = verbs.add_parser("watch", help="the service: watch a camera folder and reduce as frames land",
@@ -174,14 +177,14 @@ def _run_simulate(args: argparse.Namespace, settings: Settings) -> int:
     filters = tuple(f.strip() for f in args.filters.split(",") if f.strip())
     if not filters:
         raise ConfigError("option '--filters': expected a comma-separated list of filter names")
-    if args.frames < 1 or args.size < 64 or args.cadence < 0:
-        raise ConfigError("options: expected --frames >= 1, --size >= 64 and --cadence >= 0")
+    if args.frames < 1 or args.size < 64 or args.cadence < 0 or not args.gain > 0:
+        raise ConfigError("options: expected --frames >= 1, --size >= 64, --cadence >= 0 and --gain > 0")
     short_frames, short_exptime = parse_short(args.short)
     seeing = {"seeing_range": parse_range(args.fwhm, "--fwhm")} if args.fwhm else {}
     sim = SimSettings(target=args.target, filters=filters, frames=args.frames, size=args.size,
                       short_frames=short_frames, short_exptime=short_exptime, **seeing,
                       cadence=args.cadence, seed=args.seed, age_myr=args.age_myr, first_bad=args.first_bad,
-                      calibration=args.calibration,
+                      calibration=args.calibration, gain=args.gain, gain_keyword=not args.no_gain_keyword,
                       # Files grow while written only when a watcher may be looking (a live cadence);
                       # all at once, the growth would only sleep 0.3 s per file.
                       **({} if args.cadence > 0 else {"fill_seconds": 0.0}),

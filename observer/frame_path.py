@@ -33,7 +33,8 @@ from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture
 from scipy.spatial import cKDTree
 
 from observer.config import Settings
-from observer.session import ExposureGroup, FilterSession, HeldFrame, NightState, TargetSession
+from observer.gain import frame_gain
+from observer.session import CameraGain, ExposureGroup, FilterSession, HeldFrame, NightState, TargetSession
 from observer.snapshot import preview_of
 from observer.state import CALIBRATION_KINDS, FrameRecord, Kind, Status
 from observer.tagging import TaggingError, Tags, tag_facts
@@ -41,6 +42,7 @@ from reduction.background import SkyModel, low_response, offset_sky_shape, sky_m
 from reduction.calibration import apply_calibration, combine_masters
 from reduction.colour import colour_planes
 from reduction.frames import Frame, FrameError, load_frame
+from reduction.gain import GainError
 from reduction.overscan import correct_overscan
 from reduction.defects import find_defects
 from reduction.hotpixels import find_hot_pixels, repair_pixels
@@ -90,6 +92,7 @@ class FrameContext:
     transform: Transform | None = None
     throughput: float = 1.0
     flux_reference: tuple[np.ndarray, np.ndarray] | None = None   # proposed by a group's first frame
+    gain: CameraGain | None = None              # e-/ADU and its source (observer.gain), from ``calibrate``
     raw_preview: np.ndarray | None = None       # the raw frame, downsampled, for the dashboard
     warped: np.ndarray | None = None
     valid: np.ndarray | None = None
@@ -170,13 +173,18 @@ def _check_science(state: NightState, settings: Settings, ctx: FrameContext) -> 
 
 
 def calibrate(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContext:
-    """Bias, dark and flat, when the night has masters for this filter (or bias/dark only)."""
+    """Bias, dark and flat, when the night has masters for this filter (or bias/dark only); the gain."""
     masters = state.masters.get(ctx.tags.filter) or state.masters.get("")
     frame = ctx.frame
     date = frame.facts.date_obs
     ctx.data = frame.data if masters is None else apply_calibration(
         frame.data, frame.facts.exptime or 0.0, masters, date_mjd=date.mjd if date is not None else None)
     ctx.flat = masters.flat if masters is not None else None
+    try:
+        ctx.gain = frame_gain(state, settings, frame, ctx.data, masters, bool(ctx.overscan),
+                              lambda p: read_frame(p, settings)[0].data)
+    except GainError as exc:
+        raise FrameRejected(str(exc)) from None
     return ctx
 
 
@@ -187,7 +195,7 @@ def hotpixels(state: NightState, settings: Settings, ctx: FrameContext) -> Frame
     """
     red = settings.reduction
     spikes = find_hot_pixels(ctx.data, sigma=red.hot_pixel_sigma, box=red.hot_pixel_box,
-                             gain=ctx.frame.facts.gain or settings.camera.gain)
+                             gain=ctx.gain.value)
     hot_map = state.hot_map(ctx.data.shape)
     hot_map.update(spikes)
     ctx.defects = find_defects(ctx.data)
@@ -293,7 +301,7 @@ def judge(state: NightState, settings: Settings, ctx: FrameContext) -> FrameCont
     """Transparency against the filter's flux reference, then seeing, shape and stars against the night."""
     red = settings.reduction
     ctx.session = session = _filter_session(state, ctx.target, ctx.tags.filter)
-    ctx.group = group = _exposure_group(settings, ctx.target, session, ctx.frame)
+    ctx.group = group = _exposure_group(settings, ctx.target, session, ctx.frame, ctx.gain)
     ctx.record.group = group.label
     quality, facts = ctx.quality, ctx.frame.facts
     fwhm = quality.fwhm_px if np.isfinite(quality.fwhm_px) else red.fwhm_guess_px
@@ -331,7 +339,7 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
                       name=Path(ctx.frame.path).name, warped=ctx.warped, valid=ctx.valid,
                       saturated=mask_on_grid(ctx.saturated, ctx.transform, ctx.target.shape),
                       exptime=float(facts.exptime), throughput=ctx.throughput,
-                      gain=facts.gain or settings.camera.gain or 1.0, sky_rms=float(sky_fit.rms),
+                      gain=ctx.gain.value, sky_rms=float(sky_fit.rms),
                       sky_level=float(sky_fit.level), fwhm=float(quality.fwhm_px),
                       elongation=float(quality.elongation), nstars=int(quality.nstars),
                       plate_scale_arcsec=facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec,
@@ -606,14 +614,14 @@ def _filter_session(state: NightState, target: TargetSession, name: str) -> Filt
 
 
 def _exposure_group(settings: Settings, target: TargetSession, session: FilterSession,
-                    frame: Frame) -> ExposureGroup:
+                    frame: Frame, gain: CameraGain) -> ExposureGroup:
     """The frame's exposure group: one within ``reduction.exposure_group_factor`` of its EXPTIME, or a new one."""
     red, facts = settings.reduction, frame.facts
     group = session.group_for(float(facts.exptime), red.exposure_group_factor)
     if group is None:
         group = session.add_group(ExposureGroup(
             exptime=float(facts.exptime), accumulator=_new_accumulator(settings, target),
-            gain=facts.gain or settings.camera.gain or 1.0,
+            gain=gain.value, gain_source=gain.source,
             read_noise=facts.read_noise or settings.camera.read_noise or 0.0))
         if len(session.groups) > 1:
             log.info("%s %s: exposure group %s (frames of %s)", target.name, session.name, group.label,

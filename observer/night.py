@@ -232,6 +232,8 @@ class Night:
 
     def run_age(self, tname: str, catalog) -> list[Path]:
         """Fit the age (without the lock), apply it, write age.json and redraw cmd.png; never raises."""
+        with self.lock:
+            gain = writers.gain_record(self._state.targets.get(tname))
         try:
             result = fit_target_age(tname, catalog, self.settings)
         except AgeUnavailable as exc:
@@ -242,7 +244,8 @@ class Night:
                 self._state.version += 1
                 cmd = self._state.cmd.get(tname)
             written = [writers.write_age(self.outdir, tname, {"target": tname, "fitted": False, "log_age": None,
-                                                              "age_myr": None, "reason": str(exc)})]
+                                                              "age_myr": None, "reason": str(exc),
+                                                              "gain": gain})]
             if had and cmd is not None:
                 written.append(writers.write_cmd_figure(self.outdir, tname, cmd, None))
             return written
@@ -253,7 +256,8 @@ class Night:
         est = result.estimate
         log.info("%s: age %.0f Myr (log %.2f, %.2f-%.2f) from %d stars", tname, est.age_myr, est.log_age,
                  est.log_age_low, est.log_age_high, est.n_stars)
-        written = [writers.write_age(self.outdir, tname, {"target": tname, "fitted": True, **result.record})]
+        written = [writers.write_age(self.outdir, tname, {"target": tname, "fitted": True, **result.record,
+                                                          "gain": gain})]
         if cmd is not None:
             written.append(writers.write_cmd_figure(self.outdir, tname, cmd, est))
         return written

@@ -53,6 +53,20 @@ class HeldFrame:
 
 
 @dataclass
+class CameraGain:
+    """A camera's gain (e-/ADU) and where it came from: a header keyword, ``camera.gain`` or an estimate.
+
+    An estimate is night state (``NightState.gains``): made once, from the night's flats and biases or
+    from the first frame's sky, and kept (and checkpointed) so that every frame and a restart use the
+    same value.
+    """
+
+    value: float
+    source: str                              # header, config, photon transfer or sky noise (GAINSRC)
+    origin: str = ""                         # the keyword, or the file(s) the estimate was measured on
+
+
+@dataclass
 class ExposureGroup:
     """The frames of one filter with about one exposure time: their own stack on the target's grid.
 
@@ -64,6 +78,7 @@ class ExposureGroup:
     exptime: float                           # EXPTIME of the group's unit frame (its first stacked frame)
     accumulator: StackAccumulator
     gain: float = 1.0
+    gain_source: str = ""                    # where ``gain`` came from (CameraGain.source)
     read_noise: float = 0.0
     sky_level: float = 0.0                   # mean sky of the stacked frames (ADU per unit frame), for errors
     ref_xy: np.ndarray | None = None         # the group's flux reference stars on the reference grid
@@ -179,6 +194,7 @@ class NightState:
     calibration_files: dict[str, list[str]] = field(default_factory=lambda: {"bias": [], "dark": [], "flat": []})
     masters: dict[str, Masters] = field(default_factory=dict)     # by filter ("" for bias/dark only)
     pending_offsets: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    gains: dict[tuple[int, int], CameraGain] = field(default_factory=dict)   # estimated, by frame shape (camera)
     cmd: dict[str, CmdData] = field(default_factory=dict)
     age: dict[str, AgeEstimate] = field(default_factory=dict)
     age_reason: dict[str, str] = field(default_factory=dict)     # why a target has no age (its age.json says so)

@@ -99,6 +99,7 @@ class SimSettings:
     sky_mag_arcsec2: dict[str, float] = field(default_factory=lambda: {"blue": 20.3, "green": 19.6,
                                                                        "red": 19.0})
     gain: float = 1.5                       # e-/ADU
+    gain_keyword: bool = True               # write GAIN/EGAIN (False: a camera whose driver writes no gain)
     read_noise: float = 9.0                 # e-
     bias_level: float = 1000.0              # ADU
     exptime_range: tuple[float, float] = (30.0, 60.0)
@@ -150,6 +151,8 @@ class SimSettings:
                               f"{self.short_exptime}")
         if self.first_bad not in FIRST_BAD:
             raise ConfigError(f"first_bad: expected one of {', '.join(FIRST_BAD[1:])}, got {self.first_bad!r}")
+        if not self.gain > 0:
+            raise ConfigError(f"gain: expected > 0 e-/ADU, got {self.gain}")
         if not 0 < self.exptime_range[0] <= self.exptime_range[1]:
             raise ConfigError(f"exptime_range: expected 0 < low <= high, got {self.exptime_range}")
 
@@ -901,8 +904,9 @@ def frame_header(plan: FramePlan, s: SimSettings) -> fits.Header:
         airmass = _airmass(s, plan.date_obs, plan.ra_deg, plan.dec_deg)
         if airmass is not None:
             h["AIRMASS"] = (airmass, "Airmass at start of exposure")
-    h["GAIN"] = (s.gain, "[e-/ADU] Electronic gain")
-    h["EGAIN"] = (s.gain, "[e-/ADU] Electronic gain")
+    if s.gain_keyword:
+        h["GAIN"] = (s.gain, "[e-/ADU] Electronic gain")
+        h["EGAIN"] = (s.gain, "[e-/ADU] Electronic gain")
     h["RDNOISE"] = (s.read_noise, "[e-] Read noise")
     h["XBINNING"] = (1, "Binning factor in width")
     h["YBINNING"] = (1, "Binning factor in height")

@@ -37,6 +37,7 @@ class Score:
     scatter: dict[str, float]    # mag, per filter and "color", bright unflagged unsaturated stars
     offsets: dict[str, float]    # the one zeropoint offset removed per filter
     error_ratio: dict[str, float]  # robust std of (measured - true - offset) / error
+    bright_error_ratio: dict[str, float]  # the same for the bright stars alone (photon noise: the gain's test)
 
 
 def score_catalog(catalog: Table, truth: Table, filters: tuple[str, str], limits: dict[str, float],
@@ -73,7 +74,7 @@ def score_catalog(catalog: Table, truth: Table, filters: tuple[str, str], limits
     bright_cat = good & bright[j]
     position_rms = float(np.sqrt(np.mean((cx[bright_cat] - tx[j[bright_cat]]) ** 2 +
                                          (cy[bright_cat] - ty[j[bright_cat]]) ** 2)))
-    scatter, offsets, ratios = {}, {}, {}
+    scatter, offsets, ratios, bright_ratios = {}, {}, {}, {}
     residuals = {}
     very_bright = good.copy()
     for f in filters:
@@ -88,7 +89,8 @@ def score_catalog(catalog: Table, truth: Table, filters: tuple[str, str], limits
         scatter[f] = robust_std(residuals[f][very_bright])
         use = good & np.isfinite(resid) & (err > 0)
         ratios[f] = robust_std(residuals[f][use] / err[use])
+        bright_ratios[f] = robust_std(residuals[f][use & bright_cat] / err[use & bright_cat])
     scatter["color"] = robust_std((residuals[filters[0]] - residuals[filters[1]])[very_bright])
     return Score(n_catalog=len(catalog), n_bright_truth=int(bright.sum()), completeness=completeness,
                  spurious_fraction=spurious, position_rms=position_rms, scatter=scatter, offsets=offsets,
-                 error_ratio=ratios)
+                 error_ratio=ratios, bright_error_ratio=bright_ratios)

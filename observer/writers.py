@@ -71,6 +71,7 @@ def _stack_hdus(target: TargetSession, fname: str, session: ExposureGroup, setti
     header["NCOMBINE"] = (session.n_stacked, "frames stacked")
     header["BUNIT"] = ("adu", "ADU per frame of EXPTIME, background subtracted")
     header["GAIN"] = (session.gain, "[e-/ADU] of the camera")
+    header["GAINSRC"] = (session.gain_source, "where GAIN came from")
     header["RDNOISE"] = (session.read_noise, "[e-] per frame")
     header["SKYLEVEL"] = (session.sky_level, "[ADU] sky removed, per frame")
     header["REFFRAME"] = (Path(target.reference_file).name[:60], "file defining the reference grid")
@@ -142,6 +143,13 @@ def write_cmd_figure(outdir: Path, tname: str, cmd: CmdData, age: AgeEstimate | 
              age_text=f"age {age.age_myr:.0f} Myr (log {age.log_age:.2f} "
                       f"[{age.log_age_low:.2f}, {age.log_age_high:.2f}])" if age else None)
     return png
+
+
+def gain_record(target: TargetSession | None) -> dict | None:
+    """age.json's ``gain``: ``{"value", "source"}`` of the target's stacks (their first stacked exposure
+    group: one camera gives every filter the same), None before anything is stacked."""
+    groups = [g for s in (target.filters.values() if target else ()) for g in s.groups if g.n_stacked]
+    return {"value": round(groups[0].gain, 4), "source": groups[0].gain_source} if groups else None
 
 
 def write_age(outdir: Path, tname: str, record: dict) -> Path:

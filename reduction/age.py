@@ -314,9 +314,14 @@ class _Fixed:
     def free_scale(self) -> bool:
         return self.scales[1] > self.scales[0]
 
+    @property
+    def _mid_half(self) -> tuple[float, float]:
+        """Middle and half-width of the colour scale's range."""
+        return 0.5 * (self.scales[0] + self.scales[1]), 0.5 * (self.scales[1] - self.scales[0])
+
     def _scale(self, p: float) -> float:
         # k = middle + half-range * tanh(p): bounded, and smooth for Nelder-Mead.
-        mid, half = 0.5 * (self.scales[0] + self.scales[1]), 0.5 * (self.scales[1] - self.scales[0])
+        mid, half = self._mid_half
         return float(mid + half * np.tanh(p))
 
     def to_shifts(self, p: np.ndarray) -> tuple[float, float, float]:
@@ -333,7 +338,7 @@ class _Fixed:
 
     def to_params(self, dcolor: float, dmag: float, scale: float | None = None) -> np.ndarray:
         """Free parameters closest to the given shifts and scale (the optimiser's start)."""
-        mid, half = 0.5 * (self.scales[0] + self.scales[1]), 0.5 * (self.scales[1] - self.scales[0])
+        mid, half = self._mid_half
         k = scale if scale is not None and self.free_scale else mid
         if not self.calibrated:
             out = [self.pivot - (self.pivot - dcolor) / k, dmag]

@@ -192,7 +192,10 @@ def run_asteca(cat: dict, seed: int = 1) -> dict:
     The fit maximises ASteCA's own likelihood (``Likelihood.get`` on
     ``Synthetic.generate``) over (log age, Z, A_V, distance modulus, binary
     fraction alpha) with scipy's differential evolution, beta, R_V and differential
-    reddening fixed (0, 3.1, 0).  Its interval is where the log likelihood, log age
+    reddening fixed (0, 3.1, 0).  With ``emcee`` installed, the intervals are the
+    16-84 and 2.5-97.5 percentiles of log age in a short ensemble run (12 walkers,
+    150 steps, first third dropped) from the optimum, taking ASteCA's log likelihood
+    ratio as the log likelihood.  Without it, the interval is where the log likelihood, log age
     varied alone with the other parameters held at the optimum, stays within 0.5
     of the maximum (a conditional 68 % interval, narrower than a marginal one).
     Measured, it is narrower than the 0.01 dex scan step (the likelihood ratio of
@@ -238,15 +241,34 @@ def run_asteca(cat: dict, seed: int = 1) -> dict:
 
         best = differential_evolution(lambda x: -lnl(x), bounds, seed=seed, popsize=10, maxiter=60, tol=1e-4,
                                       polish=False)
-        scan = np.sort(np.append(np.arange(bounds[0][0], bounds[0][1] + 1e-9, 0.01), best.x[0]))
-        prof = np.array([lnl(np.concatenate([[a], best.x[1:]])) for a in scan])
-        inside = scan[prof >= prof.max() - 0.5]
+        n_calls = best.nfev
+        try:
+            import emcee
+        except ImportError:
+            scan = np.sort(np.append(np.arange(bounds[0][0], bounds[0][1] + 1e-9, 0.01), best.x[0]))
+            prof = np.array([lnl(np.concatenate([[a], best.x[1:]])) for a in scan])
+            inside = scan[prof >= prof.max() - 0.5]
+            interval, n_calls, how = (inside.min(), inside.max(), np.nan, np.nan), n_calls + scan.size, "conditional"
+        else:
+            lo, hi = np.array(bounds).T
+
+            def lnpost(x: np.ndarray) -> float:
+                return lnl(x) if np.all((x >= lo) & (x <= hi)) else -np.inf
+
+            walkers, steps = 12, 150
+            start = np.clip(best.x + 1e-3 * (hi - lo) * np.random.default_rng(seed).normal(size=(walkers, len(lo))),
+                            lo, hi)
+            sampler = emcee.EnsembleSampler(walkers, len(lo), lnpost)
+            sampler.run_mcmc(start, steps)
+            ages_mc = sampler.get_chain(discard=steps // 3, flat=True)[:, 0]
+            interval = tuple(np.percentile(ages_mc, [16, 84, 2.5, 97.5]))
+            n_calls, how = n_calls + walkers * steps, f"emcee {walkers}x{steps}"
         t_fit, c_fit = time.perf_counter() - t1, time.process_time() - c1
     x = dict(zip(names, best.x))
-    return {"log_age": float(x["loga"]), "low": float(inside.min()), "high": float(inside.max()),
-            "low95": float("nan"), "high95": float("nan"), "seconds": t_fit, "cpu": c_fit,
-            "detail": f"{n_iso} isochrones written+loaded {t_load:.1f} s (not in the fit time), "
-            f"{best.nfev + scan.size} likelihood calls, Z {x['met']:.4f} ([M/H] {math.log10(x['met'] / Z_SUN):+.2f}), "
+    return {"log_age": float(x["loga"]), "low": float(interval[0]), "high": float(interval[1]),
+            "low95": float(interval[2]), "high95": float(interval[3]), "seconds": t_fit, "cpu": c_fit,
+            "detail": f"{n_iso} isochrones written+loaded {t_load:.1f} s (not in the fit time), interval {how}, "
+            f"{n_calls} likelihood calls, Z {x['met']:.4f} ([M/H] {math.log10(x['met'] / Z_SUN):+.2f}), "
             f"A_V {x['Av']:.2f} (E(B-V) {x['Av'] / 3.1:.3f}), distmod {x['dm']:.2f}, alpha {x['alpha']:.2f}"}
 
 

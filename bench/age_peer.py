@@ -198,10 +198,10 @@ def run_asteca(cat: dict, seed: int = 1) -> dict:
     ratio as the log likelihood.  Without it, the interval is where the log likelihood, log age
     varied alone with the other parameters held at the optimum, stays within 0.5
     of the maximum (a conditional 68 % interval, narrower than a marginal one).
-    Measured, both are narrower than 0.02 dex (the conditional one than its 0.01 dex scan step: (the likelihood ratio of
-    ~1000 stars drops by more than 0.5 within 0.01 dex), so they show the optimum's
-    sharpness, not an uncertainty; ASteCA's own uncertainties need a sampler, which
-    this bench does not run.  ASteCA has no field-star model (it expects members
+    Measured, both are narrower than 0.02 dex: the likelihood ratio of ~1000 stars
+    drops by more than 0.5 within 0.01 dex and the walkers barely leave the
+    optimum, so they show its sharpness, not an uncertainty (0 of 5 cover the truth).
+    ASteCA has no field-star model (it expects members
     from its membership step), so field stars in the catalogue bias it.
     """
     import contextlib

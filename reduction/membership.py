@@ -7,6 +7,7 @@ replaces one global field fraction; it needs positions and nothing of the diagra
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,7 +81,9 @@ class SpatialProfile:
 def _king(dx: np.ndarray, dy: np.ndarray, core: float, tidal: float) -> np.ndarray:
     """King (1962) surface density profile, unnormalised, zero beyond the tidal radius."""
     r2 = (dx * dx + dy * dy) / (core * core)
-    edge = 1.0 / np.sqrt(1.0 + (tidal / core) ** 2)
+    # 1 / sqrt(1 + (tidal / core)^2), written so that a tidal radius the simplex has sent far out
+    # cannot overflow (it did: "OverflowError: Numerical result out of range" ended an age fit).
+    edge = core / math.hypot(core, tidal)
     return np.clip(1.0 / np.sqrt(1.0 + r2) - edge, 0.0, None) ** 2
 
 

@@ -17,6 +17,7 @@ result with it, and write the products from the immutable result.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -165,7 +166,8 @@ class Night:
 
     def write_all_products(self) -> list[Path]:
         """Every product now, measured in the caller's thread (for scripts that drive a Night directly)."""
-        scheduler = MeasurementScheduler(self.run_measurement, self.run_age if self.settings.age.enabled else None)
+        scheduler = MeasurementScheduler(functools.partial(self.run_measurement, draw_cmd=False),
+                                         self.run_age if self.settings.age.enabled else None)
         written = self.write_products()
         for request in self.measurement_requests():
             written += scheduler.submit(request.target, request)
@@ -195,8 +197,12 @@ class Night:
             log.info("%s: frames in %s only: no %s yet, so no colour and no CMD", tname, ", ".join(stacked),
                      ", ".join(missing))
 
-    def run_measurement(self, request: MeasureRequest) -> tuple[list[Path], object]:
-        """Measure (without the lock), apply (with it), write catalogue and CMD; returns (paths, catalogue)."""
+    def run_measurement(self, request: MeasureRequest, draw_cmd: bool = True) -> tuple[list[Path], object]:
+        """Measure (without the lock), apply (with it), write catalogue and CMD; returns (paths, catalogue).
+
+        ``draw_cmd`` False leaves cmd.png to the age fit that follows at once (offline: the figure would be
+        drawn twice, 0.3-0.6 s); live it is drawn now, so the new stars show before the slow fit ends.
+        """
         try:
             result = measure_target(request, self.settings)
         except Exception:  # noqa: BLE001 - a failed measurement must not stop the night
@@ -209,7 +215,8 @@ class Night:
             wcs = next((s.wcs for s in request.stacks.values() if s.wcs is not None), None)
             written.append(writers.write_regions(self.outdir, result.target, result.catalog,
                                                  self.settings.cmd.magnitude, wcs))
-            written.append(writers.write_cmd_figure(self.outdir, result.target, result.cmd, age))
+            if draw_cmd or not self.settings.age.enabled:
+                written.append(writers.write_cmd_figure(self.outdir, result.target, result.cmd, age))
         age_wanted = result.catalog is not None and self.settings.age.enabled
         return written, result.catalog if age_wanted else None
 
@@ -246,12 +253,14 @@ class Night:
             written = [writers.write_age(self.outdir, tname, {"target": tname, "fitted": False, "log_age": None,
                                                               "age_myr": None, "reason": str(exc),
                                                               "gain": gain})]
-            if had and cmd is not None:
+            if cmd is not None:      # without its age line, and drawn at all when the measurement left it
                 written.append(writers.write_cmd_figure(self.outdir, tname, cmd, None))
             return written
         except Exception:  # noqa: BLE001 - an age fit failure must not stop the night
             log.exception("%s: age fit failed", tname)
-            return []
+            with self.lock:
+                cmd, est = self._state.cmd.get(tname), self._state.age.get(tname)
+            return [writers.write_cmd_figure(self.outdir, tname, cmd, est)] if cmd is not None else []
         cmd = self.apply_age(result)
         est = result.estimate
         log.info("%s: age %.0f Myr (log %.2f, %.2f-%.2f) from %d stars", tname, est.age_myr, est.log_age,

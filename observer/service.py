@@ -32,6 +32,7 @@ in the background live, in the caller's thread offline.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import signal
@@ -140,7 +141,8 @@ class Service:
         self._resume_from_ledger()
         # Live, catalogue, CMD and age are measured off the worker thread: a frame never waits for them.
         self.measurements = MeasurementScheduler(
-            self.night.run_measurement, self.night.run_age if settings.age.enabled else None, background=live,
+            functools.partial(self.night.run_measurement, draw_cmd=live),
+            self.night.run_age if settings.age.enabled else None, background=live,
             catalog_throttle=svc.product_throttle_seconds, age_throttle=settings.age.throttle_seconds)
         if live:
             self.measurements.listeners.append(lambda paths: self.publish(None, paths))

@@ -20,7 +20,7 @@ from astropy.wcs import WCS
 
 from observer.config import Settings
 from observer.session import ExposureGroup, FilterSession, TargetSession, group_label
-from observer.state import AgeEstimate
+from observer.state import AgeEstimate, left_out_text
 from reduction.catalog import build_catalog
 from reduction.exposure_groups import merge_exposure_groups, saturation_magnitude
 from reduction.cmd import CmdData, cmd_data
@@ -37,7 +37,15 @@ MIN_STARS_FOR_AGE = 30
 
 
 class AgeUnavailable(Exception):
-    """No age can be fitted; the message says why (logged once and written to age.json)."""
+    """No age can be fitted; the message says why (logged once and written to age.json).
+
+    ``stars`` is the star count record (see :func:`age_stars`), so that age.json says how many
+    stars the fit had and why the others were left out even when there is no age.
+    """
+
+    def __init__(self, reason: str, stars: dict | None = None) -> None:
+        super().__init__(reason)
+        self.stars = stars or {}
 
 
 @dataclass(frozen=True)
@@ -162,11 +170,12 @@ def fit_target_age(target: str, catalog: Table, settings: Settings) -> AgeResult
     color_err = np.hypot(np.asarray(catalog[f"magerr_{first}"], float),
                          np.asarray(catalog[f"magerr_{second}"], float))
     mag_err = np.asarray(catalog[f"magerr_{mag_filter}"], float)
-    flags = np.asarray(catalog["flags"])
-    usable = np.isfinite(color) & np.isfinite(mag) & (flags & (FLAG_SATURATED | FLAG_BLENDED) == 0)
+    usable, left_out = age_stars(color, mag, np.asarray(catalog["flags"]))
+    stars = {"catalogue": len(catalog), "usable": int(usable.sum()), "left_out": left_out}
     if usable.sum() < MIN_STARS_FOR_AGE:
         raise AgeUnavailable(f"{int(usable.sum())} usable stars, too few for an age fit "
-                             f"(at least {MIN_STARS_FOR_AGE} unsaturated, unblended stars with both filters)")
+                             f"(at least {MIN_STARS_FOR_AGE} unsaturated, unblended stars with both filters; "
+                             f"left out: {left_out_text(left_out)})", stars)
     bands = (settings.filters.bands.get(first, "B"), settings.filters.bands.get(second, "V"))
     age = settings.age
     try:
@@ -179,15 +188,35 @@ def fit_target_age(target: str, catalog: Table, settings: Settings) -> AgeResult
                       # Members crowd towards the cluster's centre, field stars do not: positions weigh in.
                       x=np.asarray(catalog["x"], float), y=np.asarray(catalog["y"], float))
     except ValueError as exc:       # the fit's own "cannot": too few stars in its magnitude window, ...
-        raise AgeUnavailable(str(exc)) from exc
+        raise AgeUnavailable(str(exc), stars) from exc
+    left_out = {**left_out, "outside the fitted magnitude range": int(usable.sum()) - int(fit.n_stars)}
     estimate = AgeEstimate(
         log_age=fit.log_age, log_age_low=fit.log_age_low, log_age_high=fit.log_age_high, age_myr=fit.age_myr,
         distance_modulus=fit.distance_modulus, ebv=fit.ebv, n_stars=fit.n_stars,
         isochrone_color=np.asarray(fit.iso_color), isochrone_mag=np.asarray(fit.iso_mag),
-        turnoff=tuple(fit.turnoff))
+        turnoff=tuple(fit.turnoff), left_out=tuple((k, v) for k, v in left_out.items() if v))
     record = fit.to_json()
+    record["stars"] = {**stars, "fitted": int(fit.n_stars), "left_out": left_out}
     record["exposure_groups"] = groups_used(catalog, usable, settings)
     return AgeResult(target=target, estimate=estimate, record=record)
+
+
+def age_stars(color: np.ndarray, mag: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """Which stars the age fit may use, and how many were left out for each reason.
+
+    A star with several faults is counted once, under the first: without a colour, saturated,
+    blended (edge and low-coverage stars are kept: their photometry is only noisier, and its
+    error says so).
+    """
+    reasons = {"no colour": ~(np.isfinite(color) & np.isfinite(mag)),
+               "saturated": (flags & FLAG_SATURATED) != 0,
+               "blended": (flags & FLAG_BLENDED) != 0}
+    left = np.zeros(len(color), bool)
+    counts = {}
+    for reason, bad in reasons.items():
+        counts[reason] = int((bad & ~left).sum())
+        left |= bad
+    return ~left, counts
 
 
 def groups_used(catalog: Table, usable: np.ndarray, settings: Settings) -> list[dict]:

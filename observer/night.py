@@ -31,7 +31,7 @@ from observer.measure import (AgeResult, AgeUnavailable, MeasureRequest, Measure
 from observer.scheduler import MeasurementScheduler
 from observer.session import NightState
 from observer.snapshot import build_snapshot, completion_mag
-from observer.state import FrameRecord, Snapshot, Status
+from observer.state import FrameRecord, Snapshot, Status, left_out_text
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +246,13 @@ class Night:
         except AgeUnavailable as exc:
             log.info("%s: no age: %s", tname, exc)
             with self.lock:
-                had = self._state.age.pop(tname, None) is not None
+                self._state.age.pop(tname, None)
                 self._state.age_reason[tname] = str(exc)
                 self._state.version += 1
                 cmd = self._state.cmd.get(tname)
             written = [writers.write_age(self.outdir, tname, {"target": tname, "fitted": False, "log_age": None,
                                                               "age_myr": None, "reason": str(exc),
-                                                              "gain": gain})]
+                                                              "stars": exc.stars, "gain": gain})]
             if cmd is not None:      # without its age line, and drawn at all when the measurement left it
                 written.append(writers.write_cmd_figure(self.outdir, tname, cmd, None))
             return written
@@ -263,8 +263,8 @@ class Night:
             return [writers.write_cmd_figure(self.outdir, tname, cmd, est)] if cmd is not None else []
         cmd = self.apply_age(result)
         est = result.estimate
-        log.info("%s: age %.0f Myr (log %.2f, %.2f-%.2f) from %d stars", tname, est.age_myr, est.log_age,
-                 est.log_age_low, est.log_age_high, est.n_stars)
+        log.info("%s: age %.0f Myr (log %.2f, %.2f-%.2f) from %d stars (left out: %s)", tname, est.age_myr,
+                 est.log_age, est.log_age_low, est.log_age_high, est.n_stars, left_out_text(est.left_out))
         written = [writers.write_age(self.outdir, tname, {"target": tname, "fitted": True, **result.record,
                                                           "gain": gain})]
         if cmd is not None:

@@ -96,6 +96,11 @@ def file_outcome(records: list[FrameRecord]) -> FrameRecord:
     return dataclasses.replace(first, filter=",".join(r.filter for r in records), reason=reasons)
 
 
+def left_out_text(left_out: dict[str, int] | tuple[tuple[str, int], ...]) -> str:
+    """'58 saturated, 621 blended' (reasons with no star omitted; 'none' when no star was left out)."""
+    return ", ".join(f"{n} {reason}" for reason, n in dict(left_out).items() if n) or "none"
+
+
 @dataclass(frozen=True)
 class AgeEstimate:
     """The isochrone fit as the dashboard shows it (age.json holds the full record)."""
@@ -110,6 +115,7 @@ class AgeEstimate:
     isochrone_color: np.ndarray    # the best isochrone, shifted onto the CMD axes
     isochrone_mag: np.ndarray
     turnoff: tuple[float, float]   # (colour, magnitude)
+    left_out: tuple[tuple[str, int], ...] = ()   # (reason, stars) the fit did not use, e.g. ("blended", 12)
 
 
 @dataclass(frozen=True)

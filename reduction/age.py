@@ -180,10 +180,6 @@ class AgeFit:
         }
 
 
-
-
-
-
 def _fft_starts(log_age: float, mh: float, bands: tuple[str, str], data: FitData) -> list[tuple[float, float]]:
     """Rough (dcolor, dmag) candidates: the best peaks of an approximate likelihood over all shifts.
 

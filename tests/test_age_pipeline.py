@@ -49,3 +49,7 @@ def test_age_from_simulated_frames(tmp_path, log_age, distance_modulus):
     assert abs(age["log_age"] - log_age) <= 0.1
     assert age["log_age_low"] <= log_age <= age["log_age_high"]
     assert age["n_stars"] >= 100
+    stars = age["stars"]      # every catalogue star accounted for: fitted, or left out for a reason
+    assert stars["fitted"] == age["n_stars"]
+    assert stars["fitted"] + sum(stars["left_out"].values()) == stars["catalogue"]
+    assert stars["left_out"]["saturated"] > 0       # this night's brightest stars saturate

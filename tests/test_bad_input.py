@@ -12,6 +12,7 @@ from astropy.table import Table
 
 from observer.config import Settings
 from observer.night import Night
+from reduction.photometry import FLAG_BLENDED, FLAG_SATURATED
 from test_shapes import draw, no_tracebacks, reduce, write
 
 
@@ -52,10 +53,33 @@ def test_an_ageless_target_says_why_in_age_json_and_the_snapshot(tmp_path, caplo
     age = json.loads((tmp_path / "out" / "NGC1" / "age.json").read_text())
     assert age["fitted"] is False and age["log_age"] is None and age["age_myr"] is None
     assert age["reason"].startswith("isochrone fit needs at least 20 usable stars between magnitudes")
+    assert age["stars"] == {"catalogue": 36, "usable": 36,
+                            "left_out": {"no colour": 0, "saturated": 0, "blended": 0}}
     assert night.snapshot().targets["NGC1"].age_reason == age["reason"]
     lines = [r for r in caplog.records if "no age" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.INFO
     no_tracebacks(caplog)
+
+
+def test_a_target_whose_stars_are_flagged_says_how_many_were_left_out_and_why(tmp_path):
+    """Each star counted once, under its first fault: no colour, then saturated, then blended."""
+    night = Night(Settings(), tmp_path / "out")
+    n = 60
+    flags = np.zeros(n, int)
+    flags[:20] = FLAG_SATURATED
+    flags[15:45] |= FLAG_BLENDED          # 5 of them saturated too: counted as saturated
+    color = np.full(n, 0.5)
+    color[40:42] = np.nan                 # blended and without a colour: counted as no colour
+    catalog = Table({"x": np.arange(n, dtype=float), "y": np.arange(n, dtype=float),
+                     "mag_blue": np.linspace(14, 19, n) + 0.5, "mag_green": np.linspace(14, 19, n),
+                     "magerr_blue": np.full(n, 0.01), "magerr_green": np.full(n, 0.01), "color": color,
+                     "flags": flags})
+    night.run_age("NGC1", catalog)
+    age = json.loads((tmp_path / "out" / "NGC1" / "age.json").read_text())
+    assert age["stars"] == {"catalogue": 60, "usable": 15,
+                            "left_out": {"no colour": 2, "saturated": 20, "blended": 23}}
+    assert age["reason"] == ("15 usable stars, too few for an age fit (at least 30 unsaturated, unblended stars "
+                             "with both filters; left out: 2 no colour, 20 saturated, 23 blended)")
 
 
 def test_a_single_filter_target_says_once_it_has_no_colour(tmp_path, caplog):

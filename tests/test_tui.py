@@ -132,7 +132,7 @@ class SimSource:
             age = AgeEstimate(log_age=8.18, log_age_low=8.08, log_age_high=8.28, age_myr=151.0,
                               distance_modulus=10.3, ebv=0.2, n_stars=cmd.n,
                               isochrone_color=0.1 * (iso_mag - 12.0), isochrone_mag=iso_mag,
-                              turnoff=(0.05, 11.5))
+                              turnoff=(0.05, 11.5), left_out=(("saturated", 3), ("blended", 7)))
         verdict = ("done: move to the next target" if done
                    else f"keep going: about {MIN_FRAMES - per_filter} more frames per filter")
         return TargetState(name=name, filters=filters, cmd=cmd, age=age, done=done, verdict=verdict,
@@ -345,7 +345,8 @@ def test_hr_diagram_grows_and_verdict_turns_done(tmp_path):
                     assert not verdict.has_class("done")
             assert counts == [40, 80, 120]
             assert hr.title_text == "M35: 120 stars, age 151 Myr (120-191)"
-            assert "age 151 Myr" in str(status.query_one("#age", Static).render())
+            assert str(status.query_one("#age", Static).render()) == \
+                "age 151 Myr (120-191) from 120 stars (left out: 3 saturated, 7 blended)"
             assert "done: move to the next target" in str(verdict.render())
             assert verdict.has_class("done")
             table = plain(status.query_one("#filters", Static).content)

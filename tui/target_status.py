@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Sparkline
 
-from observer.state import TargetState
+from observer.state import TargetState, left_out_text
 from tui.hr_diagram import age_text
 from tui.quiet import QuietStatic
 
@@ -88,7 +88,8 @@ class TargetStatus(VerticalScroll):
             return
         verdict.show(Text(f"{target.name}: {target.verdict}"))
         verdict.set_class(target.done, "done")
-        self._show_optional("#age", age_text(target.age) if target.age
+        self._show_optional("#age", f"{age_text(target.age)} from {target.age.n_stars} stars "
+                                    f"(left out: {left_out_text(target.age.left_out)})" if target.age
                             else f"no age: {target.age_reason}" if target.age_reason else "")
         rows = filter_rows(target)
         self.query_one("#filters", QuietStatic).show(filter_table(rows, target.completion_mag),

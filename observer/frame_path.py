@@ -141,6 +141,8 @@ def tag(state: NightState, settings: Settings, ctx: FrameContext) -> FrameContex
         raise FrameRejected(f"{tags.kind} frame of a colour camera: calibrating colour planes is not supported yet")
     if tags.kind in CALIBRATION_KINDS:
         key = tags.kind if tags.kind != Kind.FLAT else f"flat:{tags.filter}"
+        if tags.kind == Kind.FLAT and key not in state.calibration_files:
+            _warn_late_flat(state, tags.filter, ctx.path)
         state.calibration_files.setdefault(key, []).append(str(ctx.path))
         rebuild_masters(state, settings)
         ctx.record.status, ctx.record.reason = Status.CALIBRATION, f"{tags.kind} frame for the masters"
@@ -534,6 +536,16 @@ def _saturation_threshold(settings: Settings, frame: Frame, pedestal: float = 0.
     (both raw levels: less the overscan ``pedestal`` subtracted on load)."""
     red = settings.reduction
     return min(frame.facts.saturate or red.saturation_adu, red.saturation_adu) - pedestal
+
+
+def _warn_late_flat(state: NightState, filter_name: str, path: Path) -> None:
+    """Say once, when a filter's first flat comes after science frames were stacked, that those stay as they are
+    (dawn flats, live): a stack only grows, and only ``observer reprocess`` takes the flats first."""
+    stacked = sum(t.filters[filter_name].n_stacked for t in state.targets.values() if filter_name in t.filters)
+    if stacked:
+        log.warning("%s: first %s flat after %d %s frames were stacked without one: those keep their vignetting "
+                    "and dust; `observer reprocess` applies the flats to every frame", Path(path).name, filter_name,
+                    stacked, filter_name)
 
 
 def rebuild_masters(state: NightState, settings: Settings) -> None:

@@ -1,7 +1,7 @@
 """``observer reprocess``: the service's own worker logic over a saved night, then exit.
 
 One code path with ``observer watch`` (README "Products"): every file goes through
-``Service.handle``, here in DATE-OBS order (this module owns that ordering),
+``Service.handle``, here calibration frames first, then in DATE-OBS order (this module owns that ordering),
 synchronously, with the progress bar a user waits on.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 from observer.config import Settings
 from observer.ingest import fits_completeness, is_fits_name
 from observer.service import Job, NightFactory, Service
-from observer.state import FrameRecord
+from observer.state import CALIBRATION_KINDS, FrameRecord
 from observer.watcher import inside, scan
 
 if TYPE_CHECKING:
@@ -53,27 +53,36 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _date_obs_key(path: Path, keywords: dict[str, tuple[str, ...]] | None = None) -> tuple[int, float, str]:
-    """Sort key: DATE-OBS (read from the header only), files without one last, ties by name."""
+def _date_obs_key(path: Path, keywords: dict[str, tuple[str, ...]] | None = None) -> tuple[bool, int, float, str]:
+    """Sort key: bias, dark and flat frames first, then the rest; each in DATE-OBS order (read from the
+    header only), files without one at the end, ties by name.
+
+    Calibration first because a night's flats are often taken at dawn: in DATE-OBS order they would
+    come after every science frame and correct none (live, they can only correct the frames after them).
+    """
     from astropy.io import fits
 
+    from observer.tagging import frame_kind
     from reduction.frames import header_facts
 
+    kind = None
     try:
         with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
             for hdu in hdul[:2]:
-                date = header_facts(hdu.header, keywords).date_obs
-                if date is not None:
-                    return (0, float(date.mjd), path.name)
+                facts = header_facts(hdu.header, keywords)
+                kind = kind or frame_kind(path.name, facts)
+                if facts.date_obs is not None:
+                    return (kind not in CALIBRATION_KINDS, 0, float(facts.date_obs.mjd), path.name)
     except Exception:  # noqa: BLE001 - unreadable or not FITS: it still gets its record, last
         log.debug("%s: no DATE-OBS", path, exc_info=True)
-    return (1, 0.0, path.name)
+    return (kind not in CALIBRATION_KINDS, 1, 0.0, path.name)
 
 
 def process_existing(nightdir: str | Path, outdir: str | Path, settings: Settings,
                      progress: Callable[[int, int, FrameRecord | None], None] | None = None,
                      night_factory: NightFactory | None = None) -> "Night":
-    """Run every file of ``nightdir`` through the service's worker logic, in DATE-OBS order; write all products.
+    """Run every file of ``nightdir`` through the service's worker logic, calibration frames first, then in
+    DATE-OBS order; write all products.
 
     ``progress(done, total, record)`` is called after each FITS file (``record``
     None when the file was already in the resumed night). The night

@@ -59,6 +59,11 @@ def _kind_from_name(name: str) -> str | None:
     return None
 
 
+def frame_kind(name: str, facts: HeaderFacts) -> str | None:
+    """The kind the header's frame type, the file name or OBJECT says (None when none says one)."""
+    return kind_from_type(facts.imagetyp) or _kind_from_name(name) or _kind_from_name(facts.object or "")
+
+
 def matches_offset_pattern(text: str | None, patterns: list[str]) -> bool:
     """True when ``text`` carries one of the offset words as a separate token ("M35_offset", "sky 2")."""
     if not text:
@@ -171,7 +176,7 @@ def _tag(name: str, facts: HeaderFacts, settings: Settings,
     rules = settings.tagging
     obj = facts.object
     pointing = (facts.ra_deg, facts.dec_deg) if facts.ra_deg is not None and facts.dec_deg is not None else None
-    kind = kind_from_type(facts.imagetyp) or _kind_from_name(name) or _kind_from_name(obj or "")
+    kind = frame_kind(name, facts)
     if kind is None:
         if obj or re.search(rules.target_from_filename, name, re.IGNORECASE) or \
                 _nearest_target(pointing, science_pointings, rules.offset_distance_arcmin):

@@ -29,6 +29,12 @@ from reduction.psf import EmpiricalPSF, PSFFit, build_psf, fit_psf, nearest_dist
 
 log = logging.getLogger(__name__)
 
+#: Isolated bright stars enough for the stack's PSF; with fewer the field counts as crowded and the PSF comes
+#: from this many of the least contaminated bright stars, their neighbours subtracted.
+CROWDED_PSF_STARS = 25
+#: ... each with at most this fraction of its aperture flux from neighbours (before their subtraction).
+CROWDED_PSF_CONTAMINATION = 0.1
+
 
 def build_catalog(stacks: dict[str, StackProduct], color: tuple[str, str] = ("blue", "green"),
                   detect_on: str | None = None, detect_sigma: float = 5.0, aperture_fwhm: float = 1.5,
@@ -148,10 +154,7 @@ def _psf_fits(stacks: dict[str, StackProduct], aperture: dict[str, Table], table
     xy = np.column_stack([np.asarray(table["x"], float), np.asarray(table["y"], float)])
     nearest = nearest_distance(xy)
     for name, stack in stacks.items():
-        phot = aperture[name]
-        clean = ((np.asarray(phot["flags"]) & (FLAG_SATURATED | FLAG_EDGE)) == 0) & (np.asarray(phot["snr"]) > 30) \
-            & (nearest > 3 * stack.fwhm_px) & (np.asarray(phot["contamination"]) < 0.2 * blend_level)
-        model, notes[name] = build_psf(stack.image, xy[:, 0], xy[:, 1], clean, stack.fwhm_px)
+        model, notes[name] = _stack_psf(stack, aperture[name], xy, nearest, blend_level)
         if model is None:
             log.warning("%s: %s", name, notes[name])
         else:
@@ -172,6 +175,33 @@ def _psf_fits(stacks: dict[str, StackProduct], aperture: dict[str, Table], table
             fits[name] = _fit(stacks[name], psfs[name], xy, None)
     log.info("PSF photometry: %d crowded or saturated stars repositioned on %s", int((crowded & moved).sum()), deep)
     return fits, notes
+
+
+def _stack_psf(stack: StackProduct, phot: Table, xy: np.ndarray, nearest: np.ndarray, blend_level: float
+               ) -> tuple[EmpiricalPSF | None, str]:
+    """The stack's empirical PSF: from isolated bright stars, or, in a field too crowded for enough of them
+    (a rich cluster in 8 px seeing has none 3 FWHM from its neighbours), from the least contaminated
+    bright stars with their neighbours' models subtracted (DAOPHOT's PSF - ALLSTAR - PSF loop, once)."""
+    fwhm = stack.fwhm_px
+    bright = ((np.asarray(phot["flags"]) & (FLAG_SATURATED | FLAG_EDGE)) == 0) & (np.asarray(phot["snr"]) > 30)
+    contamination = np.asarray(phot["contamination"], float)
+    clean = bright & (nearest > 3 * fwhm) & (contamination < 0.2 * blend_level)
+    if clean.sum() >= CROWDED_PSF_STARS:
+        return build_psf(stack.image, xy[:, 0], xy[:, 1], clean, fwhm)
+    pool = np.nonzero(bright & (nearest > fwhm) & (contamination < CROWDED_PSF_CONTAMINATION))[0]
+    chosen = pool[np.argsort(contamination[pool])][:max(CROWDED_PSF_STARS, int(clean.sum()))]
+    usable = np.zeros(len(xy), bool)
+    usable[chosen] = True
+    first, _ = build_psf(stack.image, xy[:, 0], xy[:, 1], usable, fwhm)
+    if first is None:
+        return build_psf(stack.image, xy[:, 0], xy[:, 1], clean, fwhm)      # its note says why
+    fit = _fit(stack, first, xy, None)
+    others = ~usable & np.isfinite(fit.flux)
+    neighbours = fit.model_of(others)
+    model, note = build_psf(stack.image - neighbours, xy[:, 0], xy[:, 1], usable, fwhm)
+    log.info("%s: crowded field: PSF from the %d least contaminated stars (up to %.0f%%), neighbours subtracted",
+             stack.filter, len(chosen), 100 * contamination[chosen].max())
+    return model, f"{note}, neighbours subtracted (crowded field)"
 
 
 def _fit(stack: StackProduct, psf: EmpiricalPSF, xy: np.ndarray, move: np.ndarray | None) -> PSFFit:

@@ -58,6 +58,8 @@ APCORR_RADIUS_FWHM = 3.5
 COG_RADII_FWHM = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, APCORR_RADIUS_FWHM)
 #: Variance of the median of n Gaussian values relative to that of their mean.
 MEDIAN_VARIANCE_FACTOR = np.pi / 2
+#: Stars for the curve of growth when too few are isolated: this many of the most isolated bright ones.
+COG_CROWDED_STARS = 30
 
 
 @dataclass
@@ -315,8 +317,12 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
     nearest = nearest_distance(xy)
     snr = np.divide(flux_aper, err_aper, out=np.zeros_like(flux_aper, dtype=float), where=err_aper > 0)
     candidates = np.nonzero((flags == 0) & (nearest > r_out) & (snr > 50))[0]
-    if len(candidates) < 5:
-        candidates = np.nonzero(((flags & (FLAG_SATURATED | FLAG_EDGE)) == 0) & (snr > 20))[0]
+    crowded = len(candidates) < 5
+    if crowded:
+        # Crowded, or poor seeing (r_out is 50 px at FWHM 8.5): the most isolated of the bright stars, for
+        # the median curve to be a star's and not its neighbours' (all of them gave corrections of 2).
+        pool = np.nonzero(((flags & (FLAG_SATURATED | FLAG_EDGE)) == 0) & (snr > 20))[0]
+        candidates = pool[np.argsort(-nearest[pool])][:COG_CROWDED_STARS]
     candidates = candidates[np.argsort(-snr[candidates])][:100]
     cog_ee = np.interp(cog_r, [0, cog_r[-1]], [0, 1])  # placeholder profile when no star qualifies
     ratio_used = np.array([])
@@ -331,6 +337,14 @@ def forced_photometry(stack: StackProduct, positions, aperture_fwhm: float = 1.5
             cog_ee = np.median(curves, axis=0)
             at_ap = np.array([np.interp(r_ap, cog_r, c) for c in curves])
             ratio_used = 1.0 / at_ap[at_ap > 0]
+    if crowded and psf_fit is not None and len(candidates):
+        # The fitted PSF's own curve of growth at the same stars: no neighbour light in it (measured on
+        # the image, neighbours within 3.5 FWHM raised the correction from 1.1 to 1.8 at FWHM 8.5 px).
+        # Only when crowded: on isolated stars the image's curves are unbiased, and the model's, through
+        # its interpolation, 0.3% high.
+        inner = _aperture_fractions(psf_fit, r_ap)[candidates]
+        whole = _aperture_fractions(psf_fit, cog_r[-1])[candidates]
+        ratio_used = whole[inner > 0] / inner[inner > 0]
     if aperture_correction is not None:
         apcorr, apcorr_err = float(aperture_correction), 0.0
     elif len(ratio_used):

@@ -237,6 +237,11 @@ class PSFFit:
     model: np.ndarray          # image of all fitted stars
     model_sigma: np.ndarray    # image of sum_j flux_err_j * PSF_j (the models' uncertainty, correlated sum)
 
+    def model_of(self, selected: np.ndarray) -> np.ndarray:
+        """Image of the ``selected`` stars' models only (e.g. a star's neighbours, to measure it without them)."""
+        sel = np.asarray(selected, bool)
+        return _paint(self.model.shape, self.x[sel], self.y[sel], self.stamps[sel] * self.flux[sel, None, None])
+
 
 def fit_psf(image: np.ndarray, variance: np.ndarray, psf: EmpiricalPSF, x: np.ndarray, y: np.ndarray,
             masked: np.ndarray, fit_radius: float, fit_positions: np.ndarray | None = None,

@@ -71,20 +71,28 @@ def _detection_input(stack: StackProduct, fwhm: float) -> _DetectionInput:
     The variance includes the stars' own Poisson noise so that photon noise on the
     wings of bright stars does not read as faint detections around them.
     """
-    data = np.where(np.isfinite(stack.image), stack.image, 0).astype(np.float32)
+    # float32 throughout and in place: at 4096^2 each plane is 67 MB, and float64 temporaries doubled that.
+    data = np.array(stack.image, np.float32)
+    data[~np.isfinite(data)] = 0
     background = stack.background_variance()
     covered = np.isfinite(background)
-    smooth = gaussian_blur(data, fwhm / 2.3548)
-    poisson = np.clip(smooth, 0, None) / (stack.gain * np.clip(stack.nframes, 1, None))
-    var = np.where(covered, background + poisson, 0).astype(np.float32)
-    return _DetectionInput(np.where(covered, data, 0).astype(np.float32), var, covered, background)
+    var = gaussian_blur(data, fwhm / 2.3548)
+    np.clip(var, 0, None, out=var)
+    var /= np.float32(stack.gain) * np.clip(stack.nframes, 1, None).astype(np.float32)
+    np.add(var, background, out=var, where=covered)
+    var[~covered] = 0
+    data[~covered] = 0
+    return _DetectionInput(data, var, covered, background)
 
 
-def _residual_input(base: _DetectionInput, model: np.ndarray) -> _DetectionInput:
-    """The input with the source models subtracted; their relative error PSF_MODEL_ERROR joins the noise."""
-    return _DetectionInput(np.where(base.covered, base.image - model, 0).astype(np.float32),
-                           (base.var + np.where(base.covered, (PSF_MODEL_ERROR * model) ** 2, 0)).astype(np.float32),
-                           base.covered, base.background_var)
+def _subtract_model(inp: _DetectionInput, model: np.ndarray) -> None:
+    """Subtract the source models from ``inp`` in place (its first-pass planes are not needed again);
+    their relative error PSF_MODEL_ERROR joins the noise."""
+    model[~inp.covered] = 0
+    inp.image -= model
+    model *= np.float32(PSF_MODEL_ERROR)
+    model *= model
+    inp.var += model
 
 
 def _fine_map(inp: _DetectionInput, fwhm: float) -> np.ndarray:
@@ -95,9 +103,13 @@ def _fine_map(inp: _DetectionInput, fwhm: float) -> np.ndarray:
     """
     k1 = _gaussian_1d(PEAK_KERNEL_FWHM * fwhm, 3.0)
     num = correlate_separable(inp.image, k1)
-    den = np.sqrt(np.clip(correlate_separable(inp.var, k1 ** 2), 0, None))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(inp.covered & (den > 0), num / den, 0).astype(np.float32)
+    den = correlate_separable(inp.var, k1 ** 2)
+    np.clip(den, 0, None, out=den)
+    np.sqrt(den, out=den)
+    good = inp.covered & (den > 0)
+    np.divide(num, den, out=num, where=good)       # float32, in place
+    num[~good] = 0
+    return num
 
 
 def _significance_at(inp: _DetectionInput, px: np.ndarray, py: np.ndarray, fwhm: float) -> dict[str, np.ndarray]:
@@ -105,27 +117,32 @@ def _significance_at(inp: _DetectionInput, px: np.ndarray, py: np.ndarray, fwhm:
     out: dict[str, np.ndarray] = {}
     for name, kernel in (("lowered", _kernel(fwhm, True)), ("matched", _kernel(fwhm, False))):
         r = kernel.shape[0] // 2
-        img = np.pad(inp.image, r)
-        var = np.pad(inp.var, r)
         off = np.arange(-r, r + 1)
         values = np.empty(len(px), np.float32)
         for i in range(0, len(px), 20000):
-            gy = py[i:i + 20000, None, None] + off[None, :, None] + r
-            gx = px[i:i + 20000, None, None] + off[None, None, :] + r
-            num = (img[gy, gx] * kernel).sum(axis=(1, 2))
-            den = np.sqrt(np.clip((var[gy, gx] * kernel ** 2).sum(axis=(1, 2)), 0, None))
+            gy = py[i:i + 20000, None, None] + off[None, :, None]
+            gx = px[i:i + 20000, None, None] + off[None, None, :]
+            num = (_gather(inp.image, gy, gx) * kernel).sum(axis=(1, 2))
+            den = np.sqrt(np.clip((_gather(inp.var, gy, gx) * kernel ** 2).sum(axis=(1, 2)), 0, None))
             with np.errstate(divide="ignore", invalid="ignore"):
                 values[i:i + 20000] = np.where(den > 0, num / den, 0)
         out[name] = values
-    img, var = np.pad(inp.image, 1), np.pad(inp.var, 1)
     best = np.zeros(len(px), np.float32)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
-            v = var[py + 1 + dy, px + 1 + dx]
+            v = _gather(inp.var, py + dy, px + dx)
             with np.errstate(divide="ignore", invalid="ignore"):
-                best = np.maximum(best, np.where(v > 0, img[py + 1 + dy, px + 1 + dx] / np.sqrt(v), 0))
+                best = np.maximum(best, np.where(v > 0, _gather(inp.image, py + dy, px + dx) / np.sqrt(v), 0))
     out["pixel"] = best
     return out
+
+
+def _gather(plane: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """``plane[gy, gx]``, 0 off the plane: a zero-padded read without a padded copy of the plane (67 MB
+    per copy at 4096^2)."""
+    ny, nx = plane.shape
+    inside = (gy >= 0) & (gy < ny) & (gx >= 0) & (gx < nx)
+    return np.where(inside, plane[np.clip(gy, 0, ny - 1), np.clip(gx, 0, nx - 1)], 0)
 
 
 def _drop_saddle_peaks(fine: np.ndarray, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:
@@ -163,7 +180,7 @@ def windowed_centroids(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: fl
     """
     sigma = fwhm / 2.3548
     r = int(np.ceil(4 * sigma))
-    pad = np.pad(np.nan_to_num(image.astype(np.float64)), r + 2)
+    pad = np.pad(np.nan_to_num(np.asarray(image, np.float32)), r + 2)     # the map is float32: no float64 copy
     off = np.arange(-r, r + 1)
     x0, y0 = np.asarray(x, float).copy(), np.asarray(y, float).copy()
     xc, yc = x0.copy(), y0.copy()
@@ -213,21 +230,19 @@ def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: f
     x, y, snr, lab, n_sharp = _find_peaks(fine, inputs, weighted, labels, nframes, sigma, fwhm)
     npass = np.ones(len(x), np.int8)
 
-    if second_pass and len(x):
-        models = [source_model_image(inp.image, x, y, lab > 0, fwhm) for inp in inputs]
-        if all(model is not None for model in models):
-            excluded = dilate_mask(saturated, int(np.ceil(3 * fwhm)))
-            residual = [_residual_input(inp, model) for inp, model in zip(inputs, models)]
-            fine2, _, weighted2 = _combined_maps(stacks, fwhm, nframes, residual)
-            x2, y2, snr2, lab2, n_sharp2 = _find_peaks(fine2, residual, weighted2, labels, nframes, sigma, fwhm)
-            n_sharp += n_sharp2
-            new = (lab2 == 0) & ~excluded[np.rint(y2).astype(int), np.rint(x2).astype(int)]
-            d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x2, y2]))
-            new &= d > fwhm
-            log.debug("second pass: %d new sources on the PSF-subtracted residual", int(new.sum()))
-            x, y = np.r_[x, x2[new]], np.r_[y, y2[new]]
-            snr, lab = np.r_[snr, snr2[new]], np.r_[lab, lab2[new]]
-            npass = np.r_[npass, np.full(int(new.sum()), 2, np.int8)]
+    del fine, weighted
+    if second_pass and len(x) and _subtract_sources(inputs, x, y, lab > 0, fwhm):
+        excluded = dilate_mask(saturated, int(np.ceil(3 * fwhm)))
+        fine2, _, weighted2 = _combined_maps(stacks, fwhm, nframes, inputs)
+        x2, y2, snr2, lab2, n_sharp2 = _find_peaks(fine2, inputs, weighted2, labels, nframes, sigma, fwhm)
+        n_sharp += n_sharp2
+        new = (lab2 == 0) & ~excluded[np.rint(y2).astype(int), np.rint(x2).astype(int)]
+        d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x2, y2]))
+        new &= d > fwhm
+        log.debug("second pass: %d new sources on the PSF-subtracted residual", int(new.sum()))
+        x, y = np.r_[x, x2[new]], np.r_[y, y2[new]]
+        snr, lab = np.r_[snr, snr2[new]], np.r_[lab, lab2[new]]
+        npass = np.r_[npass, np.full(int(new.sum()), 2, np.int8)]
 
     nf = nframes[np.rint(y).astype(int), np.rint(x).astype(int)]
     order = np.argsort(-snr)
@@ -239,6 +254,18 @@ def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: f
              int((npass == 2).sum()))
     return table
 
+
+
+def _subtract_sources(inputs: list[_DetectionInput], x: np.ndarray, y: np.ndarray, saturated: np.ndarray,
+                      fwhm: float) -> bool:
+    """Subtract every source's empirical PSF model from each input in place, one stack at a time (one
+    model plane alive at once); False when a stack has too few stars for a PSF (no second pass then)."""
+    for inp in inputs:
+        model = source_model_image(inp.image, x, y, saturated, fwhm)
+        if model is None:
+            return False
+        _subtract_model(inp, model)
+    return True
 
 
 def _combined_maps(stacks: list[StackProduct], fwhm: float, nframes: np.ndarray,
@@ -296,8 +323,13 @@ def _find_peaks(fine: np.ndarray, inputs: list[_DetectionInput], weighted: np.nd
     # A saturated star's flat top is wider than the window; the centre of its (round) saturated
     # region is where the star is.
     if (lab > 0).any():
-        centres = np.array(ndimage.center_of_mass(np.ones(labels.shape), labels, lab[lab > 0]))
-        y[lab > 0], x[lab > 0] = centres[:, 0], centres[:, 1]
+        # Centroid of each region's pixels (ndimage.center_of_mass would need a float64 plane of ones).
+        ry, rx = np.nonzero(labels)
+        rl = labels[ry, rx]
+        count = np.bincount(rl)
+        use = lab[lab > 0]
+        y[lab > 0] = np.bincount(rl, weights=ry)[use] / count[use]
+        x[lab > 0] = np.bincount(rl, weights=rx)[use] / count[use]
     ny, nx = fine.shape
     inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
     return x[inside], y[inside], snr[inside], lab[inside], int(sharp.sum())

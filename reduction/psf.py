@@ -38,8 +38,10 @@ def source_model_image(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturate
     half = int(np.ceil(4 * fwhm))
     size = 2 * half + 1
     ny, nx = image.shape
-    img = np.nan_to_num(np.asarray(image, np.float64))
-    pad = np.pad(img, half + 2)
+    pad = np.zeros((ny + 2 * half + 4, nx + 2 * half + 4), np.float32)        # float32 planes: 67 MB at 4096^2
+    img = pad[half + 2:half + 2 + ny, half + 2:half + 2 + nx]
+    img[...] = image
+    np.nan_to_num(img, copy=False)
     nearest = nearest_distance(np.column_stack([x, y]))
     inner = (x > half + 2) & (x < nx - half - 3) & (y > half + 2) & (y < ny - half - 3)
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
@@ -48,7 +50,7 @@ def source_model_image(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturate
     cand = cand[np.argsort(-peak[cand])][:40]
     stamps = []
     for i in cand:
-        stamp = img[iy[i] - half:iy[i] + half + 1, ix[i] - half:ix[i] + half + 1]
+        stamp = img[iy[i] - half:iy[i] + half + 1, ix[i] - half:ix[i] + half + 1].astype(np.float64)
         shifted = ndimage.shift(stamp, (iy[i] - y[i], ix[i] - x[i]), order=3, mode="nearest")
         total = shifted.sum()
         if total > 0:
@@ -60,7 +62,7 @@ def source_model_image(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturate
     yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
     core = np.hypot(xx, yy) <= fwhm
 
-    model = np.zeros((ny + size + 4, nx + size + 4))
+    model = np.zeros((ny + size + 4, nx + size + 4), np.float32)
     for i in np.argsort(-peak):
         if saturated[i]:
             continue
@@ -70,8 +72,8 @@ def source_model_image(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturate
         p = shifted[core]
         amp = float((p * data[core]).sum() / (p * p).sum())
         if amp > 0:
-            model[sl] += amp * shifted
-    return model[half + 2:half + 2 + ny, half + 2:half + 2 + nx].astype(np.float32)
+            model[sl] += (amp * shifted).astype(np.float32)
+    return model[half + 2:half + 2 + ny, half + 2:half + 2 + nx]
 
 
 # --------------------------------------------------------------------------- the stack's PSF

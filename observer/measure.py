@@ -173,9 +173,12 @@ def fit_target_age(target: str, catalog: Table, settings: Settings) -> AgeResult
     usable, left_out = age_stars(color, mag, np.asarray(catalog["flags"]))
     stars = {"catalogue": len(catalog), "usable": int(usable.sum()), "left_out": left_out}
     if usable.sum() < MIN_STARS_FOR_AGE:
+        # Poor seeing or a rich cluster: the blend flag takes most stars; PSF photometry measures them.
+        hint = "; photometry.psf: true measures blended stars with their neighbours subtracted" \
+            if not settings.photometry.psf and left_out["blended"] > max(left_out["saturated"], usable.sum()) else ""
         raise AgeUnavailable(f"{int(usable.sum())} usable stars, too few for an age fit "
                              f"(at least {MIN_STARS_FOR_AGE} unsaturated, unblended stars with both filters; "
-                             f"left out: {left_out_text(left_out)})", stars)
+                             f"left out: {left_out_text(left_out)}){hint}", stars)
     bands = (settings.filters.bands.get(first, "B"), settings.filters.bands.get(second, "V"))
     age = settings.age
     try:

@@ -79,7 +79,13 @@ def test_a_target_whose_stars_are_flagged_says_how_many_were_left_out_and_why(tm
     assert age["stars"] == {"catalogue": 60, "usable": 15,
                             "left_out": {"no colour": 2, "saturated": 20, "blended": 23}}
     assert age["reason"] == ("15 usable stars, too few for an age fit (at least 30 unsaturated, unblended stars "
-                             "with both filters; left out: 2 no colour, 20 saturated, 23 blended)")
+                             "with both filters; left out: 2 no colour, 20 saturated, 23 blended); photometry.psf: "
+                             "true measures blended stars with their neighbours subtracted")
+    settings = Settings()
+    settings.photometry.psf = True          # already on: no hint
+    Night(settings, tmp_path / "out2").run_age("NGC1", catalog)
+    again = json.loads((tmp_path / "out2" / "NGC1" / "age.json").read_text())
+    assert again["reason"].endswith("left out: 2 no colour, 20 saturated, 23 blended)")
 
 
 def test_a_single_filter_target_says_once_it_has_no_colour(tmp_path, caplog):

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from observer.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from observer.service import Service
 
 log = logging.getLogger("observer")
 
@@ -203,7 +208,7 @@ def _run_watch(args: argparse.Namespace, settings: Settings) -> int:
     if args.web:
         from observer.web import run_web
 
-        return run_web(service, args.web)
+        return _exit_past_a_running_fit(service, run_web(service, args.web))
     app_class = None
     if not args.headless:
         try:
@@ -213,13 +218,26 @@ def _run_watch(args: argparse.Namespace, settings: Settings) -> int:
             log.warning("the dashboard is not available (%s); running headless", exc)
             print(f"observer: the dashboard is not available ({exc}); running headless", file=sys.stderr)
     if app_class is None:
-        return run_headless_until(service)
+        return _exit_past_a_running_fit(service, run_headless_until(service))
     service.start()
     try:
         app_class(service).run()
     finally:
         service.stop()
-    return EXIT_OK
+    return _exit_past_a_running_fit(service, EXIT_OK)
+
+
+def _exit_past_a_running_fit(service: Service, code: int) -> int:
+    """Exit at once when an age fit still runs on its daemon thread (the service stopped without waiting
+    for it and refits at its next start): the interpreter's teardown under it aborted the process in
+    native code ("terminate called without an active exception", exit code 134). Everything is saved."""
+    if not service.measurements.busy:
+        return code
+    log.info("exiting while an age fit runs: it is made again at the next start")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_reprocess(args: argparse.Namespace, settings: Settings) -> int:

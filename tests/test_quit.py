@@ -36,7 +36,9 @@ def test_sigterm_during_the_age_fit_exits_0_and_the_next_start_fits_it(tmp_path)
         if proc.poll() is None:
             proc.kill()
     assert code == 0, rest[-2000:]
-    assert "exiting while an age fit runs: it is made again at the next start" in rest
+    # Under load the fit may not have started yet (then it is dropped, and the process ends normally).
+    assert ("exiting while an age fit runs: it is made again at the next start" in rest
+            or "the age fit of M35 is left for the next start" in rest), rest[-2000:]
     assert "Traceback" not in rest and "terminate called" not in rest
     # The next start fits the age the quit left.
     again = subprocess.run([sys.executable, "-m", "observer.cli", "reprocess", str(cam), "--out", str(out)],

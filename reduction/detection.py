@@ -90,7 +90,7 @@ def _subtract_model(inp: _DetectionInput, model: np.ndarray) -> None:
     their relative error PSF_MODEL_ERROR joins the noise."""
     model[~inp.covered] = 0
     inp.image -= model
-    model *= np.float32(PSF_MODEL_ERROR)
+    model *= np.float32(PSF_MODEL_ERROR)     # the model's buffer becomes its error's variance: no new plane
     model *= model
     inp.var += model
 

@@ -53,7 +53,8 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _processing_order_key(path: Path, keywords: dict[str, tuple[str, ...]] | None = None) -> tuple[bool, int, float, str]:
+def _processing_order_key(path: Path, keywords: dict[str, tuple[str, ...]] | None = None
+                          ) -> tuple[bool, int, float, str]:
     """Sort key: bias, dark and flat frames first, then the rest; each in DATE-OBS order (read from the
     header only), files without one at the end, ties by name.
 
@@ -93,7 +94,8 @@ def process_existing(nightdir: str | Path, outdir: str | Path, settings: Setting
     try:
         paths = [p for p in scan(service.camdir) if inside(p, service.camdir)]
         keywords = settings.header.keywords()
-        fits_paths = sorted((p for p in paths if is_fits_name(p.name)), key=lambda p: _processing_order_key(p, keywords))
+        fits_paths = sorted((p for p in paths if is_fits_name(p.name)),
+                            key=lambda p: _processing_order_key(p, keywords))
         service.note_existing(paths)
         steps: dict[str, float] = {}
         for done, path in enumerate(fits_paths, start=1):

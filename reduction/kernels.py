@@ -80,6 +80,14 @@ def dilate_mask(mask: np.ndarray, iterations: int) -> np.ndarray:
     return grown.astype(bool)
 
 
+def dilate_labels(labels: np.ndarray, iterations: int) -> np.ndarray:
+    """:func:`dilate_mask` of a label plane: each label grows into the background by ``iterations`` (the
+    4-connected cross); where two meet, the larger takes the pixel. Exact below 2**24 labels (float32)."""
+    grown = cv2.dilate(np.asarray(labels, np.float32), _CROSS, iterations=int(iterations),
+                       borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return np.where(labels > 0, labels, grown.astype(labels.dtype))
+
+
 def block_median(a: np.ndarray, box: int) -> np.ndarray:
     """Median over box x box blocks, expanded back to the full shape (robust to stars)."""
     ny, nx = a.shape

@@ -80,7 +80,8 @@ def test_every_good_frame_stacked_bad_ones_rejected_for_their_reason(tmp_path, f
         unsaturated = (truth["mag_green"] > 14.5) & (truth[f"mag_{f}"] < limit - 2.5)
         isolated = unsaturated & (neighbour > 6)
         assert isolated.sum() >= 20
-        assert found[isolated].mean() >= 0.85, f     # measured 0.875-0.97 (issue 17 asks 0.9: not yet at 3-4 px)
+        # Measured 0.92-0.99 (0.89 at 3-4 px while saturated stars' wings hid their neighbours 6-10 px out).
+        assert found[isolated].mean() >= 0.9, f
         # Scored on isolated stars: this is the seeing's test; crowding is the blend flag's (issues 13, 20).
         picked = found & isolated
         rows = idx[picked]
@@ -93,9 +94,10 @@ def test_every_good_frame_stacked_bad_ones_rejected_for_their_reason(tmp_path, f
         scatter = 1.4826 * np.median(np.abs(diff[bright] - np.median(diff[bright])))
         pull = 1.4826 * np.median(np.abs((diff - np.median(diff)) / err))
         assert scatter <= 0.01, (f, scatter)
-        # Near-undersampled (FWHM < 3 px), the bilinear resampling of the warp loses a share of a star's
-        # peak that depends on its sub-pixel shift, an error the noise model does not carry yet.
-        assert 0.7 <= pull <= (2.5 if low < 3 else 1.5), (f, pull)
+        # Measured 0.82-1.30 (blue/green 0.88/0.82, 1.18/0.90, 1.30/1.03 from sharp to 3-4 px). It was 1.52
+        # at 1.8-2.2 px: stars 6 px from a saturated one went unflagged, their neighbour's clipped light read
+        # as 0.02 of theirs where it was 0.3; then 1.64 while the light kept below the blend level had no error.
+        assert 0.7 <= pull <= 1.5, (f, pull)
 
 
 def test_a_trailed_first_frame_is_rejected_and_the_clear_ones_stacked(tmp_path):

@@ -56,7 +56,9 @@ def radial_trend(out, root) -> float:
     good[good] &= np.asarray(cat["flags"])[i[good]] == 0
     diff = np.asarray(cat["mag_green"])[i[good]] - np.asarray(truth["mag_green"])[good]
     r = np.hypot(np.asarray(truth["x"])[good] - SIZE / 2, np.asarray(truth["y"])[good] - SIZE / 2) / (SIZE / 2)
-    inner, outer = r < 0.4, r > 0.75
+    # The inner half, not the inner 0.4: the cluster's crowded centre leaves 9-10 unflagged stars within 0.4
+    # (the trend is the same within 0.002 mag for 0.4, 0.45 and 0.5).
+    inner, outer = r < 0.5, r > 0.75
     assert inner.sum() >= 10 and outer.sum() >= 10, (len(cat), good.sum(), inner.sum(), outer.sum())
     return float(np.median(diff[outer]) - np.median(diff[inner]))
 

@@ -577,7 +577,9 @@ def test_dashboard_on_real_service_and_simulated_night(tmp_path):
 
     staging, camdir, outdir = tmp_path / "staging", tmp_path / "cam", tmp_path / "out"
     camdir.mkdir()
-    truth = simulate_night(staging, SimSettings(size=256, frames=4, n_members=150, n_field=60, fill_seconds=0.0),
+    # 200 field stars, most of them faint: the CMD grows as the stack deepens (with 60, the first catalogue
+    # already held nearly every star once saturated stars' neighbours were found, 88 then 89, 90, 90).
+    truth = simulate_night(staging, SimSettings(size=256, frames=4, n_members=150, n_field=200, fill_seconds=0.0),
                            truth_path=tmp_path / "truth.ecsv")
     settings = Settings()
     settings.completion.min_frames = 2

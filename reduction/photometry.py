@@ -266,11 +266,12 @@ def _neighbour_contamination(xy: np.ndarray, own: np.ndarray, light: np.ndarray,
     """Fraction of each star's aperture flux ``own`` that its neighbours within ``reach`` leave in it,
     with the saturated stars' ``wing_light`` (:func:`_wing_light`) on top.
 
-    ``light`` is each unsaturated star's flux in the units of ``profile`` (:func:`_psf_profile`). A neighbour puts the profile's surface brightness at its distance times the
-    aperture area into the aperture, and the star's own annulus sky (``annulus`` radii, the neighbour's
-    disc of ``mask_radii`` left out and clipped at the sky ``noise`` per pixel, as :func:`_annulus_sky`
-    does) takes away its clipped median over the annulus: only the excess is left. Counting it all flagged the stars of a crowded centre
-    on the smooth wings of saturated stars 20-30 px away, with magnitudes right to 0.001.
+    ``light`` is each unsaturated star's flux in the units of ``profile`` (:func:`_psf_profile`). A
+    neighbour puts the profile's surface brightness at its distance times the aperture area into the
+    aperture, and the star's own annulus sky (``annulus`` radii, the neighbour's disc of ``mask_radii``
+    left out and clipped at the sky ``noise`` per pixel, as :func:`_annulus_sky` does) takes away its
+    clipped median over the annulus: only the excess is left. Counting it all flagged the stars of a
+    crowded centre on the smooth wings of saturated stars 20-30 px away, with magnitudes right to 0.001.
     """
     n = len(xy)
     contamination = np.asarray(wing_light, float).copy()

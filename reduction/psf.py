@@ -120,17 +120,22 @@ def _radial_model(image: np.ndarray, clipped: np.ndarray, x: float, y: float, re
     inside = ring < r_max
     lost = clipped[y0:y1, x0:x1] & inside
     free = inside & ~lost
-    radii, levels = [], []
-    for k in range(r_max):
-        sel = free & (ring == k)
-        if sel.sum() >= 4:
-            radii.append(float(r[sel].mean()))
-            levels.append(float(np.median(data[sel])))
-    if not radii:
+    # Each ring's median and mean radius in one sort (by ring, then value), not a pass over the box per
+    # ring: with a pass per ring, 3000 saturated stars took 15 s of a 4096^2 catalogue.
+    k, values, radius = ring[free], data[free], r[free]
+    order = np.lexsort((values, k))
+    k, values = k[order], values[order]
+    counts = np.bincount(k, minlength=r_max)
+    starts = np.cumsum(counts) - counts
+    use = counts >= 4
+    if not use.any():
         return
+    lo, hi = starts[use] + (counts[use] - 1) // 2, starts[use] + counts[use] // 2
+    levels = 0.5 * (values[lo].astype(np.float64) + values[hi])
+    radii = np.bincount(k, weights=radius[order], minlength=r_max)[use] / counts[use]
     # Interpolated between the rings' mean radii, not constant in each ring: on a 12th-magnitude star's
     # steep wing the 1 px steps of a constant ring left ridges that read as sources 3 FWHM out.
-    add = np.interp(r, radii + [float(r_max)], levels + [0.0]).astype(np.float32)
+    add = np.interp(r, np.r_[radii, float(r_max)], np.r_[levels, 0.0]).astype(np.float32)
     add[~inside] = 0
     add[lost] = data[lost]
     np.clip(add, 0, None, out=add)

@@ -51,6 +51,18 @@ def parse_short(text: str) -> tuple[int, float]:
     return k, t if t > 0 else 1.0
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``N`` (square) or ``WxH`` -> (width, height), each >= 64; ConfigError naming ``--size`` otherwise."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 64:
+        raise ConfigError(f"option '--size': expected N or WIDTHxHEIGHT in pixels, each >= 64 (e.g. 1530x1020), "
+                          f"got {text!r}")
+    return parts[0], parts[-1]
+
+
 def _version() -> str:
     try:
         return version("observer")
@@ -83,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--short", default=DEFAULT_SHORT, metavar="K:SECONDS",
                      help=f"K short frames of SECONDS per filter after the long ones, for the bright stars "
                           f"(default {DEFAULT_SHORT}; 0:0 for none)")
-    sim.add_argument("--size", type=int, default=2048, help="frame side in pixels")
+    sim.add_argument("--size", default="2048", metavar="N|WxH",
+                     help="frame size in pixels: N for a square frame or WIDTHxHEIGHT, e.g. 1530x1020")
     sim.add_argument("--fwhm", default=None, metavar="LO:HI",
                      help="seeing range of the night in pixels (default 2.5:4.5), e.g. 1.4:1.7 (undersampled) "
                           "or 6:8 (poor seeing)")
@@ -182,11 +195,12 @@ def _run_simulate(args: argparse.Namespace, settings: Settings) -> int:
     filters = tuple(f.strip() for f in args.filters.split(",") if f.strip())
     if not filters:
         raise ConfigError("option '--filters': expected a comma-separated list of filter names")
-    if args.frames < 1 or args.size < 64 or args.cadence < 0 or not args.gain > 0:
-        raise ConfigError("options: expected --frames >= 1, --size >= 64, --cadence >= 0 and --gain > 0")
+    if args.frames < 1 or args.cadence < 0 or not args.gain > 0:
+        raise ConfigError("options: expected --frames >= 1, --cadence >= 0 and --gain > 0")
+    width, height = parse_size(args.size)
     short_frames, short_exptime = parse_short(args.short)
     seeing = {"seeing_range": parse_range(args.fwhm, "--fwhm")} if args.fwhm else {}
-    sim = SimSettings(target=args.target, filters=filters, frames=args.frames, size=args.size,
+    sim = SimSettings(target=args.target, filters=filters, frames=args.frames, size=width, height=height,
                       short_frames=short_frames, short_exptime=short_exptime, **seeing,
                       cadence=args.cadence, seed=args.seed, age_myr=args.age_myr, first_bad=args.first_bad,
                       calibration=args.calibration, gain=args.gain, gain_keyword=not args.no_gain_keyword,

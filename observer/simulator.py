@@ -80,7 +80,8 @@ class SimSettings:
     frames: int = 10
     short_frames: int = 0                   # short frames per filter after the long ones (for the bright stars)
     short_exptime: float = 3.0
-    size: int = 2048
+    size: int = 2048                        # frame width in pixels
+    height: int = 0                         # frame height; 0: square (``size``); cameras are rarely square
     cadence: float = 0.0
     seed: int = 1
     age_myr: float = 150.0
@@ -142,8 +143,10 @@ class SimSettings:
         self.filters = tuple(self.filters)
         if not self.filters or len(set(self.filters)) != len(self.filters):
             raise ConfigError(f"filters: expected distinct filter names, got {self.filters!r}")
-        if self.frames < 1 or self.size < 64:
-            raise ConfigError(f"expected frames >= 1 and size >= 64, got frames={self.frames}, size={self.size}")
+        self.height = self.height or self.size
+        if self.frames < 1 or min(self.size, self.height) < 64:
+            raise ConfigError(f"expected frames >= 1 and a frame of at least 64 x 64 px, got frames={self.frames}, "
+                              f"{self.size} x {self.height} px")
         if self.cadence < 0 or self.fill_seconds < 0:
             raise ConfigError("cadence and fill_seconds must be >= 0")
         if self.short_frames < 0 or not self.short_exptime > 0:
@@ -162,6 +165,16 @@ class SimSettings:
     def band(self, filt: str) -> str:
         """Johnson band a filter stands for (V for an unknown filter, e.g. luminance)."""
         return self.bands.get(filt, "V")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Frame (rows, columns): (height, size)."""
+        return self.height, self.size
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Frame centre (x, y) in pixel coordinates: the rotation centre and the cluster's."""
+        return (self.size - 1) / 2.0, (self.height - 1) / 2.0
 
     @property
     def plate_scale_arcsec(self) -> float:
@@ -222,23 +235,23 @@ def _draw_population(iso: Isochrone, n: int, bands: set[str], dm: np.ndarray | f
     return {"mass": mass, "stage": iso.label[idx].astype(np.int16), "binary": binary, "mags": mags}
 
 
-def _plummer_xy(n: int, size: int, margin: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster members concentrated to the field centre (Plummer profile, scale 0.15 x size)."""
-    a = 0.15 * size
-    c = (size - 1) / 2.0
+def _plummer_xy(n: int, s: SimSettings, margin: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster members concentrated to the field centre (Plummer profile, scale 0.15 x the shorter side)."""
+    a = 0.15 * min(s.shape)
+    cx, cy = s.centre
     xs, ys = np.empty(0), np.empty(0)
     while xs.size < n:
         m = 2 * (n - xs.size) + 16
         u = rng.uniform(1e-6, 1.0, m)
         r = a / np.sqrt(u ** (-2.0 / 3.0) - 1.0)
         phi = rng.uniform(0, 2 * np.pi, m)
-        x, y = c + r * np.cos(phi), c + r * np.sin(phi)
-        keep = (x > -margin) & (x < size - 1 + margin) & (y > -margin) & (y < size - 1 + margin)
+        x, y = cx + r * np.cos(phi), cy + r * np.sin(phi)
+        keep = (x > -margin) & (x < s.size - 1 + margin) & (y > -margin) & (y < s.height - 1 + margin)
         xs, ys = np.concatenate([xs, x[keep]]), np.concatenate([ys, y[keep]])
     return xs[:n], ys[:n]
 
 
-def _field_stars(n: int, s: SimSettings, bands: set[str], size: int, margin: float,
+def _field_stars(n: int, s: SimSettings, bands: set[str], margin: float,
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Foreground/background stars: old populations spread uniformly in volume along the line of sight.
 
@@ -267,21 +280,21 @@ def _field_stars(n: int, s: SimSettings, bands: set[str], size: int, margin: flo
     # Shuffle before trimming the surplus so that no population is cut preferentially.
     order = rng.permutation(have)[:n]
     out = {key: np.concatenate([p[key] for p in parts])[order] for key in parts[0]}
-    out["x"] = rng.uniform(-margin, size - 1 + margin, n)
-    out["y"] = rng.uniform(-margin, size - 1 + margin, n)
+    out["x"] = rng.uniform(-margin, s.size - 1 + margin, n)
+    out["y"] = rng.uniform(-margin, s.height - 1 + margin, n)
     return out
 
 
-def _margin(size: int) -> float:
+def _margin(s: SimSettings) -> float:
     """Stars are simulated this far beyond the reference frame: tracking drift brings them in."""
-    return 0.04 * size + 24.0
+    return 0.04 * max(s.shape) + 24.0
 
 
 def make_stars(s: SimSettings) -> Table:
     """The truth catalogue: cluster members then field stars, on the reference grid.
 
     Includes stars up to ``_margin`` px outside the reference frame (they drift in
-    and out); select ``0 <= x, y <= size - 1`` for stars on the reference grid.
+    and out); select ``0 <= x <= size - 1``, ``0 <= y <= height - 1`` for stars on the reference grid.
     """
     rng = np.random.default_rng([s.seed, _STREAM_STARS])
     bands = {s.band(f) for f in s.filters}
@@ -291,9 +304,9 @@ def make_stars(s: SimSettings) -> Table:
     mass_low = float(visible.min()) if visible.size else None
     members = _draw_population(iso, s.n_members, bands | {"V"}, s.distance_modulus, s.ebv, rng,
                                s.binary_fraction, mass_low=mass_low)
-    margin = _margin(s.size)
-    mx, my = _plummer_xy(s.n_members, s.size, margin, rng)
-    field_ = _field_stars(s.n_field, s, bands, s.size, margin, rng)
+    margin = _margin(s)
+    mx, my = _plummer_xy(s.n_members, s, margin, rng)
+    field_ = _field_stars(s.n_field, s, bands, margin, rng)
     if s.rich_pairs or s.rich_neighbours:
         _add_close_companions(s, members, mx, my)
         mx, my = members.pop("x"), members.pop("y")
@@ -318,7 +331,7 @@ def make_stars(s: SimSettings) -> Table:
         "ebv": float(s.ebv), "mh": float(iso.mh), "bands": {f: s.band(f) for f in s.filters},
         "zeropoints": {f: s.zeropoint(f) for f in s.filters}, "gain": float(s.gain),
         "read_noise": float(s.read_noise), "bias_level": float(s.bias_level), "saturation": ADC_MAX,
-        "seed": int(s.seed), "size": int(s.size), "moffat_beta": night_beta(s), "plate_scale_arcsec": round(s.plate_scale_arcsec, 4),
+        "seed": int(s.seed), "size": int(s.size), "height": int(s.height), "moffat_beta": night_beta(s), "plate_scale_arcsec": round(s.plate_scale_arcsec, 4),
         "stage_labels": "PARSEC: 0 pre-MS, 1 MS, 2 SGB, 3 RGB, 4-6 core He burning, 7-8 AGB, 9 post-AGB",
     })
     return table
@@ -458,24 +471,25 @@ class Detector:
     illumination: np.ndarray | None = None   # vignetting and dust of the optics (no flats: left in the data)
 
 
-def _hot_pixels(size: int, rng: np.random.Generator) -> np.ndarray:
+def _hot_pixels(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """A few hundred hot pixels (scaled with area), always including the four corners and edge pixels."""
-    n_random = max(24, int(round(200 * (size / 2048) ** 2)))
-    last = size - 1
-    corners = [(0, 0), (last, 0), (0, last), (last, last)]
+    ny, nx = shape
+    n_random = max(24, int(round(200 * nx * ny / 2048 ** 2)))
+    lx, ly = nx - 1, ny - 1
+    corners = [(0, 0), (lx, 0), (0, ly), (lx, ly)]
     edge = []
     for _ in range(3):
-        edge += [(int(rng.integers(1, last)), 0), (int(rng.integers(1, last)), last),
-                 (0, int(rng.integers(1, last))), (last, int(rng.integers(1, last)))]
-    flat_idx = rng.choice(size * size, n_random, replace=False)
-    inner = list(zip((flat_idx % size).tolist(), (flat_idx // size).tolist()))
+        edge += [(int(rng.integers(1, lx)), 0), (int(rng.integers(1, lx)), ly),
+                 (0, int(rng.integers(1, ly))), (lx, int(rng.integers(1, ly)))]
+    flat_idx = rng.choice(nx * ny, n_random, replace=False)
+    inner = list(zip((flat_idx % nx).tolist(), (flat_idx // nx).tolist()))
     unique = dict.fromkeys(corners + edge + inner)
     return np.array(list(unique), dtype=np.int32)
 
 
-def _donut(size: int, cx: float, cy: float, radius: float, depth: float) -> np.ndarray:
+def _donut(shape: tuple[int, int], cx: float, cy: float, radius: float, depth: float) -> np.ndarray:
     """Shadow of an out-of-focus dust speck: a soft ring (the secondary mirror makes the hole)."""
-    yy, xx = np.ogrid[:size, :size]
+    yy, xx = np.ogrid[:shape[0], :shape[1]]
     r = np.hypot(xx - cx, yy - cy)
     outer = 1.0 / (1.0 + np.exp(np.clip((r - radius) / 1.5, -50, 50)))
     inner = 1.0 / (1.0 + np.exp(np.clip((r - 0.45 * radius) / 1.5, -50, 50)))
@@ -485,13 +499,18 @@ def _donut(size: int, cx: float, cy: float, radius: float, depth: float) -> np.n
 def make_detector(s: SimSettings) -> Detector:
     """Bias pattern, hot pixels, sky gradient and (for calibration nights) dark and flat patterns."""
     rng = np.random.default_rng([s.seed, _STREAM_DETECTOR])
-    n = s.size
+    ny, nx = shape = s.shape
+    side = min(shape)                   # dust shadows scale with the shorter side
+    wh = np.array([nx, ny], float)
+
+    def ramp(n: int) -> np.ndarray:
+        return np.arange(n, dtype=np.float32) / np.float32(n - 1) - np.float32(0.5)
+
     # Coordinates in [-0.5, 0.5] as a row and a column: broadcasting keeps 4096^2 frames light.
-    ramp = (np.arange(n, dtype=np.float32) / np.float32(n - 1) - np.float32(0.5))
-    xx, yy = ramp[None, :], ramp[:, None]
-    columns = rng.normal(0.0, 1.5, n).astype(np.float32)
+    xx, yy = ramp(nx)[None, :], ramp(ny)[:, None]
+    columns = rng.normal(0.0, 1.5, nx).astype(np.float32)
     bias = np.float32(s.bias_level) + columns[None, :] + np.float32(3.0) * (yy + np.float32(0.5))
-    hot = _hot_pixels(n, rng)
+    hot = _hot_pixels(shape, rng)
     hot_rate = (np.exp(rng.uniform(np.log(20.0), np.log(2000.0), len(hot))) * s.gain).astype(np.float32)
     # Light pollution: brighter towards one edge, gently curved.
     phi = rng.uniform(0, 2 * np.pi)
@@ -503,15 +522,15 @@ def make_detector(s: SimSettings) -> Detector:
         # The same optics as a calibration night's flats show, drawn from their own stream.
         orng = np.random.default_rng([s.seed, _STREAM_OPTICS, 1])
         illumination = ((1.0 - 0.3 * (xx * xx + yy * yy))
-                        * _donut(n, *orng.uniform(0.2, 0.8, 2) * n, 0.02 * n + 6, 0.05)).astype(np.float32)
+                        * _donut(shape, *orng.uniform(0.2, 0.8, 2) * wh, 0.02 * side + 6, 0.05)).astype(np.float32)
     if s.calibration:
         corner = np.hypot(xx + 0.5, yy + 0.5)
         dark_rate = (0.05 + 2.0 * np.exp(-corner / 0.12)).astype(np.float32)
         vignette = (1.0 - 0.3 * (xx * xx + yy * yy)).astype(np.float32)
-        prnu = rng.normal(1.0, 0.005, (n, n)).astype(np.float32)
-        common = vignette * prnu * _donut(n, *rng.uniform(0.2, 0.8, 2) * n, 0.02 * n + 6, 0.05)
+        prnu = rng.normal(1.0, 0.005, shape).astype(np.float32)
+        common = vignette * prnu * _donut(shape, *rng.uniform(0.2, 0.8, 2) * wh, 0.02 * side + 6, 0.05)
         for f in s.filters:
-            own = _donut(n, *rng.uniform(0.15, 0.85, 2) * n, 0.03 * n + 8, 0.04)
+            own = _donut(shape, *rng.uniform(0.15, 0.85, 2) * wh, 0.03 * side + 8, 0.04)
             flats[f] = common * own
     return Detector(bias=bias, hot_xy=hot, hot_rate=hot_rate, dark_rate=dark_rate, flats=flats,
                     sky_shape=sky_shape.astype(np.float32), illumination=illumination)
@@ -635,7 +654,7 @@ def plan_night(s: SimSettings) -> list[FramePlan]:
 
     def cosmics(exptime: float) -> int:
         """A few dozen hits per 2048^2 frame and 45 s."""
-        return int(rng.poisson(35.0 * (s.size / 2048) ** 2 * exptime / 45.0))
+        return int(rng.poisson(35.0 * s.size * s.height / 2048 ** 2 * exptime / 45.0))
 
     if s.calibration:
         t = start - timedelta(hours=1)
@@ -741,11 +760,11 @@ def field_psf(psf: Psf, s: SimSettings, xc: float, yc: float) -> Psf:
     ``realistic_optics``."""
     if not s.realistic_optics:
         return psf
-    c = (s.size - 1) / 2.0
-    r2 = ((xc - c) ** 2 + (yc - c) ** 2) / (2 * c * c)
+    cx, cy = s.centre
+    r2 = ((xc - cx) ** 2 + (yc - cy) ** 2) / (cx * cx + cy * cy)
     grow = s.psf_field_variation * r2
     return dataclasses.replace(psf, fwhm=psf.fwhm * (1 + grow), axis_ratio=psf.axis_ratio * (1 + grow),
-                               angle=math.atan2(yc - c, xc - c) if r2 > 0.01 else psf.angle)
+                               angle=math.atan2(yc - cy, xc - cx) if r2 > 0.01 else psf.angle)
 
 
 def _render_field(light: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: Psf,
@@ -754,53 +773,54 @@ def _render_field(light: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndar
     if not s.realistic_optics:
         render_stars(light, x, y, flux, psf)
         return
-    step = s.size / _PSF_TILES
-    tx = np.clip((x // step).astype(int), 0, _PSF_TILES - 1)
-    ty = np.clip((y // step).astype(int), 0, _PSF_TILES - 1)
+    sx, sy = s.size / _PSF_TILES, s.height / _PSF_TILES
+    tx = np.clip((x // sx).astype(int), 0, _PSF_TILES - 1)
+    ty = np.clip((y // sy).astype(int), 0, _PSF_TILES - 1)
     for j in range(_PSF_TILES):
         for i in range(_PSF_TILES):
             sel = (tx == i) & (ty == j)
             if sel.any():
-                render_stars(light, x[sel], y[sel], flux[sel], field_psf(psf, s, (i + 0.5) * step, (j + 0.5) * step))
+                render_stars(light, x[sel], y[sel], flux[sel], field_psf(psf, s, (i + 0.5) * sx, (j + 0.5) * sy))
 
 
 # --------------------------------------------------------------------------- rendering
 
 
-def transform_xy(x: np.ndarray, y: np.ndarray, size: int, dx: float, dy: float,
+def transform_xy(x: np.ndarray, y: np.ndarray, centre: tuple[float, float], dx: float, dy: float,
                  rotation_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    """Reference-grid (x, y) -> frame (x, y), the frame-log convention of truth_frames.ecsv."""
-    c = (size - 1) / 2.0
+    """Reference-grid (x, y) -> frame (x, y), the frame-log convention of truth_frames.ecsv: a rotation
+    about the frame's ``centre`` (:attr:`SimSettings.centre`), then the shift."""
+    cx, cy = centre
     t = math.radians(rotation_deg)
     ct, st = math.cos(t), math.sin(t)
-    return c + ct * (x - c) - st * (y - c) + dx, c + st * (x - c) + ct * (y - c) + dy
+    return cx + ct * (x - cx) - st * (y - cy) + dx, cy + st * (x - cx) + ct * (y - cy) + dy
 
 
 def _add_satellite(image: np.ndarray, fwhm: float, rng: np.random.Generator) -> None:
     """A sunlit satellite crossing the whole frame during the exposure: a straight bright line."""
-    n = image.shape[0]
-    px, py = rng.uniform(0.3, 0.7, 2) * n
+    ny, nx = image.shape
+    px, py = rng.uniform(0.3, 0.7, 2) * np.array([nx, ny], float)
     psi = rng.uniform(0, np.pi)
     peak = np.float32(rng.uniform(1500, 3000))
     sigma = max(fwhm / 2.355, 0.8)
-    yy = np.arange(n, dtype=np.float32)[:, None] - np.float32(py)
-    xx = np.arange(n, dtype=np.float32)[None, :] - np.float32(px)
+    yy = np.arange(ny, dtype=np.float32)[:, None] - np.float32(py)
+    xx = np.arange(nx, dtype=np.float32)[None, :] - np.float32(px)
     d = xx * np.float32(math.sin(psi)) - yy * np.float32(math.cos(psi))
     image += peak * np.exp(-(d * d) / np.float32(2 * sigma * sigma))
 
 
 def _add_cosmics(electrons: np.ndarray, count: int, rng: np.random.Generator) -> None:
     """Cosmic-ray hits: 40 % single pixels, the rest short straight tracks of 2-8 px."""
-    n = electrons.shape[0]
+    ny, nx = electrons.shape
     for _ in range(count):
-        x0, y0 = rng.uniform(0, n - 1, 2)
+        x0, y0 = rng.uniform(0, [nx - 1, ny - 1])
         length = 0.0 if rng.random() < 0.4 else rng.uniform(2, 8)
         ang = rng.uniform(0, 2 * np.pi)
         steps = np.linspace(0, length, max(1, int(length * 2) + 1))
         xs = np.rint(x0 + steps * math.cos(ang)).astype(int)
         ys = np.rint(y0 + steps * math.sin(ang)).astype(int)
         pix = np.unique(np.column_stack([xs, ys]), axis=0)
-        pix = pix[(pix[:, 0] >= 0) & (pix[:, 0] < n) & (pix[:, 1] >= 0) & (pix[:, 1] < n)]
+        pix = pix[(pix[:, 0] >= 0) & (pix[:, 0] < nx) & (pix[:, 1] >= 0) & (pix[:, 1] < ny)]
         electrons[pix[:, 1], pix[:, 0]] += rng.uniform(800, 6000, len(pix)).astype(np.float32)
 
 
@@ -808,7 +828,7 @@ def offset_field_stars(s: SimSettings) -> Table:
     """The offset field: other stars only (no cluster), uniform over the frame."""
     rng = np.random.default_rng([s.seed, _STREAM_OFFSET_STARS])
     bands = {s.band(f) for f in s.filters}
-    stars = _field_stars(s.n_field, s, bands, s.size, _margin(s.size), rng)
+    stars = _field_stars(s.n_field, s, bands, _margin(s), rng)
     return Table({"x": stars["x"], "y": stars["y"], **{f"mag_{f}": stars[f"mag_{s.band(f)}"] for f in s.filters}})
 
 
@@ -834,13 +854,12 @@ def median_sky(plan: FramePlan, s: SimSettings, det: Detector) -> float:
 def render_frame(plan: FramePlan, s: SimSettings, det: Detector, stars: Table, offset_stars: Table) -> np.ndarray:
     """The raw uint16 image of one file: light and dark electrons, Poisson and read noise, bias, ADC."""
     rng = np.random.default_rng([s.seed, _STREAM_FRAME + plan.index])
-    n = s.size
-    electrons = np.zeros((n, n), np.float32)
+    electrons = np.zeros(s.shape, np.float32)
     if plan.kind in ("science", "offset"):
         assert plan.psf is not None
         light = det.sky_shape * np.float32(plan.sky_rate * plan.exptime)
         if plan.kind == "science":
-            x, y = transform_xy(np.asarray(stars["x"]), np.asarray(stars["y"]), n, plan.dx, plan.dy,
+            x, y = transform_xy(np.asarray(stars["x"]), np.asarray(stars["y"]), s.centre, plan.dx, plan.dy,
                                 plan.rotation_deg)
             mags = stars[f"mag_{plan.filter}"]
         else:
@@ -862,7 +881,7 @@ def render_frame(plan: FramePlan, s: SimSettings, det: Detector, stars: Table, o
     electrons[hy, hx] += det.hot_rate * np.float32(plan.exptime)
     _add_cosmics(electrons, plan.n_cosmics, rng)
     counts = rng.poisson(electrons).astype(np.float32)
-    counts += rng.standard_normal((n, n), dtype=np.float32) * np.float32(s.read_noise)
+    counts += rng.standard_normal(s.shape, dtype=np.float32) * np.float32(s.read_noise)
     counts /= np.float32(s.gain)
     counts += det.bias
     np.rint(counts, out=counts)

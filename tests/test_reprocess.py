@@ -170,7 +170,7 @@ def test_frame_order_does_not_change_the_magnitudes(tmp_path):
 
     def on_truth(cat, reference):
         row = log[list(log["file"]).index(reference.name)]
-        tx, ty = transform_xy(np.asarray(t["x"]), np.asarray(t["y"]), 512, row["dx"], row["dy"],
+        tx, ty = transform_xy(np.asarray(t["x"]), np.asarray(t["y"]), SimSettings(size=512).centre, row["dx"], row["dy"],
                               row["rotation_deg"])
         d, i = cKDTree(np.column_stack([tx, ty])).query(np.column_stack([cat["x"], cat["y"]]))
         return {int(k): r for k, r, dd in zip(i, cat, d) if dd < 1.5}

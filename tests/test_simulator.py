@@ -55,7 +55,7 @@ def isolated_bright(truth, filt: str, row, peak_limit: float = 40000.0, snr_min:
     """
     stars = truth.stars
     s = small_settings()
-    x, y = transform_xy(np.asarray(stars["x"]), np.asarray(stars["y"]), SIZE, row["dx"], row["dy"],
+    x, y = transform_xy(np.asarray(stars["x"]), np.asarray(stars["y"]), s.centre, row["dx"], row["dy"],
                         row["rotation_deg"])
     flux = 10 ** (-0.4 * (np.asarray(stars[f"mag_{filt}"]) - s.zeropoint(filt))) * row["exptime"] * row["transparency"]
     alpha2 = (row["fwhm_px"] / (2 * math.sqrt(2 ** (1 / 3) - 1))) ** 2

@@ -405,7 +405,7 @@ def test_simulated_night_stack_has_no_satellite_line(tmp_path) -> None:
     # the line found is the one drawn: bright along it in the raw frame (peak 1500-3000 ADU)
     row = truth.frames[truth.frames["file"] == name][0]
     raw = fits.getdata(tmp_path / "cam" / name).astype(float)
-    fx, fy = simulator.transform_xy(np.array([x0]), np.array([y0]), n, row["dx"], row["dy"],
+    fx, fy = simulator.transform_xy(np.array([x0]), np.array([y0]), settings.centre, row["dx"], row["dy"],
                                     row["rotation_deg"])
     d_frame = (xx - fx[0]) * math.sin(angle + math.radians(row["rotation_deg"])) \
         - (yy - fy[0]) * math.cos(angle + math.radians(row["rotation_deg"]))

@@ -30,6 +30,10 @@ def test_bad_usage_exits_2(tmp_path):
     assert run("reprocess", str(tmp_path)).returncode == 2                  # --out missing
     result = run("simulate", str(tmp_path / "cam"), "--frames", "0")
     assert result.returncode == 2 and "--frames" in result.stderr
+    for size in ("32", "640x", "640x40", "wide"):
+        result = run("simulate", str(tmp_path / "cam"), "--size", size)
+        assert result.returncode == 2 and "'--size': expected N or WIDTHxHEIGHT" in result.stderr, size
+    assert not (tmp_path / "cam").exists()
 
 
 def test_output_inside_camera_folder_is_refused(tmp_path):

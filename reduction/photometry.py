@@ -148,6 +148,23 @@ def _nanmedian_rows(values: np.ndarray) -> np.ndarray:
     return np.where(count > 0, 0.5 * (lo + hi), np.nan)
 
 
+def _clipped_median_rows(values: np.ndarray, clip: float, iterations: int, floor: np.ndarray | None = None
+                         ) -> np.ndarray:
+    """Median of each row after sigma clipping ``values`` in place (NaN: left out) at ``clip`` times the
+    robust spread (1.4826 MAD, with ``floor`` per row in quadrature); NaN for an empty row."""
+    for _ in range(iterations):
+        med = _nanmedian_rows(values)
+        std = 1.4826 * _nanmedian_rows(np.abs(values - med[:, None]))
+        if floor is not None:
+            std = np.hypot(std, floor)
+        with np.errstate(invalid="ignore"):
+            out = np.abs(values - med[:, None]) > clip * np.maximum(std, 1e-12)[:, None]
+        if not out.any():
+            break
+        values[out] = np.nan
+    return _nanmedian_rows(values)
+
+
 def _annulus_sky(image: np.ndarray, bgvar: np.ndarray, mask: np.ndarray, xy: np.ndarray, r_in: float,
                  r_out: float, clip: float = 3.0, iterations: int = 5, floor: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -182,17 +199,7 @@ def _annulus_sky(image: np.ndarray, bgvar: np.ndarray, mask: np.ndarray, xy: np.
     sparse = usable.sum(axis=1) < 0.2 * ring_all.sum(axis=1)
     usable[sparse] = ring_all[sparse]
     values = np.where(usable, image[gyc, gxc].reshape(shape), np.nan)
-    for _ in range(iterations):
-        med = _nanmedian_rows(values)
-        std = 1.4826 * _nanmedian_rows(np.abs(values - med[:, None]))
-        if floor is not None:
-            std = np.hypot(std, floor)
-        with np.errstate(invalid="ignore"):
-            out = np.abs(values - med[:, None]) > clip * np.maximum(std, 1e-12)[:, None]
-        if not out.any():
-            break
-        values[out] = np.nan
-    sky = np.nan_to_num(_nanmedian_rows(values))
+    sky = np.nan_to_num(_clipped_median_rows(values, clip, iterations, floor))
     nsky = np.isfinite(values).sum(axis=1).astype(float)
     var_ring = np.where(ring_all, bgvar[gyc, gxc].reshape(shape), np.nan)
     with np.errstate(invalid="ignore"):
@@ -343,16 +350,8 @@ def _annulus_level(samples: np.ndarray, towards: np.ndarray, mask_radius: np.nda
     d = np.hypot(samples[None, :, 0] - towards[:, None, 0], samples[None, :, 1] - towards[:, None, 1])
     values = np.where(d > mask_radius[:, None], light[:, None] * profile(d), np.nan)
     some = np.isfinite(values).any(axis=1)
-    values, out = values[some], np.zeros(len(towards))
-    for _ in range(iterations):
-        med = np.nanmedian(values, axis=1)
-        spread = np.hypot(noise[some], 1.4826 * np.nanmedian(np.abs(values - med[:, None]), axis=1))
-        with np.errstate(invalid="ignore"):
-            far = np.abs(values - med[:, None]) > clip * spread[:, None]
-        if not far.any():
-            break
-        values[far] = np.nan
-    out[some] = np.nan_to_num(np.nanmedian(values, axis=1))
+    out = np.zeros(len(towards))
+    out[some] = np.nan_to_num(_clipped_median_rows(values[some], clip, iterations, noise[some]))
     return out
 
 

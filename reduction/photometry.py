@@ -305,11 +305,11 @@ def _neighbour_contamination(xy: np.ndarray, own: np.ndarray, light: np.ndarray,
     contamination = np.asarray(wing_light, float).copy()
     pairs = cKDTree(xy).query_pairs(reach, output_type="ndarray") if n > 1 else np.zeros((0, 2), int)
     light = np.clip(np.nan_to_num(light), 0, None)
-    samples = _annulus_samples(*annulus)
+    samples, disc = _annulus_samples(*annulus), _disc_samples(r_ap)
     for chunk in range(0, len(pairs), 20000):        # bounds the pairs x samples arrays
         i, j = pairs[chunk:chunk + 20000].T
         offset = xy[j] - xy[i]
-        in_aperture = profile(np.hypot(*offset.T))
+        in_aperture = _disc_mean(disc, offset, profile)
         for target, source, towards in ((i, j, offset), (j, i, -offset)):
             level = _annulus_level(samples, towards, mask_radii[source], profile, light[source], noise[target])
             np.add.at(contamination, target, np.clip(light[source] * in_aperture - level, 0, None) * np.pi * r_ap ** 2)
@@ -331,6 +331,24 @@ def _curve_contamination(wings: _Wings | None, bgvar: np.ndarray, sky_mask: np.n
     wing = _wing_light(wings, bgvar, sky_mask, xy, cog_r[-1], annulus, noise)
     return _neighbour_contamination(xy, flux_aper, np.where(peaked, 0.0, flux_aper), cog_r[-1], annulus,
                                     mask_radii, noise, cog_r[-1] + 4 * fwhm, profile, wing)
+
+
+def _disc_samples(radius: float) -> np.ndarray:
+    """Equal-area points over a disc (6 rings x 24 angles), as offsets from its centre."""
+    r = radius * np.sqrt((np.arange(6) + 0.5) / 6)
+    a = np.arange(24) * (2 * np.pi / 24)
+    return np.column_stack([(r[:, None] * np.cos(a)).ravel(), (r[:, None] * np.sin(a)).ravel()])
+
+
+def _disc_mean(disc: np.ndarray, offset: np.ndarray, profile) -> np.ndarray:
+    """Mean surface brightness over an aperture (``disc`` samples) of a unit star at each ``offset``.
+
+    Why not the profile at the centre: a wing is steep, and the aperture's near side sees far more of
+    it. At 7 px FWHM a neighbour 18 px away (2.5 FWHM, aperture radius 10.7 px) put 3-4 times the
+    central value into the aperture, and a star 0.06 mag bright went unflagged at 1.7 % contamination.
+    The disc is symmetric, so either star of a pair may be the centre."""
+    d = np.hypot(disc[None, :, 0] - offset[:, None, 0], disc[None, :, 1] - offset[:, None, 1])
+    return profile(d).mean(axis=1)
 
 
 def _annulus_samples(r_in: float, r_out: float) -> np.ndarray:

@@ -226,7 +226,7 @@ def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: f
     ``saturated`` (peak inside a saturated region) and ``pass`` (1 or 2), brightest first.
     """
     fwhm = float(fwhm or np.nanmean([s.fwhm_px for s in stacks]))
-    nframes = np.minimum.reduce([s.nframes for s in stacks]).astype(np.int32)
+    nframes = np.minimum.reduce([s.nframes for s in stacks])
     saturated = np.logical_or.reduce([s.saturated for s in stacks])
     labels = _saturated_regions(saturated)
     fine, inputs, weighted = _combined_maps(stacks, fwhm, nframes)
@@ -292,10 +292,16 @@ def _combined_maps(stacks: list[StackProduct], fwhm: float, nframes: np.ndarray,
         inputs = [_detection_input(s, fwhm) for s in stacks]
     fine = np.zeros(stacks[0].image.shape, np.float32)
     weighted = np.zeros_like(fine)
+    uncovered = nframes == 0
     for inp in inputs:
         fine += _fine_map(inp, fwhm)
         with np.errstate(invalid="ignore", divide="ignore"):
-            weighted += np.where(nframes > 0, inp.image / np.sqrt(inp.background_var), 0).astype(np.float32)
+            # One float32 buffer, in place: np.where over a quotient of a square root held four planes.
+            snr = np.sqrt(inp.background_var, dtype=np.float32)
+            np.divide(inp.image, snr, out=snr)
+        snr[uncovered] = 0
+        weighted += snr
+        del snr
     fine *= np.float32(1.0 / np.sqrt(len(stacks)))     # in place: float32, not a float64 copy of the plane
     return fine, inputs, weighted
 

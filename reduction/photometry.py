@@ -333,11 +333,20 @@ def _curve_contamination(wings: _Wings | None, bgvar: np.ndarray, sky_mask: np.n
                                     mask_radii, noise, cog_r[-1] + 4 * fwhm, profile, wing)
 
 
+def _polar_points(radii: np.ndarray, n_angles: int) -> np.ndarray:
+    """Points on rings of ``radii`` at ``n_angles`` equal angles, as offsets from their centre."""
+    a = np.arange(n_angles) * (2 * np.pi / n_angles)
+    return np.column_stack([(radii[:, None] * np.cos(a)).ravel(), (radii[:, None] * np.sin(a)).ravel()])
+
+
+def _distances(points: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Distance of each of ``points`` (columns) from each of ``offsets`` (rows)."""
+    return np.hypot(points[None, :, 0] - offsets[:, None, 0], points[None, :, 1] - offsets[:, None, 1])
+
+
 def _disc_samples(radius: float) -> np.ndarray:
     """Equal-area points over a disc (6 rings x 24 angles), as offsets from its centre."""
-    r = radius * np.sqrt((np.arange(6) + 0.5) / 6)
-    a = np.arange(24) * (2 * np.pi / 24)
-    return np.column_stack([(r[:, None] * np.cos(a)).ravel(), (r[:, None] * np.sin(a)).ravel()])
+    return _polar_points(radius * np.sqrt((np.arange(6) + 0.5) / 6), 24)
 
 
 def _disc_mean(disc: np.ndarray, offset: np.ndarray, profile) -> np.ndarray:
@@ -347,15 +356,12 @@ def _disc_mean(disc: np.ndarray, offset: np.ndarray, profile) -> np.ndarray:
     it. At 7 px FWHM a neighbour 18 px away (2.5 FWHM, aperture radius 10.7 px) put 3-4 times the
     central value into the aperture, and a star 0.06 mag bright went unflagged at 1.7 % contamination.
     The disc is symmetric, so either star of a pair may be the centre."""
-    d = np.hypot(disc[None, :, 0] - offset[:, None, 0], disc[None, :, 1] - offset[:, None, 1])
-    return profile(d).mean(axis=1)
+    return profile(_distances(disc, offset)).mean(axis=1)
 
 
 def _annulus_samples(r_in: float, r_out: float) -> np.ndarray:
     """Points spread over an annulus (3 radii x 32 angles), as offsets from its centre."""
-    r = r_in + (np.arange(3) + 0.5) * (r_out - r_in) / 3
-    a = np.arange(32) * (2 * np.pi / 32)
-    return np.column_stack([(r[:, None] * np.cos(a)).ravel(), (r[:, None] * np.sin(a)).ravel()])
+    return _polar_points(r_in + (np.arange(3) + 0.5) * (r_out - r_in) / 3, 32)
 
 
 def _annulus_level(samples: np.ndarray, towards: np.ndarray, mask_radius: np.ndarray, profile,
@@ -365,7 +371,7 @@ def _annulus_level(samples: np.ndarray, towards: np.ndarray, mask_radius: np.nda
     clipping of :func:`_annulus_sky` at the star's sky ``noise`` per pixel (a bright wing's steep side
     is clipped there: a plain median read the sky of a star 8 px from an 11.6 mag one high, and left it
     unflagged 0.14 mag bright). 0 where the mask leaves no sample."""
-    d = np.hypot(samples[None, :, 0] - towards[:, None, 0], samples[None, :, 1] - towards[:, None, 1])
+    d = _distances(samples, towards)
     values = np.where(d > mask_radius[:, None], light[:, None] * profile(d), np.nan)
     some = np.isfinite(values).any(axis=1)
     out = np.zeros(len(towards))

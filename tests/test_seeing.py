@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 from observer.ledger import Ledger
 from reduction.photometry import FLAG_EDGE, FLAG_LOW_COVERAGE, FLAG_SATURATED
 
-SIZE = 448
+SIZE = 1024      # the issue's nights: 827 stars, 90 of them saturated in green
 
 
 def observer(*args: str) -> None:
@@ -64,8 +64,8 @@ def assert_bad_frames_rejected_good_ones_stacked(out: Path) -> Table:
     return science
 
 
-def assert_photometry(out: Path, size: int = SIZE, max_pull: float = 1.5) -> None:
-    """Completeness of isolated unsaturated stars, clean scatter and pull of the brighter half, per filter."""
+def assert_photometry(out: Path, size: int = SIZE) -> None:
+    """Completeness of unsaturated stars (of isolated ones too), clean scatter and pull, per filter."""
     catalog = Table.read(out / "M35" / "catalog.ecsv")
     truth = Table.read(out.parent / "truth.ecsv")
     m = 10
@@ -80,8 +80,12 @@ def assert_photometry(out: Path, size: int = SIZE, max_pull: float = 1.5) -> Non
         unsaturated = (truth["mag_green"] > 14.5) & (truth[f"mag_{f}"] < limit - 2.5)
         isolated = unsaturated & (neighbour > 6)
         assert isolated.sum() >= 20
-        # Measured 0.92-0.99 (0.89 at 3-4 px while saturated stars' wings hid their neighbours 6-10 px out).
-        assert found[isolated].mean() >= 0.9, f
+        # Measured (blue / green) 0.969 / 0.970, 0.974 / 0.974, 0.975 / 0.953 and 0.917 / 0.908 from sharp to
+        # 6-8 px; the isolated ones 0.99-1.0, and 0.95 at 6-8 px. At 6-8 px it was 0.899 / 0.887 while each
+        # star was centred on the image itself: a brighter star 2-3 FWHM away pulled the window, and stars
+        # within 3 FWHM of one were 0.6 px off (median), 17 % beyond the 1.5 px match.
+        assert found[unsaturated].mean() >= 0.9, (f, found[unsaturated].mean())
+        assert found[isolated].mean() >= 0.9, (f, found[isolated].mean())
         # Scored on isolated stars: this is the seeing's test; crowding is the blend flag's (issues 13, 20).
         picked = found & isolated
         rows = idx[picked]
@@ -93,11 +97,14 @@ def assert_photometry(out: Path, size: int = SIZE, max_pull: float = 1.5) -> Non
         assert bright.sum() >= 5
         scatter = 1.4826 * np.median(np.abs(diff[bright] - np.median(diff[bright])))
         pull = 1.4826 * np.median(np.abs((diff - np.median(diff)) / err))
+        # Measured 0.0022-0.0066.
         assert scatter <= 0.01, (f, scatter)
-        # Measured 0.82-1.30 (blue/green 0.88/0.82, 1.18/0.90, 1.30/1.03 from sharp to 3-4 px). It was 1.52
-        # at 1.8-2.2 px: stars 6 px from a saturated one went unflagged, their neighbour's clipped light read
-        # as 0.02 of theirs where it was 0.3; then 1.64 while the light kept below the blend level had no error.
-        assert 0.7 <= pull <= max_pull, (f, pull)
+        # Measured 0.91 / 0.87, 0.96 / 0.88, 0.72 / 0.93, 1.21 / 1.10 (11-14 clean stars at 6-8 px, where
+        # the others are flagged blended). At 6-8 px it was 1.58 / 1.43 while a saturated star in a star's
+        # annulus (28-43 px there), which takes more sky than its wing leaves light in the aperture, counted
+        # as no contamination; 1.73 / 1.81 before a neighbour's light was averaged over the aperture. At
+        # 1.8-2.2 px it was 1.52 while stars 6 px from a saturated one went unflagged.
+        assert 0.7 <= pull <= 1.5, (f, pull)
 
 
 @pytest.mark.parametrize("fwhm", ["1.4:1.7", "1.8:2.2", "3:4", "6:8"])
@@ -107,22 +114,7 @@ def test_every_good_frame_stacked_bad_ones_rejected_for_their_reason(tmp_path, f
     low, high = (float(v) for v in fwhm.split(":"))
     measured = np.asarray(science["fwhm"], float)[science["status"] == "stacked"]
     assert low * 0.8 <= np.median(measured) <= high * 1.2
-    if high > 5:
-        return      # 448 px at 6-8 px leaves one clean star: scored on a wider night below
     assert_photometry(out)
-
-
-def test_photometry_at_6_to_8_px_on_a_wider_night(tmp_path):
-    """The same night at 6-8 px on 1024 x 1024 px, where 12-15 isolated stars are left unflagged.
-
-    Measured: isolated completeness 0.93 in both filters; clean bright scatter 0.003 / 0.006 mag; pulls
-    1.19 / 0.73 (blue / green). They were 1.58 / 1.43 while a saturated star in a star's annulus (28-43 px
-    here), which takes more sky than its wing leaves light in the aperture, counted as no contamination: its
-    net was clipped to zero, and stars 0.02-0.10 mag faint went unflagged. Before a neighbour's light was
-    averaged over the aperture: blue scatter 0.019, pulls 1.73 / 1.81.
-    """
-    cam = simulate(tmp_path, "6:8", size=1024)
-    assert_photometry(reprocess(tmp_path, cam), size=1024)
 
 
 def test_a_wide_camera_frame_is_reduced_the_right_way_round(tmp_path):

@@ -154,8 +154,8 @@ def test_checkpoint_round_trips_the_estimate(tmp_path):
 def test_bright_star_errors_are_honest_with_the_estimated_gain(tmp_path, caplog):
     """A CMOS-like night (0.25 e-/ADU, no keyword) under a dark sky, stars down to 18.5 mag so that no
     unresolved faint neighbours sit in the bright stars' apertures: with the estimated gain the bright stars'
-    (measured - true) / error has a robust spread <= 1.5; the silent 1.0 e-/ADU of before made their errors too
-    small (a larger spread)."""
+    (measured - true) / error has a robust spread <= 1.5; the silent 1.0 e-/ADU of before made the errors of
+    the stars whose own photons dominate them too small (measured: 0.71 / 0.68 of the estimate's, blue / green)."""
     s = SimSettings(size=512, frames=3, gain=0.25, gain_keyword=False, n_members=400, n_field=200,
                     faint_limit_mag=18.5, sky_mag_arcsec2={"blue": 22.5, "green": 21.8}, bad_frames=False,
                     satellite=False, fill_seconds=0.0)
@@ -180,7 +180,8 @@ def test_bright_star_errors_are_honest_with_the_estimated_gain(tmp_path, caplog)
     for f in ("blue", "green"):
         photon = (dist < 0.1) & (np.asarray(est[f"magerr_{f}"]) < 0.01)
         assert photon.sum() > 20
-        shrink[f] = float(np.median(np.asarray(silent[f"magerr_{f}"])[idx[photon]] / np.asarray(est[f"magerr_{f}"])[photon]))
+        ratio = np.asarray(silent[f"magerr_{f}"])[idx[photon]] / np.asarray(est[f"magerr_{f}"])[photon]
+        shrink[f] = float(np.median(ratio))
     print(ratios, shrink)
     for f in ("blue", "green"):
         assert ratios["estimated"][f] <= 1.5

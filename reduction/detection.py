@@ -21,6 +21,7 @@ from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from reduction.deblend import StackResidual, split_pairs
 from reduction.kernels import correlate_separable, dilate_labels, dilate_mask, gaussian_blur, maximum_3x3
 from reduction.photometry import StackProduct
 from reduction.psf import PSF_MODEL_ERROR, SourceModel, source_model_image
@@ -235,7 +236,8 @@ def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: f
     FIND): a faint star on the shoulder of a brighter one 1-2 FWHM away makes no peak
     of its own until its neighbour is removed.  Returns x, y (0-based), ``snr``
     (matched filter), ``nframes`` (smallest over the stacks), ``low_coverage``,
-    ``saturated`` (peak inside a saturated region) and ``pass`` (1 or 2), brightest first.
+    ``saturated`` (peak inside a saturated region) and ``pass`` (1 or 2; 2 also for the second star of
+    a pair closer than 1 FWHM that :func:`reduction.deblend.split_pairs` split), brightest first.
     """
     fwhm = float(fwhm or np.nanmean([s.fwhm_px for s in stacks]))
     nframes = np.minimum.reduce([s.nframes for s in stacks])
@@ -264,8 +266,13 @@ def detect_sources_multi(stacks: list[StackProduct], sigma: float = 5.0, fwhm: f
         del fine2, weighted2
         models = _subtract_second_pass(inputs, models, x, y, npass == 2, fwhm)
         modelled = np.flatnonzero(lab == 0)
+        painted = (x.copy(), y.copy())
         x[modelled], y[modelled] = _recentred(_weighted_image(inputs, nframes == 0), inputs, models, x, y,
                                               modelled, fwhm)
+        residuals = [StackResidual(inp.image, inp.var, m) for inp, m in zip(inputs, models)]
+        x, y, sx, sy, ssnr = split_pairs(residuals, painted, x, y, modelled, fwhm)
+        x, y, snr = np.r_[x, sx], np.r_[y, sy], np.r_[snr, ssnr]
+        lab, npass = np.r_[lab, np.zeros(len(sx), lab.dtype)], np.r_[npass, np.full(len(sx), 2, np.int8)]
 
     nf = nframes[np.rint(y).astype(int), np.rint(x).astype(int)]
     order = np.argsort(-snr)

@@ -37,7 +37,7 @@ SATURATED_MODEL_FWHM = 10.0
 PHASES = 16
 
 
-class _PhaseTable:
+class PhaseTable:
     """``psf`` shifted by every (dx, dy) in -0.5..0.5 px, in steps of 1/PHASES (cubic spline, zero outside),
     made once per PSF: a source's model and its own part for the centroids are the same stamp."""
 
@@ -61,7 +61,7 @@ class SourceModel:
 
     image: np.ndarray
     amplitude: np.ndarray
-    shifted: _PhaseTable
+    shifted: PhaseTable
 
     def own_stamps(self, x: np.ndarray, y: np.ndarray, which: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,10 +121,10 @@ def source_model_image(image: np.ndarray, x: np.ndarray, y: np.ndarray, saturate
     if saturated_pixels is not None:
         model[half + 2:half + 2 + ny, half + 2:half + 2 + nx] = saturated_wing_model(
             img, saturated_pixels, np.column_stack([x, y])[saturated], fwhm)
-    return _fitted(pad, model, half, _PhaseTable(psf), x, y, saturated, fwhm)
+    return _fitted(pad, model, half, PhaseTable(psf), x, y, saturated, fwhm)
 
 
-def _fitted(pad: np.ndarray, model: np.ndarray, half: int, shifted: _PhaseTable, x: np.ndarray, y: np.ndarray,
+def _fitted(pad: np.ndarray, model: np.ndarray, half: int, shifted: PhaseTable, x: np.ndarray, y: np.ndarray,
             skip: np.ndarray, fwhm: float) -> SourceModel:
     """Fit the PSF (``shifted``) to every source but ``skip``, brightest first, within 1 FWHM of its centre on the
     image (``pad``, padded by ``half + 2``) minus the model so far, and paint it into ``model`` (the

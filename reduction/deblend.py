@@ -1,0 +1,274 @@
+"""Pairs closer than about one FWHM, split by a two-PSF fit (DAOPHOT's ALLSTAR on a star that is two).
+
+Two stars 0.5-1 FWHM apart make one peak: no saddle separates them, the first
+pass finds one source at their light-weighted centre, and its PSF model leaves
+two lobes along the pair's axis that the second pass cannot take as sources
+(they lie within 1 FWHM of the one it has). At FWHM 7 px such pairs were most
+of the unsaturated stars not found away from saturated ones: the centre sits
+1.5-3 px from either star. Here a modelled source whose residual is far above
+its noise is fitted again as two PSFs, jointly in every stack (shared positions,
+amplitudes per stack), and kept as two when the fit is much better and both
+parts are significant. A pair the passes did find as two is re-centred the same way,
+both stars together: each had been centred with the other's model painted where
+the other was first found, off its star.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import least_squares
+from scipy.spatial import cKDTree
+
+from reduction.psf import PHASES, PhaseTable, SourceModel
+
+log = logging.getLogger(__name__)
+
+#: Radius (FWHM) of the disc over which a source's single and pair fits are scored.
+SPLIT_RADIUS_FWHM = 1.5
+#: A source is tried as a pair when its residual chi^2 over that disc is this many sigma above the noise's.
+SPLIT_EXCESS_SIGMA = 6.0
+#: ... and its residual has a lobe this many sigma above the residual beside it (at right angles).
+SPLIT_LOBE_SIGMA = 5.0
+#: A pair is kept when its chi^2 is lower than the single source's by at least this much (4 more
+#: parameters per stack would take ~4 of pure noise)...
+SPLIT_MIN_DCHI2 = 50.0
+#: ... the pair leaves at most this chi^2 per pixel: where the PSF model itself misses by more (bright stars
+#: of an undersampled colour plane left 17-35 times the noise's, split or not), a split explains the
+#: model's error, not a second star ...
+SPLIT_MAX_CHI2 = 6.0
+#: ... each part has this S/N (all stacks together) ...
+SPLIT_MIN_SNR = 5.0
+#: ... and the parts are this far apart (FWHM): closer, the two are one blended source.
+SPLIT_SEPARATION_FWHM = (0.5, 1.5)
+
+
+@dataclass
+class StackResidual:
+    """One stack's view for the split: its residual (every source's model subtracted), the residual's
+    variance (the models' error included) and the sources' model (its PSF and amplitudes; the image
+    itself is not needed)."""
+
+    residual: np.ndarray
+    variance: np.ndarray
+    model: SourceModel
+
+
+def split_pairs(stacks: list[StackResidual], painted: tuple[np.ndarray, np.ndarray], x: np.ndarray,
+                y: np.ndarray, which: np.ndarray, fwhm: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Try the sources ``which`` as pairs (``painted``: every source's position when its model was
+    painted; ``x``, ``y``: where it is now); returns (x, y) of every source (a split source moves to its
+    brighter part), and the positions and S/N of the fainter parts of the sources that split.
+
+    The other sources near one are fitted with it (at their positions, amplitudes free): a neighbour
+    whose model was painted off its star leaves a lobe that is not a second star."""
+    x, y = x.copy(), y.copy()
+    new_x, new_y, new_snr = [], [], []
+    radius = SPLIT_RADIUS_FWHM * fwhm
+    h = int(np.ceil(radius)) + 1
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    tree = cKDTree(np.column_stack(painted))
+    modelled = np.logical_or.reduce([s.model.amplitude > 0 for s in stacks])     # saturated ones: radial profiles
+    done = np.zeros(len(x), bool)
+    refitted = 0
+    limit = SPLIT_SEPARATION_FWHM[1] * fwhm
+    for i in which:
+        if done[i]:
+            continue
+        near = [j for j in tree.query_ball_point([painted[0][i], painted[1][i]], radius + h)
+                if j != i and modelled[j]]
+        fit = _Stamp.cut(stacks, painted, [i, *near], h)
+        if fit is None:
+            continue
+        disc = np.hypot(xx + fit.cx - x[i], yy + fit.cy - y[i]) <= radius
+        gap = np.hypot(x[near] - x[i], y[near] - y[i]) if near else np.empty(0)
+        if len(gap) and gap.min() <= limit:
+            # A pair the passes found already: both re-centred together (each was centred with the
+            # other's model painted where the other was first found, off its star).
+            j = near[int(np.argmin(gap))]
+            rest = [k for k in near if k != j]
+            others = np.column_stack([x[rest], y[rest]]).ravel()
+            residual = fit.solve(np.r_[x[i], y[i], x[j], y[j], others], disc)[0]
+            before = float((residual ** 2).sum())
+            done[j] = True
+            if _excess(residual) < SPLIT_EXCESS_SIGMA:
+                continue
+            pair = fit.best_pair(np.r_[x[i], y[i], x[j], y[j]], others, disc, fwhm)
+            if (pair is not None and before - pair[1] >= SPLIT_MIN_DCHI2
+                    and pair[1] <= SPLIT_MAX_CHI2 * len(residual)):
+                x[i], y[i], x[j], y[j] = pair[0]
+                refitted += 1
+            continue
+        others = np.column_stack([x[near], y[near]]).ravel()
+        residual = fit.solve(np.r_[x[i], y[i], others], disc)[0]
+        if _excess(residual) < SPLIT_EXCESS_SIGMA:
+            continue
+        # The pair is weighed against the best single source (its position fitted the same way), not the
+        # centroid's: a PSF a little off the model would otherwise split.
+        centre = fit.best_single(np.r_[x[i], y[i]], others, disc, fwhm)
+        residual = fit.solve(np.r_[centre, others], disc)[0]
+        single = float((residual ** 2).sum())
+        if _excess(residual) < SPLIT_EXCESS_SIGMA:
+            continue
+        start = _pair_start(residual.reshape(len(stacks), -1).sum(axis=0) / np.sqrt(len(stacks)),
+                            xx[disc] + fit.cx, yy[disc] + fit.cy, x[i], y[i], fwhm)
+        if start is None:
+            continue
+        pair = fit.best_pair(start, others, disc, fwhm)
+        if pair is None:
+            continue
+        (x1, y1, x2, y2), chi2, snr = pair
+        separation = np.hypot(x2 - x1, y2 - y1) / fwhm
+        if (single - chi2 < SPLIT_MIN_DCHI2 or chi2 > SPLIT_MAX_CHI2 * len(residual)
+                or min(snr) < SPLIT_MIN_SNR or not SPLIT_SEPARATION_FWHM[0] <= separation <= SPLIT_SEPARATION_FWHM[1]):
+            continue
+        bright = 0 if snr[0] >= snr[1] else 1
+        (bx, by), (fx, fy) = ((x1, y1), (x2, y2)) if bright == 0 else ((x2, y2), (x1, y1))
+        x[i], y[i] = bx, by
+        new_x.append(fx), new_y.append(fy), new_snr.append(snr[1 - bright])
+    log.debug("%d sources split into pairs, %d close pairs re-centred together", len(new_x), refitted)
+    return x, y, np.array(new_x, float), np.array(new_y, float), np.array(new_snr, float)
+
+
+@dataclass
+class _Stamp:
+    """A source's neighbourhood in every stack: the data (the residual plus the models of the source and
+    of its neighbours), the variance and the PSF tables, centred on pixel (cx, cy), half-width ``h``."""
+
+    data: list[np.ndarray]
+    var: list[np.ndarray]
+    tables: list[PhaseTable]
+    cx: int
+    cy: int
+    h: int
+
+    @classmethod
+    def cut(cls, stacks: list[StackResidual], painted: tuple[np.ndarray, np.ndarray], sources: list[int], h: int
+            ) -> _Stamp | None:
+        """The stamp around ``sources[0]`` with the models of all ``sources`` put back; None at the edge or
+        where a stack does not cover it."""
+        cx, cy = int(np.rint(painted[0][sources[0]])), int(np.rint(painted[1][sources[0]]))
+        ny, nx = stacks[0].residual.shape
+        if cx - h < 0 or cy - h < 0 or cx + h >= nx or cy + h >= ny:
+            return None
+        sl = (slice(cy - h, cy + h + 1), slice(cx - h, cx + h + 1))
+        data, var, tables = [], [], []
+        for s in stacks:
+            v = np.asarray(s.variance[sl], float)
+            if not np.all(np.isfinite(v) & (v > 0)):
+                return None
+            d = np.asarray(s.residual[sl], float)
+            for j in sources:
+                d = d + s.model.amplitude[j] * _psf_at(s.model.shifted, painted[0][j] - cx, painted[1][j] - cy, h)
+            data.append(d)
+            var.append(v)
+            tables.append(s.model.shifted)
+        return cls(data, var, tables, cx, cy, h)
+
+    def solve(self, p: np.ndarray, disc: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """Weighted residuals (over the disc, every stack) of the best amplitudes of PSFs at positions
+        ``p`` (x1, y1, x2, y2, ...), with each stack's amplitudes and their covariance."""
+        out, amps, covs = [], [], []
+        k = len(p) // 2
+        for d, v, table in zip(self.data, self.var, self.tables):
+            w = 1 / np.sqrt(v[disc])
+            a = np.column_stack([_psf_at(table, p[2 * j] - self.cx, p[2 * j + 1] - self.cy, self.h)[disc] * w
+                                 for j in range(k)])
+            b = d[disc] * w
+            try:
+                cov = np.linalg.inv(a.T @ a)
+            except np.linalg.LinAlgError:
+                cov = np.full((k, k), np.inf)
+                amp = np.zeros(k)
+            else:
+                amp = cov @ (a.T @ b)
+            out.append(b - a @ amp)
+            amps.append(amp)
+            covs.append(cov)
+        return np.concatenate(out), amps, covs
+
+    def best_single(self, start: np.ndarray, others: np.ndarray, disc: np.ndarray, fwhm: float) -> np.ndarray:
+        """The position (x, y) of the best one-PSF fit from ``start``, the neighbours at ``others`` fitted
+        with it."""
+        try:
+            result = least_squares(lambda q: self.solve(np.r_[start + q, others], disc)[0], np.zeros(2),
+                                   bounds=(-0.5 * fwhm, 0.5 * fwhm), diff_step=0.02, x_scale=0.5, max_nfev=20)
+        except ValueError:
+            return start
+        return start + result.x
+
+    def best_pair(self, start: np.ndarray, others: np.ndarray, disc: np.ndarray, fwhm: float
+                  ) -> tuple[tuple[float, float, float, float], float, tuple[float, float]] | None:
+        """The two-PSF fit from ``start`` (x1, y1, x2, y2), the neighbours at ``others`` fitted with it:
+        positions, chi^2 and each part's S/N."""
+        limit = SPLIT_SEPARATION_FWHM[1] * fwhm
+        # Fitted as offsets from the start: least_squares' finite-difference step is relative to the
+        # parameters, and positions of hundreds of pixels would step by pixels.
+        try:
+            result = least_squares(lambda q: self.solve(np.r_[start + q, others], disc)[0], np.zeros(4),
+                                   bounds=(-limit, limit), diff_step=0.02, x_scale=0.5, max_nfev=30)
+        except ValueError:
+            return None
+        p, chi2 = start + result.x, float((result.fun ** 2).sum())
+        _, amps, covs = self.solve(np.r_[p, others], disc)
+        snr = []
+        for k in range(2):
+            a = np.array([amp[k] for amp in amps])
+            s = np.sqrt(np.array([cov[k, k] for cov in covs]))
+            ok = np.isfinite(s) & (s > 0)
+            # As detection combines its stacks: the sum of the parts' significances over sqrt(n).
+            snr.append(float(np.sum(a[ok] / s[ok]) / np.sqrt(len(a))) if ok.any() else 0.0)
+        return (float(p[0]), float(p[1]), float(p[2]), float(p[3])), chi2, (snr[0], snr[1])
+
+
+def _excess(residual: np.ndarray) -> float:
+    """How many sigma a fit's chi^2 (``residual``: its weighted residuals) lies above pure noise's."""
+    n = len(residual)
+    return float(((residual ** 2).sum() - n) / np.sqrt(2 * n))
+
+
+def _pair_start(snr: np.ndarray, px: np.ndarray, py: np.ndarray, x: float, y: float, fwhm: float
+                ) -> np.ndarray | None:
+    """Where to start a pair's fit, from the single fit's residual (S/N at pixels ``px``, ``py``), or None
+    when it does not look like a pair: a second star leaves a lobe on the pair's axis and little beside
+    it, where a PSF that is merely wider or narrower than the model leaves a ring."""
+    k = int(np.argmax(snr))
+    vx, vy = px[k] - x, py[k] - y
+    if np.hypot(vx, vy) < SPLIT_SEPARATION_FWHM[0] * fwhm:
+        return None
+
+    def at(dx: float, dy: float) -> float:
+        return float(snr[np.argmin((px - x - dx) ** 2 + (py - y - dy) ** 2)])
+
+    beside = 0.5 * (at(-vy, vx) + at(vy, -vx))
+    if snr[k] - beside < SPLIT_LOBE_SIGMA:
+        return None
+    if at(-vx, -vy) > 0.5 * snr[k]:       # lobes on both sides: two stars of about equal light
+        return np.array([x - 0.5 * vx, y - 0.5 * vy, x + 0.5 * vx, y + 0.5 * vy])
+    return np.array([x, y, x + vx, y + vy])
+
+
+def _psf_at(table: PhaseTable, dx: float, dy: float, h: int) -> np.ndarray:
+    """The PSF centred at (dx, dy) px from a stamp's centre pixel, on that stamp's (2h+1)^2 pixels:
+    bilinear between the table's 1/PHASES px shifts, so that the fit sees a continuous model."""
+    ix, iy = int(np.floor(dx + 0.5)), int(np.floor(dy + 0.5))
+    fx, fy = (dx - ix) * PHASES, (dy - iy) * PHASES
+    jx, jy = int(np.floor(fx)), int(np.floor(fy))
+    tx, ty = fx - jx, fy - jy
+    half = table.half
+    c = PHASES // 2
+    out = np.zeros((2 * h + 1, 2 * h + 1))
+    # The table's rows are shifts in y, its columns in x; a stamp of the table has its centre at ``half``.
+    y0, x0 = half - h - iy, half - h - ix
+    if y0 < 0 or x0 < 0 or y0 + 2 * h + 1 > 2 * half + 1 or x0 + 2 * h + 1 > 2 * half + 1:
+        return out
+    for ky, wy in ((jy, 1 - ty), (jy + 1, ty)):
+        for kx, wx in ((jx, 1 - tx), (jx + 1, tx)):
+            if wy * wx == 0:
+                continue
+            sy, sx = min(max(ky + c, 0), PHASES), min(max(kx + c, 0), PHASES)
+            out += wy * wx * table.table[sy, sx, y0:y0 + 2 * h + 1, x0:x0 + 2 * h + 1]
+    return out

@@ -90,36 +90,34 @@ def split_pairs(stacks: list[StackResidual], painted: tuple[np.ndarray, np.ndarr
             # other's model painted where the other was first found, off its star).
             j = near[int(np.argmin(gap))]
             rest = [k for k in near if k != j]
-            others = np.column_stack([x[rest], y[rest]]).ravel()
-            residual = fit.solve(np.r_[x[i], y[i], x[j], y[j], others], disc)[0]
-            before = float((residual ** 2).sum())
+            both = fit.problem(np.column_stack([x[rest], y[rest]]).ravel(), disc)
+            residual = both.solve(np.r_[x[i], y[i], x[j], y[j]])[0]
             done[j] = True
             if _excess(residual) < SPLIT_EXCESS_SIGMA:
                 continue
-            pair = fit.best_pair(np.r_[x[i], y[i], x[j], y[j]], others, disc, fwhm)
-            if (pair is not None and before - pair[1] >= SPLIT_MIN_DCHI2
-                    and pair[1] <= SPLIT_MAX_CHI2 * len(residual)):
-                x[i], y[i], x[j], y[j] = pair[0]
+            p, chi2 = both.best(np.r_[x[i], y[i], x[j], y[j]], limit, 30)
+            if float((residual ** 2).sum()) - chi2 >= SPLIT_MIN_DCHI2 and chi2 <= SPLIT_MAX_CHI2 * len(residual):
+                x[i], y[i], x[j], y[j] = p
                 refitted += 1
             continue
-        others = np.column_stack([x[near], y[near]]).ravel()
-        residual = fit.solve(np.r_[x[i], y[i], others], disc)[0]
-        if _excess(residual) < SPLIT_EXCESS_SIGMA:
+        problem = fit.problem(np.column_stack([x[near], y[near]]).ravel(), disc)
+        px, py = xx[disc] + fit.cx, yy[disc] + fit.cy
+        residual = problem.solve(np.r_[x[i], y[i]])[0]
+        # Cheap tests first (most bright stars exceed their noise a little: the PSF model is not exact):
+        # the excess and the lobe at the centroid, then the same at the best single position.
+        if _excess(residual) < SPLIT_EXCESS_SIGMA or _pair_start(_snr(residual, len(stacks)), px, py, x[i], y[i],
+                                                                 fwhm) is None:
             continue
         # The pair is weighed against the best single source (its position fitted the same way), not the
         # centroid's: a PSF a little off the model would otherwise split.
-        centre = fit.best_single(np.r_[x[i], y[i]], others, disc, fwhm)
-        residual = fit.solve(np.r_[centre, others], disc)[0]
-        single = float((residual ** 2).sum())
+        centre, single = problem.best(np.r_[x[i], y[i]], 0.5 * fwhm, 20)
+        residual = problem.solve(centre)[0]
         if _excess(residual) < SPLIT_EXCESS_SIGMA:
             continue
-        start = _pair_start(residual.reshape(len(stacks), -1).sum(axis=0) / np.sqrt(len(stacks)),
-                            xx[disc] + fit.cx, yy[disc] + fit.cy, x[i], y[i], fwhm)
+        start = _pair_start(_snr(residual, len(stacks)), px, py, x[i], y[i], fwhm)
         if start is None:
             continue
-        pair = fit.best_pair(start, others, disc, fwhm)
-        if pair is None:
-            continue
+        pair = problem.best_pair(start, fwhm)
         (x1, y1, x2, y2), chi2, snr = pair
         separation = np.hypot(x2 - x1, y2 - y1) / fwhm
         if (single - chi2 < SPLIT_MIN_DCHI2 or chi2 > SPLIT_MAX_CHI2 * len(residual)
@@ -168,16 +166,41 @@ class _Stamp:
             tables.append(s.model.shifted)
         return cls(data, var, tables, cx, cy, h)
 
-    def solve(self, p: np.ndarray, disc: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """Weighted residuals (over the disc, every stack) of the best amplitudes of PSFs at positions
-        ``p`` (x1, y1, x2, y2, ...), with each stack's amplitudes and their covariance."""
-        out, amps, covs = [], [], []
-        k = len(p) // 2
+    def problem(self, others: np.ndarray, disc: np.ndarray) -> _Problem:
+        """The fit over ``disc`` of free PSFs plus the neighbours at ``others`` (x1, y1, x2, y2, ...)."""
+        weights, data, fixed = [], [], []
         for d, v, table in zip(self.data, self.var, self.tables):
             w = 1 / np.sqrt(v[disc])
-            a = np.column_stack([_psf_at(table, p[2 * j] - self.cx, p[2 * j + 1] - self.cy, self.h)[disc] * w
-                                 for j in range(k)])
-            b = d[disc] * w
+            weights.append(w)
+            data.append(d[disc] * w)
+            fixed.append(self.columns(table, others, disc, w))
+        return _Problem(self, disc, weights, data, fixed)
+
+    def columns(self, table: PhaseTable, p: np.ndarray, disc: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The weighted PSF columns (pixels of ``disc`` x sources) of sources at positions ``p``."""
+        return np.column_stack([_psf_at(table, p[2 * j] - self.cx, p[2 * j + 1] - self.cy, self.h)[disc] * w
+                                for j in range(len(p) // 2)]) if len(p) else np.empty((int(disc.sum()), 0))
+
+
+@dataclass
+class _Problem:
+    """Free PSFs and fixed neighbours fitted to one stamp's disc: each stack's weights, weighted data and
+    the neighbours' weighted columns, made once (they do not move while the free ones are fitted)."""
+
+    stamp: _Stamp
+    disc: np.ndarray
+    weights: list[np.ndarray]
+    data: list[np.ndarray]
+    fixed: list[np.ndarray]
+
+    def solve(self, p: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """Weighted residuals (every stack's, one after the other) of the best amplitudes of free PSFs at
+        ``p`` (x1, y1, ...) and the neighbours, with each stack's amplitudes and their covariance (the free
+        sources first)."""
+        out, amps, covs = [], [], []
+        for w, b, fixed, table in zip(self.weights, self.data, self.fixed, self.stamp.tables):
+            a = np.column_stack([self.stamp.columns(table, p, self.disc, w), fixed])
+            k = a.shape[1]
             try:
                 cov = np.linalg.inv(a.T @ a)
             except np.linalg.LinAlgError:
@@ -190,30 +213,23 @@ class _Stamp:
             covs.append(cov)
         return np.concatenate(out), amps, covs
 
-    def best_single(self, start: np.ndarray, others: np.ndarray, disc: np.ndarray, fwhm: float) -> np.ndarray:
-        """The position (x, y) of the best one-PSF fit from ``start``, the neighbours at ``others`` fitted
-        with it."""
-        try:
-            result = least_squares(lambda q: self.solve(np.r_[start + q, others], disc)[0], np.zeros(2),
-                                   bounds=(-0.5 * fwhm, 0.5 * fwhm), diff_step=0.02, x_scale=0.5, max_nfev=20)
-        except ValueError:
-            return start
-        return start + result.x
-
-    def best_pair(self, start: np.ndarray, others: np.ndarray, disc: np.ndarray, fwhm: float
-                  ) -> tuple[tuple[float, float, float, float], float, tuple[float, float]] | None:
-        """The two-PSF fit from ``start`` (x1, y1, x2, y2), the neighbours at ``others`` fitted with it:
-        positions, chi^2 and each part's S/N."""
-        limit = SPLIT_SEPARATION_FWHM[1] * fwhm
+    def best(self, start: np.ndarray, limit: float, max_nfev: int) -> tuple[np.ndarray, float]:
+        """The free positions that fit best from ``start``, each coordinate within ``limit`` px of it, and
+        their chi^2."""
         # Fitted as offsets from the start: least_squares' finite-difference step is relative to the
         # parameters, and positions of hundreds of pixels would step by pixels.
         try:
-            result = least_squares(lambda q: self.solve(np.r_[start + q, others], disc)[0], np.zeros(4),
-                                   bounds=(-limit, limit), diff_step=0.02, x_scale=0.5, max_nfev=30)
+            result = least_squares(lambda q: self.solve(start + q)[0], np.zeros(len(start)), bounds=(-limit, limit),
+                                   diff_step=0.02, x_scale=0.5, max_nfev=max_nfev)
         except ValueError:
-            return None
-        p, chi2 = start + result.x, float((result.fun ** 2).sum())
-        _, amps, covs = self.solve(np.r_[p, others], disc)
+            return start, float((self.solve(start)[0] ** 2).sum())
+        return start + result.x, float((result.fun ** 2).sum())
+
+    def best_pair(self, start: np.ndarray, fwhm: float
+                  ) -> tuple[tuple[float, float, float, float], float, tuple[float, float]]:
+        """The two-PSF fit from ``start`` (x1, y1, x2, y2): positions, chi^2 and each part's S/N."""
+        p, chi2 = self.best(start, SPLIT_SEPARATION_FWHM[1] * fwhm, 30)
+        _, amps, covs = self.solve(p)
         snr = []
         for k in range(2):
             a = np.array([amp[k] for amp in amps])
@@ -222,6 +238,11 @@ class _Stamp:
             # As detection combines its stacks: the sum of the parts' significances over sqrt(n).
             snr.append(float(np.sum(a[ok] / s[ok]) / np.sqrt(len(a))) if ok.any() else 0.0)
         return (float(p[0]), float(p[1]), float(p[2]), float(p[3])), chi2, (snr[0], snr[1])
+
+
+def _snr(residual: np.ndarray, n_stacks: int) -> np.ndarray:
+    """A fit's weighted residuals (every stack's, one after the other) as one S/N per pixel."""
+    return residual.reshape(n_stacks, -1).sum(axis=0) / np.sqrt(n_stacks)
 
 
 def _excess(residual: np.ndarray) -> float:

@@ -43,6 +43,8 @@ SPLIT_MAX_CHI2 = 6.0
 SPLIT_MIN_SNR = 5.0
 #: ... and the parts are this far apart (FWHM): closer, the two are one blended source.
 SPLIT_SEPARATION_FWHM = (0.5, 1.5)
+#: A pair the passes found already moves at most this far (FWHM, each coordinate) when re-centred.
+REFIT_LIMIT_FWHM = 0.5
 
 
 @dataclass
@@ -95,7 +97,7 @@ def split_pairs(stacks: list[StackResidual], painted: tuple[np.ndarray, np.ndarr
             done[j] = True
             if _excess(residual) < SPLIT_EXCESS_SIGMA:
                 continue
-            p, chi2 = both.best(np.r_[x[i], y[i], x[j], y[j]], limit, 30)
+            p, chi2 = both.best(np.r_[x[i], y[i], x[j], y[j]], REFIT_LIMIT_FWHM * fwhm, 30)
             if float((residual ** 2).sum()) - chi2 >= SPLIT_MIN_DCHI2 and chi2 <= SPLIT_MAX_CHI2 * len(residual):
                 x[i], y[i], x[j], y[j] = p
                 refitted += 1

@@ -157,17 +157,23 @@ def test_positions_subpixel(scene):
     assert ok.sum() > 100
 
 
+def pair_scene(seed: int, separation_fwhm: tuple[float, float], fwhm: float):
+    """36 stars on a 6 x 6 grid 90 px apart; every other one has a companion ``separation_fwhm`` away in a
+    random direction (the others are alone: the PSF's stars). (rng, x, y, paired, companion x, y)."""
+    rng = np.random.default_rng(seed)
+    gx, gy = np.meshgrid(np.arange(60, 600, 90.0), np.arange(60, 600, 90.0))
+    bx, by = gx.ravel() + rng.uniform(-5, 5, gx.size), gy.ravel() + rng.uniform(-5, 5, gy.size)
+    sep, phi = rng.uniform(*separation_fwhm, bx.size) * fwhm, rng.uniform(0, 2 * np.pi, bx.size)
+    pair = np.arange(bx.size) % 2 == 0
+    return rng, bx, by, pair, (bx + sep * np.cos(phi))[pair], (by + sep * np.sin(phi))[pair]
+
+
 def test_a_faint_star_beside_a_bright_one_is_centred_without_it():
     """18 stars of 17.5 mag, each 2.2-2.8 FWHM from one of 15 mag (FWHM 6 px): each is centred on the
     image with every other source's model subtracted. Centred on the image itself (as before), the bright
     star's wing pulled the window: median 0.38 px, worst 1.47 px (now 0.016 and 0.024)."""
-    rng = np.random.default_rng(5)
     fwhm = 6.0
-    gx, gy = np.meshgrid(np.arange(60, 600, 90.0), np.arange(60, 600, 90.0))
-    bx, by = gx.ravel() + rng.uniform(-5, 5, gx.size), gy.ravel() + rng.uniform(-5, 5, gy.size)
-    sep, phi = rng.uniform(2.2, 2.8, bx.size) * fwhm, rng.uniform(0, 2 * np.pi, bx.size)
-    pair = np.arange(bx.size) % 2 == 0          # the others are alone: the PSF's stars
-    fx, fy = (bx + sep * np.cos(phi))[pair], (by + sep * np.sin(phi))[pair]
+    _, bx, by, pair, fx, fy = pair_scene(5, (2.2, 2.8), fwhm)
     stack = make_stack(np.r_[bx, fx], np.r_[by, fy], np.r_[np.full(bx.size, 15.0), np.full(fx.size, 17.5)],
                        fwhm=fwhm)
     det = detect_sources(stack)
@@ -184,13 +190,8 @@ def test_a_pair_closer_than_one_fwhm_is_found_as_two_stars():
     saddle between, so the first pass finds one source at each pair's light-weighted centre; the two-PSF
     fit of :mod:`reduction.deblend` finds both. Before it, 0 of the pairs came out as two stars within
     1.5 px of the truth."""
-    rng = np.random.default_rng(11)
     fwhm = 6.0
-    gx, gy = np.meshgrid(np.arange(60, 600, 90.0), np.arange(60, 600, 90.0))
-    bx, by = gx.ravel() + rng.uniform(-5, 5, gx.size), gy.ravel() + rng.uniform(-5, 5, gy.size)
-    sep, phi = rng.uniform(0.6, 0.9, bx.size) * fwhm, rng.uniform(0, 2 * np.pi, bx.size)
-    pair = np.arange(bx.size) % 2 == 0          # the others are alone: the PSF's stars
-    fx, fy = (bx + sep * np.cos(phi))[pair], (by + sep * np.sin(phi))[pair]
+    rng, bx, by, pair, fx, fy = pair_scene(11, (0.6, 0.9), fwhm)
     fmag = 15.0 + rng.uniform(0.5, 1.5, fx.size)
     stack = make_stack(np.r_[bx, fx], np.r_[by, fy], np.r_[np.full(bx.size, 15.0), fmag], fwhm=fwhm)
     det = detect_sources(stack)

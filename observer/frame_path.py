@@ -347,7 +347,6 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
                       plate_scale_arcsec=facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec,
                       overscan=ctx.overscan, warning=ctx.warning)
     stack_frame(group, frame)
-    group.stack_preview = preview_of(group.accumulator.image())
     if ctx.flux_reference is not None and not ctx.warning:
         # A frame stacked despite its shape is no yardstick: the next clear frame sets the flux reference.
         group.ref_xy, group.ref_flux = ctx.flux_reference
@@ -358,6 +357,7 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
         group.held.append(frame)
         if len(group.held) >= settings.quality.baseline_frames:
             _settle(state, settings, ctx)
+    group.stack_preview = preview_of(group.accumulator.image())     # once the group is settled, if it was
     return ctx
 
 
@@ -431,7 +431,6 @@ def _settle(state: NightState, settings: Settings, ctx: FrameContext) -> None:
             1.0, 0.0, 0.0, [], ""
         for frame in kept:
             stack_frame(group, frame)
-    group.stack_preview = preview_of(group.accumulator.image())
     state.restacked.add((target.name, session.name, group.label))
     log.info("%s %s %s: first %d frames judged together: %d stacked, flux reference x%.3f", target.name,
              session.name, group.label, len(held), len(kept), best)

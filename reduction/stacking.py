@@ -222,7 +222,8 @@ class StackAccumulator:
     def image(self) -> np.ndarray:
         """The stack: float32 weighted mean of the accepted contributions (ADU per frame)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            img = np.where(self._count > 0, self._swx / self._sw, np.float32(0.0))
+            img = self._swx / self._sw
+        img[self._count == 0] = 0.0             # a pass less than np.where: the same values
         if len(self._drop):
             img.ravel()[self._drop] = self._stats_at(self._drop)[0]
         return img
@@ -234,7 +235,8 @@ class StackAccumulator:
         the variance of sums over apertures, which is what photometry errors need.
         """
         with np.errstate(divide="ignore", invalid="ignore"):
-            var = np.where(self._count > 0, self._swwv / (self._sw * self._sw), np.float32(np.inf))
+            var = self._swwv / (self._sw * self._sw)
+        var[self._count == 0] = np.inf
         if len(self._drop):
             var.ravel()[self._drop] = self._stats_at(self._drop)[1]
         return var

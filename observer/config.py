@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from reduction.frames import DEFAULT_KEYWORDS
+from reduction.keywords import DEFAULT_KEYWORDS
 
 
 class ConfigError(ValueError):

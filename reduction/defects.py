@@ -39,69 +39,74 @@ SEGMENT_AGREEMENT = 0.75
 SEGMENT_SIGMA = 3.0
 
 
-def _constant_lines(sample: np.ndarray, middle: np.ndarray) -> np.ndarray:
-    """Per column (axis 0 reduced): True where most pixels share one exact value (zeroed columns).
+def _constant_lines(lines: np.ndarray, middle: np.ndarray) -> np.ndarray:
+    """Per line (a row of ``lines``): True where most pixels share one exact value (zeroed lines).
 
-    A value held by more than half of a column's pixels is its middle order statistic, so counting
-    the pixels equal to that one value per column is enough (no sort, no run lengths).
+    A value held by more than half of a line's pixels is its middle order statistic, so counting
+    the pixels equal to that one value per line is enough (no sort, no run lengths).
     """
-    return np.count_nonzero(sample == middle[None, :], axis=0) > CONSTANT_FRACTION * sample.shape[0]
+    return np.count_nonzero(lines == middle[:, None], axis=1) > CONSTANT_FRACTION * lines.shape[1]
 
 
-def _profile(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column of ``sample``: its middle value (the repeated one of a zeroed line) and its low quantile.
+def _profile(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per line of ``lines``: its middle value (the repeated one of a zeroed line) and its low quantile.
 
     The profile is the ``PROFILE_QUANTILE`` quantile, not the median: where a line crosses a cluster
     core, stars and their halos cover much of it and lift its median, but a defect shifts every
     pixel of the line, the faintest too.  One partition gives both values.
     """
-    n = sample.shape[0]
+    n = lines.shape[1]
     low = int(PROFILE_QUANTILE * (n - 1))
-    ordered = np.partition(sample, [low, n // 2], axis=0)
-    return ordered[n // 2], ordered[low]
+    ordered = np.partition(lines, [low, n // 2], axis=1)
+    return ordered[:, n // 2], ordered[:, low]
 
 
-def _along_the_line(sample: np.ndarray, sign: np.ndarray) -> np.ndarray:
-    """Per column: True where the jump holds, with the same ``sign``, along most of the column.
+def _along_the_line(lines: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """Per line: True where the jump holds, with the same ``sign``, along most of the line.
 
     A defective column is offset over its length; a line through a cluster core only where it crosses
-    the core (the stars lift that part of its median), so it shows in a few of the column's segments.
+    the core (the stars lift that part of its median), so it shows in a few of the line's segments.
     """
-    segments = min(SEGMENTS, sample.shape[0] // MIN_LENGTH)
+    segments = min(SEGMENTS, lines.shape[1] // MIN_LENGTH)
     if segments < 2:
-        return np.ones(sample.shape[1], bool)
-    agree = np.zeros(sample.shape[1], int)
-    for piece in np.array_split(sample, segments, axis=0):
+        return np.ones(lines.shape[0], bool)
+    agree = np.zeros(lines.shape[0], int)
+    for piece in np.array_split(lines, segments, axis=1):
         _, profile = _profile(piece)
         agree += (_jumps(piece, profile, SEGMENT_SIGMA) * sign) > 0
     return agree >= SEGMENT_AGREEMENT * segments
 
 
-def _jumps(sample: np.ndarray, profile: np.ndarray, sigma: float) -> np.ndarray:
-    """Per column: the median ``profile``'s jump from its neighbours' running median where over ``sigma``, else 0.
+def _jumps(lines: np.ndarray, profile: np.ndarray, sigma: float) -> np.ndarray:
+    """Per line: the median ``profile``'s jump from its neighbours' running median where over ``sigma``, else 0.
 
-    The scale is the robust spread of those jumps over all columns (fixed-pattern noise included),
-    floored at the noise of a quantile of ``ny`` pixels, so a clean detector flags nothing.
+    The scale is the robust spread of those jumps over all lines (fixed-pattern noise included),
+    floored at the noise of a quantile of a line's pixels, so a clean detector flags nothing.
     """
     jump = profile - ndimage.median_filter(profile, size=PROFILE_WINDOW, mode="nearest")
     # the standard error of the 20% quantile of n Gaussian values is 1.43 sigma / sqrt(n) (1.2533 for the median)
-    floor = QUANTILE_ERROR * pixel_noise(sample) / np.sqrt(sample.shape[0])
+    # pixel_noise differences neighbouring lines: it reads the lines as the columns of the image they sample
+    floor = QUANTILE_ERROR * pixel_noise(lines.T) / np.sqrt(lines.shape[1])
     spread = max(1.4826 * float(np.median(np.abs(jump - np.median(jump)))), floor)
     return np.where(np.abs(jump) > sigma * spread, jump, 0.0)
 
 
-def _bad_columns(data: np.ndarray, sigma: float) -> np.ndarray:
-    if data.shape[0] < MIN_LENGTH or data.shape[1] < 3:
-        return np.zeros(data.shape[1], bool)
-    # Every k-th row is enough for a column's median and its repeated value, at 1/k of the cost
-    # (a full-frame median per column costs a second at 2048 px, the whole per-frame budget).
-    sample = np.ascontiguousarray(data[::max(1, data.shape[0] // SAMPLE_LINES)])
-    middle, profile = _profile(sample)
-    jumps = _jumps(sample, profile, sigma)
+def _bad_lines(data: np.ndarray, sigma: float, rows: bool) -> np.ndarray:
+    """Per column of ``data`` (per row when ``rows``): True where it is defective."""
+    length, count = data.shape[::-1] if rows else data.shape
+    if length < MIN_LENGTH or count < 3:
+        return np.zeros(count, bool)
+    # Every k-th pixel of a line is enough for its median and its repeated value, at 1/k of the cost
+    # (a full-frame median per column costs a second at 2048 px, the whole per-frame budget).  The
+    # sample holds one line per row, so that the partitions run along memory (2-3x faster than across).
+    step = max(1, length // SAMPLE_LINES)
+    lines = np.ascontiguousarray(data[:, ::step] if rows else data[::step].T)
+    middle, profile = _profile(lines)
+    jumps = _jumps(lines, profile, sigma)
     deviant = jumps != 0
     if deviant.any():
-        deviant &= _along_the_line(sample, np.sign(jumps))
-    return _constant_lines(sample, middle) | deviant
+        deviant &= _along_the_line(lines, np.sign(jumps))
+    return _constant_lines(lines, middle) | deviant
 
 
 def find_defects(data: np.ndarray, sigma: float = 8.0) -> np.ndarray:
@@ -114,6 +119,6 @@ def find_defects(data: np.ndarray, sigma: float = 8.0) -> np.ndarray:
     if data.ndim != 2:
         raise ValueError(f"expected a 2-D frame, got shape {data.shape}")
     mask = np.zeros(data.shape, bool)
-    mask[:, _bad_columns(data, sigma)] = True
-    mask[_bad_columns(data.T, sigma), :] = True
+    mask[:, _bad_lines(data, sigma, rows=False)] = True
+    mask[_bad_lines(data, sigma, rows=True), :] = True
     return mask

@@ -27,28 +27,14 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
+from reduction.keywords import DEFAULT_KEYWORDS
+
 log = logging.getLogger(__name__)
 
 #: More than this fraction of non-finite pixels makes a frame useless (the rest is probably garbage too).
 MAX_NONFINITE_FRACTION = 0.5
 #: arcsec per radian / 1000: plate scale ["/px] = pixel size [um] / focal length [mm] * 206.265.
 _ARCSEC_PER_UM_PER_MM = 206.264806
-
-
-#: Header keywords per fact, tried in order: the dialects of acquisition programs (MaxIm DL, N.I.N.A.,
-#: SBIG) and observatory systems (NOAO/IRAF, ESO HIERARCH, Calar Alto, NOT).  An entry with ``*`` is a
-#: pattern over the header's keys (HIERARCH cards are keyed without the word HIERARCH).  The
-#: observer config's ``header`` section defaults to these lists and may replace them.
-DEFAULT_KEYWORDS: dict[str, tuple[str, ...]] = {
-    "filter": ("FILTER", "FILTER1", "FILTER2", "FILTNAME", "FILTNAM", "FILT", "INSFLNAM", "INSFILTE",
-               "ALFLTNM", "FILTERS", "* FILT* NAME"),
-    "kind": ("IMAGETYP", "FRAMETYP", "FRAME", "IMGTYPE", "OBSTYPE"),
-    "exposure": ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME"),
-    "gain": ("GAIN", "EGAIN", "CCDGAIN"),
-    "read_noise": ("RDNOISE", "READNOIS", "RDNOIS", "RON", "CCDRON", "READNOISE"),
-    "date": ("DATE-OBS", "DATE_OBS", "MJD-OBS", "MJD_OBS", "JD", "JD-OBS"),
-    "target": ("OBJECT", "OBJNAME", "FIELD"),
-}
 #: A gain outside this range is not e-/ADU (some cameras write a driver setting, 0-600, under GAIN).
 PLAUSIBLE_GAIN = (0.05, 20.0)
 #: Filter-wheel positions that hold no filter: a second wheel reading 'Open' says nothing.

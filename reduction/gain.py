@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.ndimage import binary_dilation, uniform_filter
-from scipy.stats import theilslopes
 
 from reduction.frames import PLAUSIBLE_GAIN
 
@@ -185,6 +184,8 @@ def sky_noise_gain(data: np.ndarray, read_noise_e: float | None = None, offset_k
         if not np.median(level) > 0:
             raise GainError(f"sky level {np.median(level):.1f} ADU above the bias: no sky-noise gain estimate")
         return float(np.median(_gain_from_variance(level, var, read_noise_e)))
+    from scipy.stats import theilslopes     # here: scipy.stats costs ~0.25 s to import, and only this needs it
+
     slope, _, low, high = theilslopes(var, level)
     if not slope > 0 or (high - low) > MAX_SLOPE_SPREAD * slope:
         raise GainError(f"the sky varies too little across the frame ({level.min():.0f}-{level.max():.0f} ADU) "

@@ -152,16 +152,18 @@ def _moffat_fit(cut: np.ndarray, weight: np.ndarray, fwhm_guess: float) -> tuple
         u = np.maximum(1.0 + a * dx * dx + 2.0 * b * dx * dy + c * dy * dy, 1e-3)
         f = u ** (-beta)
         dq = -beta * amp * f / u  # d model / d Q
-        jac = np.empty(f.shape + (8,))
-        jac[..., 0] = f
-        jac[..., 1] = -dq * (2 * a * dx + 2 * b * dy)
-        jac[..., 2] = -dq * (2 * b * dx + 2 * c * dy)
-        jac[..., 3] = dq * dx * dx
-        jac[..., 4] = dq * 2 * dx * dy
-        jac[..., 5] = dq * dy * dy
-        jac[..., 6] = -amp * f * np.log(u)
-        jac[..., 7] = 1.0
-        return amp * f + bg, jac
+        # filled one parameter's plane at a time (contiguous writes, ~5x faster than strided ones),
+        # then laid out (star, pixel, parameter) as the solver's products read it: the same sums
+        jac = np.empty((f.shape[0], 8, f.shape[1]))
+        jac[:, 0] = f
+        jac[:, 1] = -dq * (2 * a * dx + 2 * b * dy)
+        jac[:, 2] = -dq * (2 * b * dx + 2 * c * dy)
+        jac[:, 3] = dq * dx * dx
+        jac[:, 4] = dq * 2 * dx * dy
+        jac[:, 5] = dq * dy * dy
+        jac[:, 6] = -amp * f * np.log(u)
+        jac[:, 7] = 1.0
+        return amp * f + bg, np.ascontiguousarray(jac.transpose(0, 2, 1))
 
     def valid(q: np.ndarray) -> np.ndarray:
         return ((q[:, 3] > 0) & (q[:, 5] > 0) & (q[:, 3] * q[:, 5] - q[:, 4] ** 2 > 0)
@@ -174,18 +176,20 @@ def _moffat_fit(cut: np.ndarray, weight: np.ndarray, fwhm_guess: float) -> tuple
     eye = np.eye(8)[None]
     active = np.arange(n)
     for _ in range(_LM_ITERS):
-        # Only stars still improving are iterated: most converge in ~10 steps.
-        jw = jac[active] * wgt[active, :, None]
+        # Only stars still improving are iterated: most converge in ~10 steps.  Their rows are
+        # gathered once per step (each gather of the Jacobian copies 8 values per pixel and star).
+        ja, wa, za, ca = jac[active], wgt[active], z[active], cost[active]
+        jw = ja * wa[:, :, None]
         jwt = jw.transpose(0, 2, 1)
-        jtj = np.matmul(jwt, jac[active])
-        jtr = np.matmul(jwt, (z[active] - model[active])[..., None])[..., 0]
+        jtj = np.matmul(jwt, ja)
+        jtr = np.matmul(jwt, (za - model[active])[..., None])[..., 0]
         diag = np.maximum(np.diagonal(jtj, axis1=1, axis2=2), 1e-12)
         step = np.linalg.solve(jtj + (lam[active, None] * diag)[:, :, None] * eye, jtr[..., None])[..., 0]
         trial = p[active] + step
         t_model, t_jac = model_and_jac(trial)
-        t_cost = np.sum(wgt[active] * (z[active] - t_model) ** 2, axis=1)
-        better = valid(trial) & np.isfinite(t_cost) & (t_cost < cost[active])
-        done = better & ((cost[active] - t_cost) < 1e-5 * cost[active])
+        t_cost = np.sum(wa * (za - t_model) ** 2, axis=1)
+        better = valid(trial) & np.isfinite(t_cost) & (t_cost < ca)
+        done = better & ((ca - t_cost) < 1e-5 * ca)
         idx = active[better]
         p[idx] = trial[better]
         model[idx] = t_model[better]

@@ -199,10 +199,31 @@ class StackAccumulator:
         self._frame_ids.append(frame_id)
         log.debug("stacked %s: %d pixels rejected, %d frames", frame_id, self._rejected[frame_id], self.n_frames)
 
+    def rescale(self, factor: float) -> None:
+        """Make the stack the one every frame's ``scale * factor`` and ``weight / factor**2`` would have
+        given (the weights of inverse-variance weighting, 1/(sky_rms * scale)**2, do just that).
+
+        Why: when a group's flux reference moves, all its frames' scales move together; this costs
+        one pass over the planes instead of re-adding every frame.  Every plane is homogeneous in
+        the factor (x and the means by f; v, the variances and the structure allowance by f**2;
+        sw and the slot weights by 1/f**2, swx by 1/f, swwv by 1/f**2), and so is every rejection
+        and grow test: both sides of each scale alike, so the same pixels are rejected and dropped
+        (up to float32 rounding at a threshold) and counts, slots, saturation, FWHMs, the
+        rejected-pixel counts and the dropped max candidates stay as they are.
+        """
+        f = float(factor)
+        if not (f > 0 and math.isfinite(f)):
+            raise ValueError(f"factor must be positive and finite, got {factor}")
+        w, f2 = np.float32(1.0 / (f * f)), np.float32(f * f)
+        for plane, by in ((self._sw, w), (self._swx, np.float32(1.0 / f)), (self._swwv, w),
+                          (self._xmax, np.float32(f)), (self._vmax, f2), (self._slot_w, w)):
+            plane *= by
+
     def image(self) -> np.ndarray:
         """The stack: float32 weighted mean of the accepted contributions (ADU per frame)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            img = np.where(self._count > 0, self._swx / self._sw, np.float32(0.0))
+            img = self._swx / self._sw
+        img[self._count == 0] = 0.0             # a pass less than np.where: the same values
         if len(self._drop):
             img.ravel()[self._drop] = self._stats_at(self._drop)[0]
         return img
@@ -214,7 +235,8 @@ class StackAccumulator:
         the variance of sums over apertures, which is what photometry errors need.
         """
         with np.errstate(divide="ignore", invalid="ignore"):
-            var = np.where(self._count > 0, self._swwv / (self._sw * self._sw), np.float32(np.inf))
+            var = self._swwv / (self._sw * self._sw)
+        var[self._count == 0] = np.inf
         if len(self._drop):
             var.ravel()[self._drop] = self._stats_at(self._drop)[1]
         return var

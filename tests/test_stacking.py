@@ -269,6 +269,63 @@ def test_trail_and_cosmic_rays_leave_no_trace_whatever_the_seeing(mix: str, bad:
     assert float(z[wings].mean()) < 1.5
 
 
+@pytest.mark.parametrize("factor", [2.0, 1.37])
+def test_rescale_is_the_stack_of_rescaled_frames(night: dict, factor: float) -> None:
+    """Multiplying every frame's scale by ``factor`` (and its weight by 1/factor**2, as inverse-variance
+    weights do) gives the rescaled stack: every plane, outliers (a trail, cosmic rays, in a first frame
+    and a later one) and a frame added afterwards included.  A power of two rescales exactly."""
+    frames = list(night["frames"][:6])
+    for bad in (0, 3):
+        frames[bad], _ = _trail(frames[bad], np.random.default_rng(bad))
+    scales = [1.0, 1.1, 0.9, 1.25, 1 / 0.6, 1.05]
+
+    def stack(f: float) -> StackAccumulator:
+        acc = StackAccumulator((N, N))
+        for i in range(5):
+            s = scales[i] * f
+            acc.add(f"f{i}", frames[i], noise_var=_noise_var(frames[i]), valid=None, scale=s,
+                    weight=1 / s ** 2, fwhm=night_fwhm(i), saturated=frames[i] > 5000)
+        return acc
+
+    rescaled, rebuilt = stack(1.0), stack(factor)
+    assert sum(rebuilt.rejected_pixels(f"f{i}") for i in range(5)) > 500      # the outliers are there
+    rescaled.rescale(factor)
+    for acc in (rescaled, rebuilt):
+        s = scales[5] * factor
+        acc.add("f5", frames[5], noise_var=_noise_var(frames[5]), valid=None, scale=s, weight=1 / s ** 2,
+                fwhm=night_fwhm(5))
+    # float32 rounding: a few units of 6e-8 of the values, and of what cancels in them: the noise in a
+    # sum of signed contributions (swx, the image: sky near zero), the max candidate taken out of a
+    # dropped pixel's sums (the image and variance there)
+    rtol = 0.0 if factor == 2.0 else 3e-6
+    a, b = rescaled.state(), rebuilt.state()
+    noise = dict(swx=np.sqrt(b["swwv"]), xmax=np.sqrt(b["vmax"]))
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name].dtype.kind == "f":
+            _assert_close(a[name], b[name], rtol, noise.get(name, 0.0), name)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    xmax = np.where(np.isfinite(b["xmax"]), np.abs(b["xmax"]), 0.0)
+    _assert_close(rescaled.image(), rebuilt.image(), rtol, np.sqrt(rebuilt.variance()) + xmax, "image")
+    _assert_close(rescaled.variance(), rebuilt.variance(), rtol, b["vmax"], "variance")
+    assert np.array_equal(rescaled.nframes(), rebuilt.nframes())
+    assert np.array_equal(rescaled.saturated(), rebuilt.saturated())
+    assert [rescaled.rejected_pixels(f"f{i}") for i in range(6)] == [rebuilt.rejected_pixels(f"f{i}") for i in range(6)]
+
+
+def _assert_close(actual: np.ndarray, desired: np.ndarray, rtol: float, noise: np.ndarray | float, name: str) -> None:
+    """|actual - desired| <= rtol * (|desired| + noise) everywhere (or equal: infinite, or both NaN)."""
+    same = (actual == desired) | (np.isnan(actual) & np.isnan(desired))
+    err = np.abs(actual.astype(np.float64) - desired) - rtol * (np.abs(desired) + noise)
+    assert (same | (err <= 0)).all(), f"{name}: {(~same & (err > 0)).sum()} values differ, by up to {np.nanmax(err)}"
+
+
+def night_fwhm(i: int) -> float:
+    """The FWHM (px) the ``night`` fixture renders frame ``i`` with."""
+    return float(np.linspace(2.5, 4.5, 10)[i])
+
+
 def test_state_round_trip_is_byte_identical(night: dict, tmp_path) -> None:
     frames = night["frames"]
     acc = _stack(frames[:5])

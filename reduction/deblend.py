@@ -22,7 +22,7 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
 
-from reduction.psf import PHASES, PhaseTable, SourceModel
+from reduction.psf import PhaseTable, SourceModel
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ SPLIT_RADIUS_FWHM = 1.5
 SPLIT_EXCESS_SIGMA = 6.0
 #: ... and its residual has a lobe this many sigma above the residual beside it (at right angles).
 SPLIT_LOBE_SIGMA = 5.0
-#: A pair is kept when its chi^2 is lower than the single source's by at least this much (4 more
-#: parameters per stack would take ~4 of pure noise)...
+#: A pair is kept when its chi^2 is lower than the single source's by at least this much (its 2 more
+#: positions and 1 more amplitude per stack would take ~4 of pure noise)...
 SPLIT_MIN_DCHI2 = 50.0
 #: ... the pair leaves at most this chi^2 per pixel: where the PSF model itself misses by more (bright stars
 #: of an undersampled colour plane left 17-35 times the noise's, split or not), a split explains the
@@ -162,7 +162,7 @@ class _Stamp:
                 return None
             d = np.asarray(s.residual[sl], float)
             for j in sources:
-                d = d + s.model.amplitude[j] * _psf_at(s.model.shifted, painted[0][j] - cx, painted[1][j] - cy, h)
+                d = d + s.model.amplitude[j] * s.model.shifted.at(painted[0][j] - cx, painted[1][j] - cy, h)
             data.append(d)
             var.append(v)
             tables.append(s.model.shifted)
@@ -180,7 +180,7 @@ class _Stamp:
 
     def columns(self, table: PhaseTable, p: np.ndarray, disc: np.ndarray, w: np.ndarray) -> np.ndarray:
         """The weighted PSF columns (pixels of ``disc`` x sources) of sources at positions ``p``."""
-        return np.column_stack([_psf_at(table, p[2 * j] - self.cx, p[2 * j + 1] - self.cy, self.h)[disc] * w
+        return np.column_stack([table.at(p[2 * j] - self.cx, p[2 * j + 1] - self.cy, self.h)[disc] * w
                                 for j in range(len(p) // 2)]) if len(p) else np.empty((int(disc.sum()), 0))
 
 
@@ -272,26 +272,3 @@ def _pair_start(snr: np.ndarray, px: np.ndarray, py: np.ndarray, x: float, y: fl
     if at(-vx, -vy) > 0.5 * snr[k]:       # lobes on both sides: two stars of about equal light
         return np.array([x - 0.5 * vx, y - 0.5 * vy, x + 0.5 * vx, y + 0.5 * vy])
     return np.array([x, y, x + vx, y + vy])
-
-
-def _psf_at(table: PhaseTable, dx: float, dy: float, h: int) -> np.ndarray:
-    """The PSF centred at (dx, dy) px from a stamp's centre pixel, on that stamp's (2h+1)^2 pixels:
-    bilinear between the table's 1/PHASES px shifts, so that the fit sees a continuous model."""
-    ix, iy = int(np.floor(dx + 0.5)), int(np.floor(dy + 0.5))
-    fx, fy = (dx - ix) * PHASES, (dy - iy) * PHASES
-    jx, jy = int(np.floor(fx)), int(np.floor(fy))
-    tx, ty = fx - jx, fy - jy
-    half = table.half
-    c = PHASES // 2
-    out = np.zeros((2 * h + 1, 2 * h + 1))
-    # The table's rows are shifts in y, its columns in x; a stamp of the table has its centre at ``half``.
-    y0, x0 = half - h - iy, half - h - ix
-    if y0 < 0 or x0 < 0 or y0 + 2 * h + 1 > 2 * half + 1 or x0 + 2 * h + 1 > 2 * half + 1:
-        return out
-    for ky, wy in ((jy, 1 - ty), (jy + 1, ty)):
-        for kx, wx in ((jx, 1 - tx), (jx + 1, tx)):
-            if wy * wx == 0:
-                continue
-            sy, sx = min(max(ky + c, 0), PHASES), min(max(kx + c, 0), PHASES)
-            out += wy * wx * table.table[sy, sx, y0:y0 + 2 * h + 1, x0:x0 + 2 * h + 1]
-    return out

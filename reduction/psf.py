@@ -52,6 +52,28 @@ class PhaseTable:
         return self.table[np.rint(np.asarray(dy) * PHASES).astype(int) + PHASES // 2,
                           np.rint(np.asarray(dx) * PHASES).astype(int) + PHASES // 2]
 
+    def at(self, dx: float, dy: float, h: int) -> np.ndarray:
+        """The PSF centred at (dx, dy) px from a stamp's centre pixel, on that stamp's (2h+1)^2 pixels
+        (zeros if it reaches beyond the table's stamp): bilinear between the 1/PHASES px shifts, so that a
+        fit of positions (:mod:`reduction.deblend`) sees a continuous model."""
+        ix, iy = int(np.floor(dx + 0.5)), int(np.floor(dy + 0.5))
+        fx, fy = (dx - ix) * PHASES, (dy - iy) * PHASES
+        jx, jy = int(np.floor(fx)), int(np.floor(fy))
+        tx, ty = fx - jx, fy - jy
+        half, c = self.half, PHASES // 2
+        out = np.zeros((2 * h + 1, 2 * h + 1))
+        # The table's rows are shifts in y, its columns in x; a stamp of the table has its centre at ``half``.
+        y0, x0 = half - h - iy, half - h - ix
+        if y0 < 0 or x0 < 0 or y0 + 2 * h + 1 > 2 * half + 1 or x0 + 2 * h + 1 > 2 * half + 1:
+            return out
+        for ky, wy in ((jy, 1 - ty), (jy + 1, ty)):
+            for kx, wx in ((jx, 1 - tx), (jx + 1, tx)):
+                if wy * wx == 0:
+                    continue
+                sy, sx = min(max(ky + c, 0), PHASES), min(max(kx + c, 0), PHASES)
+                out += wy * wx * self.table[sy, sx, y0:y0 + 2 * h + 1, x0:x0 + 2 * h + 1]
+        return out
+
 
 @dataclass
 class SourceModel:
